@@ -1,0 +1,39 @@
+"""kdbench leaderboard: a read-only Streamlit view of the run store.
+
+    streamlit run leaderboard_app/app.py -- --db PATH_OR_URL      (or KDBENCH_DB; default runs.db)
+
+Pages (sidebar): Leaderboard, Fidelity vs diversity, Run detail, Compare, Objectives. Each page is
+one module under leaderboard_app/views/; queries live in kdbench/results.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # `streamlit run` puts only this folder on sys.path
+    sys.path.insert(0, str(_ROOT))
+
+import streamlit as st  # noqa: E402
+
+from leaderboard_app import common  # noqa: E402
+from leaderboard_app.views import PAGES  # noqa: E402
+
+STORE_FREE_PAGES = {"Objectives"}  # pages that still show something without a store
+
+
+def main() -> None:
+    st.set_page_config(page_title="kdbench leaderboard", page_icon="📊", layout="wide")
+    db = common.db_location()
+    st.sidebar.title("kdbench")
+    page = st.sidebar.radio("Page", list(PAGES), key="page", bind="query-params")
+    ctx = common.open_store(db)
+    if ctx is not None:
+        st.sidebar.caption(f"Store (read-only): `{ctx.display}`")
+    if ctx is None and page not in STORE_FREE_PAGES:
+        return
+    PAGES[page](ctx)
+
+
+main()

@@ -1,0 +1,93 @@
+"""Objectives: the registry's catalogue, and the gradient-similarity matrix of an analysis run."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from kdbench import results as R
+from leaderboard_app import common
+
+
+@st.cache_data(show_spinner="Loading the objective registry…")
+def catalogue() -> tuple[list[dict], str | None]:
+    """Plain-data copy of ``kdbench.registry.list_objectives()``; (entries, error message or None)."""
+    try:
+        from kdbench.registry import list_objectives  # lazy: imports torch and every objective module
+        specs = list_objectives()
+    except Exception as exc:  # registry missing or broken: the rest of the app still works
+        return [], f"{type(exc).__name__}: {exc}"
+    out = []
+    for s in specs:
+        params = [{"name": p.name, "type": getattr(p.type, "__name__", str(p.type)), "default": repr(p.default),
+                   "choices": ", ".join(map(str, p.choices)) if getattr(p, "choices", None) else "",
+                   "doc": getattr(p, "doc", "")} for p in getattr(s, "params", [])]
+        aliases = getattr(s, "aliases", {}) or {}
+        out.append({"name": s.name, "summary": getattr(s, "summary", "") or "",
+                    "behaviour": getattr(s, "behaviour", "") or "", "paper": getattr(s, "paper", "") or "",
+                    "formula": getattr(s, "formula", "") or "", "params": params,
+                    "aliases": ", ".join(f"{k} = {v}" for k, v in aliases.items()) if isinstance(aliases, dict)
+                    else ", ".join(map(str, aliases))})
+    return out, None
+
+
+def render(ctx: common.Ctx | None) -> None:
+    st.title("Objectives")
+    entries, error = catalogue()
+    if error:
+        st.info(f"The objective catalogue is unavailable ({error}).")
+    elif not entries:
+        st.info("The objective registry lists no objectives.")
+    else:
+        overview = pd.DataFrame([{k: e[k] for k in ("name", "summary", "behaviour", "aliases", "paper")}
+                                 for e in entries])
+        st.dataframe(overview, hide_index=True, width="stretch", placeholder="–", key="obj_table")
+        for e in entries:
+            with st.expander(f"{e['name']} — {e['summary'] or e['behaviour']}"):
+                st.markdown(f"**Behaviour:** {e['behaviour'] or '–'}  \n**Paper:** {e['paper'] or '–'}"
+                            + (f"  \n**Aliases:** {e['aliases']}" if e["aliases"] else ""))
+                if e["formula"]:
+                    st.code(e["formula"], language=None)
+                if e["params"]:
+                    st.dataframe(pd.DataFrame(e["params"]), hide_index=True, width="stretch", placeholder="–")
+    st.subheader("Gradient similarity")
+    if ctx is None:
+        return
+    data = ctx.q("grad_similarity")
+    if data is None:
+        st.info("No gradient-similarity analysis in the store yet (`kdbench analyze` records one).")
+        return
+    _heatmap(data)
+
+
+def _heatmap(data: dict) -> None:
+    long = R.grad_similarity_long(data)
+    has_ratio = long.norm_ratio.notna().any()
+    which = st.radio("Matrix", ["cosine", "norm_ratio"] if has_ratio else ["cosine"], key="obj_matrix",
+                     horizontal=True)
+    names = list(data["names"])
+    if which == "cosine":
+        scale = alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True)
+        title = "cosine of the gradients (w.r.t. student logits)"
+    else:
+        scale = alt.Scale(scheme="viridis", type="log")
+        title = "gradient norm ratio (row / column)"
+    base = alt.Chart(long.dropna(subset=[which])).encode(
+        x=alt.X("col:N", sort=names, title=None, axis=alt.Axis(labelAngle=-30, labelLimit=240)),
+        y=alt.Y("row:N", sort=names, title=None, axis=alt.Axis(labelLimit=240)))
+    rect = base.mark_rect().encode(color=alt.Color(f"{which}:Q", scale=scale, title=which),
+                                   tooltip=["row", "col", alt.Tooltip(f"{which}:Q", format=".3f")])
+    # light text on the dark cells: strong |cosine|, or the low (dark purple) end of viridis
+    dark = (f"abs(datum.{which}) > 0.6" if which == "cosine"
+            else f"datum.{which} < {float(long[which].dropna().median())!r}")
+    text = base.mark_text(fontSize=12).encode(text=alt.Text(f"{which}:Q", format=".2f"),
+                                              color=alt.condition(dark, alt.value("white"), alt.value("black")))
+    st.altair_chart((rect + text).properties(height=max(300, 60 * len(names) + 60), title=title), width="stretch")
+    st.caption(f"From analysis run #{data['run_id']} (suite {data['suite']}).")
+    same = [(r.row, r.col, r.cosine, r.norm_ratio) for r in long.itertuples()
+            if r.row < r.col and r.cosine is not None and r.cosine > 0.99]
+    for a, b, cos, ratio in same:
+        st.caption(f"{a} and {b} move the student the same way (cosine {cos:.3f}"
+                   + (f", norm ratio {ratio:.2f}" if ratio is not None and ratio == ratio else "")
+                   + "): their leaderboard differences come from step size and numerics, not direction.")

@@ -1,0 +1,374 @@
+"""kdbench.results on the fixture store: every expected number is worked out by hand from the closed
+forms in tests/fixtures_store.py (value = base + spread·(train offset + sampling offset)).
+
+Constants used below (Student-t 0.975 quantiles, standard tables):
+    t(2) = 4.3026527, t(4) = 2.7764451, t(5) = 2.5705818, t(10) = 2.2281389
+A distilled setting on one task has per-seed values base + {-2,-1,0,0,1,2}·spread: std = sqrt(10/5)
+= sqrt(2)·spread, n = 6, CI half-width = t(5)·sqrt(2)/sqrt(6)·spread = 1.4841263·spread.
+A reference row has base + {-1,0,1}·spread: std = spread, n = 3, half-width = t(2)/sqrt(3)·spread
+= 2.4841377·spread.
+Welch between two distilled settings: se = sqrt(2/6 + 2/6) = 0.8164966, df = 10.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+try:
+    from tests.fixtures_store import (ARITH, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, RKL, SUITE, TEST,
+                                      build_fixture_store)
+except ImportError:  # tests/ itself on sys.path
+    from fixtures_store import (ARITH, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, RKL, SUITE, TEST,
+                                build_fixture_store)
+
+from kdbench import results as R
+from kdbench.store import RunWriter, open_engine
+
+H6 = 1.4841263  # CI half-width, distilled setting, spread 1
+H3 = 2.4841377  # CI half-width, reference row, spread 1
+SE = 0.8164966  # Welch standard error between two distilled settings, spread 1
+T10 = 2.2281389
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "runs.db"
+    ids = build_fixture_store(path)
+    engine = open_engine(str(path), readonly=True)
+    yield engine, ids, path
+    engine.dispose()
+
+
+def row(df: pd.DataFrame, setting: str) -> pd.Series:
+    hit = df[df.setting == setting]
+    assert len(hit) == 1, f"{setting!r} not exactly once in {list(df.setting)}"
+    return hit.iloc[0]
+
+
+# ---------------------------------------------------------------------------- t distribution
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (5, 2.5705818),
+                                         (10, 2.2281389), (30, 2.0422725), (1e6, 1.9599663)])
+def test_t_quantile_matches_tables(df, expected):
+    assert R.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-7)
+
+
+def test_t_functions_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2.5, 3, 7.3, 19, 120):
+        for q in (0.9, 0.95, 0.975, 0.995):
+            assert R.t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-9)
+        for t in (0.1, 1.0, 2.5, 6.0):
+            assert R.t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(t, df), rel=1e-8, abs=1e-14)
+
+
+def test_welch_from_summary_statistics():
+    p, half, df = R.welch(33.25, math.sqrt(2), 6, 31.0, math.sqrt(2), 6)
+    assert df == pytest.approx(10.0)
+    assert half == pytest.approx(T10 * SE, abs=1e-6)
+    assert p == pytest.approx(0.0202799, abs=1e-6)  # t = 2.25 / 0.8164966 = 2.7556550 on 10 df
+    assert math.isnan(R.welch(1.0, math.nan, 1, 2.0, 1.0, 3)[0])  # n = 1: undefined
+    assert R.welch(1.0, 0.0, 3, 1.0, 0.0, 3)[0] == 1.0
+    assert R.welch(1.0, 0.0, 3, 2.0, 0.0, 3)[0] == 0.0
+
+
+# ---------------------------------------------------------------------------- catalogue
+
+
+def test_store_state_and_listing(store, tmp_path):
+    engine, ids, _ = store
+    assert R.store_state(engine) == "ok"
+    suites = R.list_suites(engine)
+    assert list(zip(suites.suite, suites.suite_version)) == [(SUITE, "1"), (SUITE, "0")]
+    v1 = suites.iloc[0]
+    # teacher, student-init, 8 distilled, analysis = 11 finished; the failed and the running run
+    assert (v1.n_finished, v1.n_failed, v1.n_running) == (11, 1, 1)
+    assert R.default_version(engine, SUITE) == "1"
+    assert R.list_tasks(engine, SUITE) == [ARITH, TEST]
+    assert R.list_tasks(engine, SUITE, metric="accuracy") == [ARITH]
+    metrics = R.list_metrics(engine, SUITE)
+    assert metrics[:2] == ["rougeL", "accuracy"]  # headline metrics first, the rest from the data
+    assert set(metrics) == {"rougeL", "accuracy", "self_bleu", "distinct_1", "distinct_2", "mean_length",
+                            "degenerate_frac", "fkl_tok", "rkl_tok", "teacher_logprob"}
+    assert "accuracy" not in R.list_metrics(engine, SUITE, TEST)
+    settings = R.list_settings(engine, SUITE)
+    assert list(settings.setting) == ["teacher", "student-init", CSD_SS, CSD_TS, KL, RKL]
+    assert FAILED_SETTING not in set(settings.setting)
+
+
+def test_store_states_of_unusual_stores(tmp_path):
+    empty_file = tmp_path / "empty.db"
+    empty_file.write_bytes(b"")
+    assert R.store_state(open_engine(str(empty_file), readonly=True)) == "no_schema"
+    assert R.store_fingerprint(open_engine(str(empty_file), readonly=True)) is None
+    schema_only = tmp_path / "schema.db"
+    open_engine(str(schema_only)).dispose()
+    assert R.store_state(open_engine(str(schema_only), readonly=True)) == "empty"
+    failed_only = tmp_path / "failed.db"
+    w_engine = open_engine(str(failed_only))
+    RunWriter.start(w_engine, role="distilled", suite=SUITE, suite_version="1", seed=1, config={}, provenance={},
+                    objective="kl", setting=KL).fail("OOM")
+    ro = open_engine(str(failed_only), readonly=True)
+    assert R.store_state(ro) == "no_finished"
+    assert R.leaderboard(ro, SUITE, "rougeL").empty
+    assert list(R.failed_runs(ro).error) == ["OOM"]
+
+
+def test_fingerprint_changes_when_a_run_is_added(tmp_path):
+    path = tmp_path / "fp.db"
+    w_engine = open_engine(str(path))
+    ro = open_engine(str(path), readonly=True)
+    before = R.store_fingerprint(ro)
+    w = RunWriter.start(w_engine, role="distilled", suite=SUITE, suite_version="1", seed=1, config={}, provenance={},
+                        objective="kl", setting=KL)
+    started = R.store_fingerprint(ro)
+    w.metrics([(TEST, "rougeL", 1.0, 10)])
+    with_metric = R.store_fingerprint(ro)
+    w.finish()
+    done = R.store_fingerprint(ro)
+    assert len({before, started, with_metric, done}) == 4
+
+
+# ---------------------------------------------------------------------------- leaderboard
+
+
+def test_leaderboard_rougeL_all_tasks(store):
+    engine, ids, _ = store
+    lb = R.leaderboard(engine, SUITE, "rougeL")
+    assert lb.attrs["tasks"] == [ARITH, TEST] and lb.attrs["rank_by"] == R.AVERAGE
+    assert lb.attrs["suite_version"] == "1" and lb.attrs["lower_is_better"] is False
+    # reference rows first, then by rank: averages csd(T,S) 33.25, csd(S,S) 33.0, kl 31.0, rkl 30.5
+    assert list(lb.setting) == ["teacher", "student-init", CSD_TS, CSD_SS, KL, RKL]
+    kl = row(lb, KL)
+    assert kl[TEST] == pytest.approx(22.0)  # run means 21 and 23 (seeds 10/20/30), then their mean
+    assert kl[R.stat_col(TEST, "std")] == pytest.approx(math.sqrt(2))
+    assert kl[R.stat_col(TEST, "n")] == 6 and kl.n_runs == 2  # the running run's 99 does not count
+    assert kl[R.stat_col(TEST, "ci95")] == pytest.approx(H6, abs=1e-6)
+    assert kl[R.stat_col(TEST, "ci_lo")] == pytest.approx(22.0 - H6, abs=1e-6)
+    assert kl[R.stat_col(TEST, "ci_hi")] == pytest.approx(22.0 + H6, abs=1e-6)
+    assert kl[ARITH] == pytest.approx(40.0)
+    assert kl[R.AVERAGE] == pytest.approx(31.0)  # per (run, seed) (test + arith)/2 = 31 + {-2..2}
+    assert kl[R.stat_col(R.AVERAGE, "ci95")] == pytest.approx(H6, abs=1e-6)
+    t = row(lb, "teacher")
+    assert (t[TEST], t[ARITH], t[R.AVERAGE]) == (30.0, 50.0, 40.0)
+    assert t[R.stat_col(TEST, "ci95")] == pytest.approx(H3, abs=1e-6) and t[R.stat_col(TEST, "n")] == 3
+    assert pd.isna(t["rank"]) and not t.tied_with_best
+    assert row(lb, "student-init")[TEST] == 10.0
+    assert [int(row(lb, s)["rank"]) for s in (CSD_TS, CSD_SS, KL, RKL)] == [1, 2, 3, 4]
+    # Welch vs the best (33.25): csd(S,S) Δ0.25 → p 0.766 (tied); kl Δ2.25 → p 0.0203; rkl Δ2.75 → p 0.0071
+    assert [bool(row(lb, s).tied_with_best) for s in (CSD_TS, CSD_SS, KL, RKL)] == [True, True, False, False]
+    assert row(lb, CSD_SS).p_vs_best == pytest.approx(0.7657434, abs=1e-6)
+    assert row(lb, KL).p_vs_best == pytest.approx(0.0202799, abs=1e-6)
+    assert row(lb, RKL).p_vs_best == pytest.approx(0.0071454, abs=1e-6)
+    # cost: means over the two training-seed runs
+    assert (kl.wall_time_s, kl.train_tokens_per_s, kl.peak_memory_mb) == (105.0, 2050.0, 905.0)
+    assert row(lb, CSD_SS).wall_time_s == 125.0
+    assert FAILED_SETTING not in set(lb.setting)
+
+
+def test_leaderboard_single_task_and_direction(store):
+    engine, _, _ = store
+    lb = R.leaderboard(engine, SUITE, "rougeL", [TEST])
+    assert R.AVERAGE not in lb.columns and lb.attrs["rank_by"] == TEST
+    # micro/test: csd(S,S) 25, csd(T,S) 24.5 (Δ0.5, tied), rkl 23 (Δ2: t = 2.449, p = 0.0343), kl 22
+    assert [int(row(lb, s)["rank"]) for s in (CSD_SS, CSD_TS, RKL, KL)] == [1, 2, 3, 4]
+    assert bool(row(lb, CSD_TS).tied_with_best) and not bool(row(lb, RKL).tied_with_best)
+    assert row(lb, RKL).p_vs_best == pytest.approx(0.0342877, abs=1e-6)
+
+    sb = R.leaderboard(engine, SUITE, "self_bleu", [TEST])  # lower is better
+    assert sb.attrs["lower_is_better"] is True
+    assert [int(row(sb, s)["rank"]) for s in (KL, CSD_TS, RKL, CSD_SS)] == [1, 2, 3, 4]
+    assert list(sb.tied_with_best[sb.role == "distilled"]) == [True, False, False, False]
+
+    acc = R.leaderboard(engine, SUITE, "accuracy")  # exists on micro/arith only
+    assert acc.attrs["tasks"] == [ARITH] and TEST not in acc.columns
+    kl = row(acc, KL)
+    assert kl[ARITH] == 40.0 and kl[R.stat_col(ARITH, "std")] == pytest.approx(5 * math.sqrt(2))
+    assert kl[R.stat_col(ARITH, "ci95")] == pytest.approx(5 * H6, abs=1e-5)
+    assert "teacher" in set(acc.setting)
+
+    # the fkl_tok metric has no teacher row (the fixture writes it for students only)
+    assert "teacher" not in set(R.leaderboard(engine, SUITE, "fkl_tok").setting)
+
+
+def test_leaderboard_other_suite_version_and_unknown_metric(store):
+    engine, _, _ = store
+    old = R.leaderboard(engine, SUITE, "rougeL", suite_version="0")
+    assert list(old.setting) == [KL] and old.iloc[0][TEST] == 99.0
+    assert old.iloc[0][R.stat_col(TEST, "ci95")] == 0.0  # three seeds of 99: std 0, CI 0
+    none = R.leaderboard(engine, SUITE, "no_such_metric")
+    assert none.empty and "rank" in none.columns
+
+
+def test_failed_runs_listed_separately(store):
+    engine, ids, _ = store
+    failed = R.failed_runs(engine, SUITE, "1")
+    assert list(failed.run_id) == [ids["failed"]]
+    assert failed.iloc[0].error == FAIL_REASON and failed.iloc[0].setting == FAILED_SETTING
+    assert R.status_counts(engine, SUITE, "1") == {"finished": 11, "failed": 1, "running": 1}
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def test_run_summary(store):
+    engine, ids, _ = store
+    s = R.run_summary(engine, ids[KL][0])  # kl, training seed 1: offsets -1 + {-1, 0, 1}
+    assert list(s.columns) == ["task", "metric", "mean", "std", "ci_lo", "ci_hi", "n_seeds"]
+    r = s[(s.task == TEST) & (s.metric == "rougeL")].iloc[0]
+    assert (r["mean"], r["std"], r.n_seeds) == (21.0, 1.0, 3)
+    assert (r.ci_lo, r.ci_hi) == (pytest.approx(21 - H3, abs=1e-6), pytest.approx(21 + H3, abs=1e-6))
+    acc = s[(s.task == ARITH) & (s.metric == "accuracy")].iloc[0]
+    assert (acc["mean"], acc["std"]) == (35.0, 5.0)
+    assert len(s) == 10 + 9  # arith: 10 metrics, test: 9 (no accuracy)
+    wide = R.run_metrics(engine, ids[KL][0])
+    w = wide[(wide.task == TEST) & (wide.metric == "rougeL")].iloc[0]
+    assert (w["seed 10"], w["seed 20"], w["seed 30"]) == (20.0, 21.0, 22.0)
+
+
+def test_run_detail_and_teacher(store):
+    engine, ids, _ = store
+    d = R.run_detail(engine, ids[CSD_SS][1])
+    assert d["setting"] == CSD_SS and d["status"] == "finished" and d["seed"] == 2
+    assert d["params"] == {"tau": 1.0, "w1": "S", "w2": "S"}
+    assert d["config"]["reference_fingerprint"] == "fp-micro-1" and d["provenance"]["git_commit"] == "0123abcd"
+    assert d["selected_step"] == 100 and d["selection_rule"] == "max valid rougeL"
+    assert d["teacher_run_id"] == ids["teacher"]
+    assert (d["n_curve"], d["n_samples"], d["n_metrics"]) == (8, 120, 57)
+    assert R.run_detail(engine, 10_000) is None
+    assert R.run_detail(engine, ids["failed"])["error"] == FAIL_REASON
+    assert R.teacher_run_for(engine, ids["stale"]) is None  # no teacher in suite version 0
+
+
+def test_curves(store):
+    engine, ids, _ = store
+    c = R.curves(engine, ids[KL][0])
+    assert c.attrs["terms"] == ["kl", "rougeL"]
+    train, valid = c[c.split == "train"], c[c.split == "valid"]
+    assert list(train.step) == [0, 20, 40, 60, 80, 100] and list(valid.step) == [50, 100]
+    assert train.iloc[0].loss == pytest.approx(2.1) and train.iloc[0]["kl"] == pytest.approx(2.1)
+    assert list(valid.rougeL) == [20.0, 21.0]  # 22 - 100/step
+    csd = R.curves(engine, ids[CSD_SS][0])
+    assert set(csd.attrs["terms"]) >= {"var_w1", "var_w2", "mean_gap_sq"}
+    assert R.curves(engine, ids["teacher"]).empty
+
+
+def test_samples_with_teacher_and_paging(store):
+    engine, ids, _ = store
+    run = ids[KL][0]
+    assert R.count_samples(engine, run) == 120 and R.count_samples(engine, run, ARITH, 20) == 20
+    assert R.sample_seeds(engine, run, ARITH) == [10, 20, 30] and R.sample_tasks(engine, run) == [ARITH, TEST]
+    s = R.samples(engine, run, ARITH, 20, limit=3)
+    assert list(s.prompt_id) == ["p00", "p01", "p02"]
+    first = s.iloc[0]
+    assert first.references == ["#### 12", "The answer is 12."]
+    assert first.teacher_output == "teacher answer to micro/arith p00, sampling seed 20."
+    assert first.output == "kl (train seed 1) answer to micro/arith p00, sampling seed 20."
+    assert first.rougeL == pytest.approx(37.1)  # 40 - 1 + 0 + 0.2·(0 - 9.5)
+    assert first.accuracy == 100.0  # 35 % of 20 prompts: p00..p06 correct
+    page = R.samples(engine, run, ARITH, 20, limit=2, offset=6)
+    assert list(page.prompt_id) == ["p06", "p07"] and list(page.accuracy) == [100.0, 0.0]
+    t = R.samples(engine, run, TEST, 10, limit=1)
+    assert t.iloc[0].references == ["Reference answer 00: explain why the sky is blue."]
+    no_teacher = R.samples(engine, run, limit=1, with_teacher=False)
+    assert no_teacher.iloc[0].teacher_output is None
+    assert R.score_names(engine, SUITE, ARITH) == ["rougeL", "accuracy"]
+
+
+# ---------------------------------------------------------------------------- comparisons
+
+
+def test_compare_settings(store):
+    engine, _, _ = store
+    c = R.compare(engine, SUITE, KL, RKL, "rougeL").set_index("task")
+    assert list(c.index) == [ARITH, TEST, R.AVERAGE]
+    a = c.loc[ARITH]  # 40 vs 38: Δ2, half-width t(10)·se = 1.8192680, t = 2.449 → p 0.0343
+    assert (a.mean_a, a.mean_b, a.delta) == (40.0, 38.0, 2.0)
+    assert a.delta_lo == pytest.approx(2 - T10 * SE, abs=1e-6) and a.delta_hi == pytest.approx(2 + T10 * SE, abs=1e-6)
+    assert a.p_value == pytest.approx(0.0342877, abs=1e-6) and a.better == "a"
+    t = c.loc[TEST]  # 22 vs 23: p 0.249 → not distinguishable
+    assert t.delta == -1.0 and t.better == "≈"
+    assert c.loc[R.AVERAGE].delta == pytest.approx(0.5)
+    sb = R.compare(engine, SUITE, KL, RKL, "self_bleu", [TEST]).iloc[0]  # 30 vs 45, lower is better
+    assert sb.delta == -15.0 and sb.better == "a"
+
+
+def test_compare_run_against_reference(store):
+    engine, ids, _ = store
+    c = R.compare(engine, SUITE, f"run:{ids[KL][0]}", "teacher", "rougeL", [TEST]).iloc[0]
+    # run: 20, 21, 22 (mean 21, sd 1); teacher 29, 30, 31: se = sqrt(2/3), Welch df = 4
+    assert (c.mean_a, c.mean_b, c.n_a, c.n_b, c.delta) == (21.0, 30.0, 3, 3, -9.0)
+    assert c.delta_lo == pytest.approx(-9 - 2.7764451 * math.sqrt(2 / 3), abs=1e-6)
+    assert c.better == "b"
+
+
+def test_prompts_differing_most(store):
+    engine, ids, _ = store
+    d = R.prompts_differing_most(engine, SUITE, KL, RKL, TEST, "rougeL", limit=3)
+    # per prompt: kl 22 + 0.2(p - 9.5), rkl 23 - 0.2(p - 9.5) → diff = -1 + 0.4(p - 9.5), largest |.| at p00
+    assert list(d.prompt_id) == ["p00", "p01", "p02"]
+    assert list(d["diff"]) == pytest.approx([-4.8, -4.4, -4.0])
+    assert list(d.score_a) == pytest.approx([20.1, 20.3, 20.5]) and list(d.score_b) == pytest.approx([24.9, 24.7, 24.5])
+    assert list(d.n_a) == [6, 6, 6]
+    assert d.iloc[0].output_a == "kl (train seed 1) answer to micro/test p00, sampling seed 10."
+    assert d.iloc[0].output_b == "rkl (train seed 1) answer to micro/test p00, sampling seed 10."
+    assert d.iloc[0].prompt == "Explain why the sky is blue."
+    acc = R.prompts_differing_most(engine, SUITE, "teacher", "student-init", ARITH, "accuracy", limit=20)
+    # teacher correct on p < 11/12/13 (seeds 10/20/30), student on p < 3/4/5: diff = 100 exactly for p05..p10
+    assert set(acc[acc["diff"] == 100.0].prompt_id) == {f"p{p:02d}" for p in range(5, 11)}
+    assert R.prompts_differing_most(engine, SUITE, KL, RKL, TEST, "no_such_score").empty
+
+
+def test_fidelity_diversity(store):
+    engine, _, _ = store
+    fd = R.fidelity_diversity(engine, SUITE, TEST)
+    assert fd.attrs["diversity"] == ["self_bleu", "distinct_2"]
+    assert list(fd.setting[:2]) == ["teacher", "student-init"]
+    kl = row(fd, KL)
+    assert (kl.rougeL, kl.self_bleu) == (22.0, 30.0) and kl.distinct_2 == pytest.approx(0.78)
+    assert kl["rougeL ci_lo"] == pytest.approx(22 - H6, abs=1e-6)
+    assert kl["distinct_2 ci95"] == pytest.approx(0.01 * H6, abs=1e-8)
+    assert row(fd, "teacher").self_bleu == 28.0
+
+
+def test_grad_similarity(store):
+    engine, ids, _ = store
+    g = R.grad_similarity(engine, SUITE)
+    assert g["run_id"] == ids["analysis"] and g["names"][2] == CSD_SS
+    long = R.grad_similarity_long(g)
+    assert len(long) == 16
+    r = long[(long.row == RKL) & (long.col == CSD_SS)].iloc[0]
+    assert (r.cosine, r.norm_ratio) == (1.0, 2.0)
+    assert R.grad_similarity(engine, "other-suite") is None
+
+
+def test_to_markdown(store):
+    engine, _, _ = store
+    md = R.to_markdown(R.leaderboard(engine, SUITE, "rougeL"))
+    lines = md.splitlines()
+    assert lines[0] == f"| Setting | {ARITH} | {TEST} | Avg. | Rank |"
+    assert "| *teacher* | 50.00 ± 2.48 | 30.00 ± 2.48 | 40.00 ± 2.48 |  |" in lines
+    assert f"| {CSD_TS} | **42.00 ± 1.48** | 24.50 ± 1.48 | **33.25 ± 1.48** | 1 |" in lines
+    assert f"| {CSD_SS} ≈ | 41.00 ± 1.48 | **25.00 ± 1.48** | 33.00 ± 1.48 | 2 |" in lines
+    assert "| kl | 40.00 ± 1.48 | 22.00 ± 1.48 | 31.00 ± 1.48 | 3 |" in lines
+    assert "rougeL (higher is better)" in md
+    cost = R.to_markdown(R.leaderboard(engine, SUITE, "rougeL", [TEST]), include_cost=True)
+    assert "| kl | 22.00 ± 1.48 | 4 | 105.0 | 2050 | 905 |" in cost.splitlines()
+    plain = R.to_markdown(pd.DataFrame({"a": [1.234], "b": ["x|y"]}))
+    assert plain.splitlines() == ["| a | b |", "| --- | --- |", "| 1.23 | x\\|y |"]
+
+
+def test_queries_never_write(store):
+    engine, _, path = store
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    R.leaderboard(engine, SUITE, "rougeL")
+    R.compare(engine, SUITE, KL, RKL, "rougeL")
+    R.samples(engine, 3, limit=5)
+    R.prompts_differing_most(engine, SUITE, KL, RKL, TEST)
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
