@@ -1,0 +1,333 @@
+"""Registry: lookup, parameters, settings, aliases, plugins, discovery, catalogue/docs."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdbench import registry
+from kdbench.catalogue import format_catalogue, main as catalogue_main, render_objectives_md
+from kdbench.errors import UserError
+from kdbench.registry import (
+    BEHAVIOURS,
+    ObjectiveError,
+    ObjectiveSpec,
+    Param,
+    ParamSpec,
+    get_objective,
+    list_objectives,
+    load_plugin_file,
+    objective,
+    parse_setting,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost (and jitter on a busy box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = ["ab", "akl", "ce", "csd", "dld", "hinton", "jeffreys", "jsd", "kl", "rkl", "skl", "skl_sym", "srkl", "tvd"]
+
+
+@pytest.fixture()
+def fresh_registry(monkeypatch):
+    """An empty, undiscovered registry state for this test only (built-ins are re-found)."""
+    monkeypatch.setattr(registry, "_state", registry._State())
+    monkeypatch.setattr(registry, "_plugin_modules", {})
+    return registry
+
+
+def valid_choices(message: str) -> list[str]:
+    return [c.strip() for c in message.split("valid choices:")[1].split(",")]
+
+
+# ---------------------------------------------------------------------------------------------
+# names and parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_closest_match_first():
+    with pytest.raises(ValueError) as err:
+        get_objective("csdd")
+    msg = str(err.value)
+    assert "unknown objective 'csdd'" in msg and "did you mean 'csd'" in msg
+    choices = valid_choices(msg)
+    assert choices[0] == "csd"
+    assert set(REQUIRED) | {"csd_ss", "csd_us", "csd_ts"} <= set(choices)
+    with pytest.raises(ValueError) as err:
+        get_objective("rlk")
+    assert valid_choices(str(err.value))[0] == "rkl"
+    assert isinstance(err.value, UserError) and isinstance(err.value, ObjectiveError)  # CLI: no traceback
+
+
+def test_bad_parameter_name_type_choice_and_range():
+    with pytest.raises(ValueError) as err:
+        get_objective("csd", tua=1.5)
+    assert valid_choices(str(err.value))[0] == "tau"
+    assert set(valid_choices(str(err.value))) == {"tau", "alpha", "w1", "w2"}
+    with pytest.raises(ValueError, match="expects a float"):
+        get_objective("csd", tau="hot")
+    with pytest.raises(ValueError, match="expects a float"):
+        get_objective("csd", tau=True)
+    with pytest.raises(ValueError, match=r"must be in \(0.0, inf\)"):
+        get_objective("csd", tau=0)
+    with pytest.raises(ValueError, match=r"must be in \[0.0, 1.0\]"):
+        get_objective("jsd", beta=1.5)
+    with pytest.raises(ValueError, match="finite"):
+        get_objective("ab", alpha=float("nan"))
+    with pytest.raises(ValueError) as err:
+        get_objective("csd", w1="X")
+    assert set(valid_choices(str(err.value))) == {"S", "T", "U", "mix"}
+    with pytest.raises(ValueError) as err:
+        get_objective("dld", norm="meen")
+    assert valid_choices(str(err.value))[0] == "mean"
+    with pytest.raises(ValueError, match="takes no parameters"):
+        get_objective("kl", tau=2.0)
+
+
+def test_string_values_are_coerced_by_declared_type():
+    obj = get_objective("csd", tau="1.5", w1="u", alpha="0.2", w2="mix")
+    assert obj.params == {"w1": "U", "w2": "mix", "tau": 1.5, "alpha": 0.2}
+    assert isinstance(obj.params["tau"], float)
+    assert get_objective("hinton", tau=3).params["tau"] == 3.0
+    p_int = ParamSpec("k", int, 3, min=1)
+    assert p_int.coerce("4") == 4 and p_int.coerce(5.0) == 5
+    with pytest.raises(ValueError, match="expects a int"):
+        p_int.coerce("4.5")
+    p_bool = Param("flag", bool, False)
+    assert p_bool.coerce("true") is True and p_bool.coerce("0") is False and p_bool.coerce(True) is True
+    with pytest.raises(ValueError, match="expects a bool"):
+        p_bool.coerce("maybe")
+    assert Param("name", str, "x").coerce("y") == "y"
+
+
+def test_resolved_params_setting_and_spec():
+    obj = get_objective("csd")
+    assert obj.name == "csd" and obj.spec.name == "csd"
+    assert obj.params == {"w1": "S", "w2": "S", "tau": 1.0, "alpha": 0.15}
+    assert obj.setting == "csd(tau=1.0,w1=S,w2=S)"
+    assert get_objective("csd", tau=1.5).setting == "csd(tau=1.5,w1=S,w2=S)"
+    # inactive parameters are left out of the setting (alpha only matters for mix, tau for S/mix)
+    assert get_objective("csd", w1="T", w2="T", tau=3.0).setting == "csd(w1=T,w2=T)"
+    assert get_objective("csd", w1="mix").setting == "csd(alpha=0.15,tau=1.0,w1=mix,w2=S)"
+    assert get_objective("kl").setting == "kl"
+    assert get_objective("skl_sym").setting == "skl_sym(lam=0.9)"
+    assert get_objective("dld").setting == "dld(norm=none,weight=U)"
+
+
+def test_aliases_resolve_to_canonical_objective_and_params():
+    ts = get_objective("csd_ts")
+    assert ts.name == "csd" and ts.setting == "csd(tau=1.0,w1=T,w2=S)"
+    assert get_objective("csd_ss").setting == get_objective("csd").setting
+    assert get_objective("csd_us").params["w1"] == "U"
+    assert get_objective("csd_ts", tau="1.5").setting == "csd(tau=1.5,w1=T,w2=S)"
+    assert get_objective("csd_ts", w1="T").setting == ts.setting  # the same value is fine
+    with pytest.raises(ValueError, match="fixes w1=T"):
+        get_objective("csd_ts", w1="S")
+    assert get_objective("csd_ts") == get_objective("csd", w1="T", w2="S")
+
+
+def test_setting_strings_round_trip():
+    for spec in list_objectives():
+        obj = get_objective(spec.name)
+        again = get_objective(obj.setting)
+        assert again.setting == obj.setting and again.params == obj.params
+    obj = get_objective("csd(tau=1.5, w1=T)")
+    assert obj.setting == "csd(tau=1.5,w1=T,w2=S)"
+    assert parse_setting("jsd(beta=0.1)") == ("jsd", {"beta": "0.1"})
+    assert parse_setting("kl") == ("kl", {})
+    with pytest.raises(ValueError, match="key=value"):
+        get_objective("csd(tau)")
+    with pytest.raises(ValueError, match="both"):
+        get_objective("csd(tau=1.5)", tau=2.0)
+
+
+def test_list_objectives_metadata():
+    specs = {s.name: s for s in list_objectives()}
+    assert set(REQUIRED) <= set(specs)
+    for spec in specs.values():
+        assert isinstance(spec, ObjectiveSpec)
+        assert spec.behaviour in BEHAVIOURS
+        assert spec.formula and spec.summary and spec.paper
+        assert isinstance(spec.version, int) and spec.version >= 1
+        assert spec.source.startswith("objectives.")
+        assert all(isinstance(p, ParamSpec) for p in spec.params)
+    assert specs["ce"].needs_teacher is False and specs["ce"].needs_labels is True
+    assert specs["ce"].behaviour == "supervised"
+    assert specs["csd"].aliases == {"csd_ss": {"w1": "S", "w2": "S"}, "csd_us": {"w1": "U", "w2": "S"}, "csd_ts": {"w1": "T", "w2": "S"}}
+    assert [p.name for p in specs["csd"].params] == ["w1", "w2", "tau", "alpha"]
+    assert specs["csd"].param("tau").default == 1.0
+    assert "2509.25837" in specs["csd"].paper and "2404.02657" in specs["akl"].paper
+    assert specs["rkl"].behaviour == "mode-seeking" and specs["kl"].behaviour == "mode-covering"
+
+
+def test_discovery_is_lazy():
+    code = "import sys, kdbench.registry; print(any(m == 'objectives' or m.startswith('objectives.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# declaring and plugins
+# ---------------------------------------------------------------------------------------------
+
+PLUGIN = '''
+from kdbench.registry import Param, objective
+
+
+@objective("{name}", behaviour="balanced", paper="a test plugin",
+           params=[Param("scale", float, 1.0, doc="multiplier", min=0.0)])
+def {name}(s, t, *, scale):
+    """Scaled squared error of probabilities (test plugin).
+
+    L = scale · Σ_v (p − q)²
+    """
+    return scale * ((t.softmax(-1) - s.softmax(-1)) ** 2).sum(-1)
+'''
+
+
+def write_plugin(directory: Path, filename: str, name: str) -> Path:
+    path = directory / filename
+    path.write_text(textwrap.dedent(PLUGIN.format(name=name)))
+    return path
+
+
+def test_plugin_file_by_path_and_name(fresh_registry, tmp_path):
+    path = write_plugin(tmp_path, "my_objective.py", "sqprob")
+    obj = get_objective(f"{path}:sqprob", scale="2")
+    assert obj.setting == "sqprob(scale=2.0)" and obj.spec.source == str(path.resolve())
+    assert obj.spec.summary == "Scaled squared error of probabilities (test plugin)."
+    assert obj.spec.formula == "L = scale · Σ_v (p − q)²"
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    expected = 2 * ((t.softmax(-1) - s.softmax(-1)) ** 2).sum(-1).mean()
+    assert obj(s, t, None).item() == pytest.approx(expected.item(), rel=1e-6)
+    names = [spec.name for spec in list_objectives()]
+    assert "sqprob" in names and "csd" in names
+    assert "sqprob" not in [spec.name for spec in list_objectives(include_plugins=False)]
+    # after loading, the plain name works too; loading twice is harmless
+    assert get_objective("sqprob").params == {"scale": 1.0}
+    assert [s.name for s in load_plugin_file(path)] == ["sqprob"]
+    assert get_objective(f"{path}:").name == "sqprob"  # the only objective in the file
+
+
+def test_plugin_file_errors(fresh_registry, tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        get_objective(f"{tmp_path}/missing.py:x")
+    dup = write_plugin(tmp_path, "dup.py", "kl")
+    with pytest.raises(ValueError, match="declared twice"):
+        get_objective(f"{dup}:kl")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def oops(:\n")
+    with pytest.raises(ValueError, match="failed to import"):
+        load_plugin_file(broken)
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="declares no objective"):
+        load_plugin_file(empty)
+    ok = write_plugin(tmp_path, "ok.py", "okobj")
+    with pytest.raises(ValueError) as err:
+        get_objective(f"{ok}:okobjj")
+    assert valid_choices(str(err.value))[0] == "okobj"
+
+
+def test_entry_point_plugins(fresh_registry, tmp_path, monkeypatch):
+    write_plugin(tmp_path, "kdb_ep_module.py", "epmod")
+    write_plugin(tmp_path, "kdb_ep_function.py", "epfn")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [
+        importlib.metadata.EntryPoint(name="epmod", value="kdb_ep_module", group="kdbench.objectives"),
+        importlib.metadata.EntryPoint(name="epfn", value="kdb_ep_function:epfn", group="kdbench.objectives"),
+        importlib.metadata.EntryPoint(name="gone", value="kdb_no_such_module", group="kdbench.objectives"),
+    ]
+    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
+    with pytest.warns(UserWarning, match="'gone'"):
+        names = [s.name for s in list_objectives()]
+    assert {"epmod", "epfn", "csd"} <= set(names)
+    assert get_objective("epfn", scale=0.5).setting == "epfn(scale=0.5)"
+    assert registry._state.specs["epmod"].source == "kdb_ep_module"
+
+
+def test_duplicate_entry_point_is_a_clear_error(fresh_registry, tmp_path, monkeypatch):
+    write_plugin(tmp_path, "kdb_ep_dup.py", "rkl")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [importlib.metadata.EntryPoint(name="dup", value="kdb_ep_dup", group="kdbench.objectives")]
+    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
+    with pytest.raises(ValueError, match="'rkl' is declared twice"):
+        list_objectives()
+
+
+def test_decorator_validation(fresh_registry):
+    with pytest.raises(ValueError, match="behaviour"):
+        objective("x1", behaviour="greedy", paper="-")
+    with pytest.raises(ValueError, match="does not accept"):
+
+        @objective("x2", behaviour="balanced", paper="-", params=[Param("tau", float, 1.0)])
+        def x2(s, t):
+            return s.sum(-1)
+
+    with pytest.raises(ValueError, match="needs choices"):
+        Param("w", "choice", "S")
+    with pytest.raises(ValueError, match="must be in"):
+        Param("tau", float, -1.0, min=0.0)
+
+    @objective("x3", behaviour="balanced", paper="-", aliases={"x3_big": {"k": 5}}, params=[Param("k", int, 1, min=1)])
+    def x3(s, t, *, k):
+        """Inline objective."""
+        return k * (s - t).pow(2).mean(-1)
+
+    assert get_objective("x3_big").setting == "x3(k=5)"
+    with pytest.raises(ValueError, match="already taken"):
+
+        @objective("x4", behaviour="balanced", paper="-", aliases={"x3_big": {}})
+        def x4(s, t):
+            return s.sum(-1)
+
+
+def test_bad_return_shape_is_reported(fresh_registry):
+    @objective("scalar_out", behaviour="balanced", paper="-")
+    def scalar_out(s, t):
+        return s.sum()
+
+    with pytest.raises(RuntimeError, match="per-position tensor"):
+        get_objective("scalar_out")(torch.randn(2, 4), torch.randn(2, 4), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# catalogue and docs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_catalogue_table():
+    text = format_catalogue(list_objectives())
+    for name in REQUIRED:
+        assert f"\n{name} " in text
+    assert "w1=S, w2=S, tau=1.0, alpha=0.15" in text
+    assert "arXiv:2509.25837" in text and "csd_ts = csd(w1=T,w2=S)" in text
+
+
+def test_committed_objectives_doc_is_up_to_date():
+    generated = render_objectives_md(list_objectives(include_plugins=False))
+    committed = (ROOT / "docs" / "objectives.md").read_text(encoding="utf-8")
+    assert committed == generated, "regenerate: python -m kdbench.catalogue --write docs/objectives.md"
+    assert "2τ²" in generated and "divided by β(1−β)" in generated
+    for name in REQUIRED:
+        assert f"\n## {name}\n" in generated
+    assert catalogue_main(["--check", str(ROOT / "docs" / "objectives.md")]) == 0
+
+
+def test_adding_an_objective_doc_exists():
+    text = (ROOT / "docs" / "adding-an-objective.md").read_text(encoding="utf-8")
+    assert "@objective(" in text and 'project.entry-points."kdbench.objectives"' in text
