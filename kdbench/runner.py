@@ -25,7 +25,7 @@ from kdbench.models import build_student, cache_dir, fingerprint, layer_subset, 
     prepare_teacher
 from kdbench.store import ROLE_DISTILLED, ROLE_STUDENT_INIT, ROLE_TEACHER, RunWriter, find_reference_run, open_engine
 from kdbench.suites import SuiteSpec, get_suite
-from kdbench.train import TrainingDiverged, distill
+from kdbench.train import TrainingDiverged, distill, native_bf16
 
 
 @dataclass
@@ -54,7 +54,8 @@ class Prepared:
     student_keep: list[int]
 
     def new_student(self) -> torch.nn.Module:
-        return build_student(self.teacher, self.student_keep)
+        """A fresh float32 student (the teacher in memory may be bf16: it only runs inference)."""
+        return build_student(load_causal_lm(self.teacher_path), self.student_keep)
 
 
 def effective_suite(req: RunRequest) -> tuple[SuiteSpec, str]:
@@ -81,7 +82,11 @@ def prepare(suite: SuiteSpec, device: torch.device) -> Prepared:
     t0 = time.perf_counter()
     teacher_path = prepare_teacher(suite.teacher)
     tokenizer = load_tokenizer(teacher_path)
-    teacher = load_causal_lm(teacher_path).to(device).eval().requires_grad_(False)
+    # The frozen teacher only runs inference: hold it in bf16 where bf16 is native, so neither
+    # training nor sampling pays autocast's per-call weight casts (they are not cached for
+    # parameters that do not require grad).
+    dtype = torch.bfloat16 if suite.train.bf16_autocast and native_bf16(device) else torch.float32
+    teacher = load_causal_lm(teacher_path, dtype=dtype).to(device).eval().requires_grad_(False)
     if suite.data["loader"] != "micro":
         raise UserError(f"suite {suite.name!r} uses data loader {suite.data['loader']!r}, not available here")
     splits = build_splits(suite.data["valid_frac"], suite.data["test_frac"])

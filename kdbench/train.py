@@ -43,15 +43,18 @@ class TrainResult:
     valid_scores: dict[int, float] = field(default_factory=dict)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 is fast on CUDA with bf16 support and on CPUs with avx512_bf16 / AMX; elsewhere it
+    is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast where it is fast: CUDA with bf16, or a CPU with native bf16 (avx512_bf16 /
-    AMX). Elsewhere bf16 is emulated and slower than float32, so we stay in float32."""
-    if not enabled:
-        return nullcontext()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast where bf16 is native; float32 elsewhere."""
+    if enabled and native_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
