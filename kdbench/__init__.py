@@ -6,7 +6,7 @@ Where things live:
   kdbench/data/            where data comes in (embedded micro data, paper-suite loaders)
   kdbench/models.py        teacher asset, student construction
   kdbench/train.py         the distillation loop: where the loss is computed
-  kdbench/evaluate.py      sampling and scoring (metrics in kdbench/metrics.py)
+  kdbench/evaluate.py      sampling and scoring (metrics in kdbench/metrics/)
   kdbench/store.py         where results are written (SQLAlchemy run store)
   kdbench/runner.py        one run end to end; kdbench/cli.py the command line
   leaderboard_app/app.py   Streamlit leaderboard over the store

@@ -38,23 +38,26 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
-import math
+import os
 import pkgutil
 import re
 import sys
 import threading
 import types
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
-import torch
-from torch import Tensor
-
-from kdbench import losses as _losses
-from kdbench.errors import UserError, did_you_mean
+from kdbench.errors import did_you_mean
 from kdbench.losses import compute_from_hidden, loss_from_hidden  # noqa: F401  (re-exported)
+
+# Declarations (objective_spec) and the callable objective (objective) live in their own modules;
+# every name stays importable from here, where objective files and callers have always taken them.
+from kdbench.objective import Objective, ObjectiveOutput  # noqa: F401  (re-exported)
+from kdbench.objective_spec import (  # noqa: F401  (re-exported)
+    _NAME_RE, BUILTIN_PACKAGE, PARAM_TYPES, ObjectiveError, ObjectiveSpec, Param, ParamSpec,
+    _source_of, _split_doc, format_setting, parse_setting, resolve_params,
+)
 
 __all__ = [
     "BEHAVIOURS",
@@ -78,199 +81,13 @@ __all__ = [
 
 BEHAVIOURS = ("mode-seeking", "mode-covering", "balanced", "supervised")
 ENTRY_POINT_GROUP = "kdbench.objectives"
-BUILTIN_PACKAGE = "objectives"
-PARAM_TYPES = ("float", "int", "bool", "str", "choice")
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+PLUGIN_PATH_VAR = "KDBENCH_PLUGIN_PATH"
 _PLUGIN_PREFIX = "_kdbench_plugin_"
-
-
-class ObjectiveError(UserError, ValueError):
-    """Unknown objective, bad parameter, duplicate or broken declaration (a ValueError)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Declarations
 # ---------------------------------------------------------------------------------------------
-
-_TRUE = {"true", "1", "yes", "on", "t", "y"}
-_FALSE = {"false", "0", "no", "off", "f", "n"}
-
-
-def _type_name(t: Any) -> str:
-    if isinstance(t, str):
-        return t
-    return {float: "float", int: "int", bool: "bool", str: "str"}.get(t, repr(t))
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One declared parameter: ``type`` is float | int | bool | str | choice.
-
-    ``choices`` makes it a choice (of strings). ``min``/``max`` bound numbers (inclusive unless
-    ``min_exclusive``/``max_exclusive``). ``active(params) -> bool`` says whether the value
-    matters for the resolved parameters; inactive ones are left out of the setting string
-    (e.g. CSD's ``alpha`` is only used by the ``mix`` weighting).
-    """
-
-    name: str
-    type: str
-    default: Any
-    choices: tuple[str, ...] | None = None
-    doc: str = ""
-    min: float | None = None
-    max: float | None = None
-    min_exclusive: bool = False
-    max_exclusive: bool = False
-    active: Callable[[dict], bool] | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self):
-        t = _type_name(self.type)
-        if self.choices is not None:
-            if t not in ("choice", "str"):
-                raise ObjectiveError(f"parameter {self.name!r}: choices need type 'choice', got {t!r}")
-            choices = tuple(str(c) for c in self.choices)
-            if not choices:
-                raise ObjectiveError(f"parameter {self.name!r}: empty choices")
-            object.__setattr__(self, "choices", choices)
-            t = "choice"
-        if t not in PARAM_TYPES:
-            raise ObjectiveError(f"parameter {self.name!r}: type must be one of {', '.join(PARAM_TYPES)}, got {t!r}")
-        if t == "choice" and self.choices is None:
-            raise ObjectiveError(f"parameter {self.name!r}: type 'choice' needs choices")
-        if not _NAME_RE.match(self.name):
-            raise ObjectiveError(f"parameter name {self.name!r} must be an identifier")
-        object.__setattr__(self, "type", t)
-        object.__setattr__(self, "default", self.coerce(self.default, owner="default of"))
-
-    # -- values -----------------------------------------------------------------------------
-    def range_text(self) -> str:
-        if self.min is None and self.max is None:
-            return ""
-        lo = "(" if self.min_exclusive or self.min is None else "["
-        hi = ")" if self.max_exclusive or self.max is None else "]"
-        a = "-inf" if self.min is None else _fmt(self.min)
-        b = "inf" if self.max is None else _fmt(self.max)
-        return f"{lo}{a}, {b}{hi}"
-
-    def describe(self) -> str:
-        """'tau: float > 0 = 1.0' style text used in errors and the catalogue."""
-        if self.type == "choice":
-            return f"{self.name} ∈ {{{', '.join(self.choices)}}} = {_fmt(self.default)}"
-        rng = self.range_text()
-        return f"{self.name}: {self.type}{' in ' + rng if rng else ''} = {_fmt(self.default)}"
-
-    def coerce(self, value: Any, owner: str = "") -> Any:
-        """Validate/convert a Python value or a CLI string; ObjectiveError if it does not fit."""
-        where = f"{owner} parameter {self.name!r}".strip()
-        t = self.type
-        if t == "choice":
-            v = str(value) if not isinstance(value, bool) else None
-            if v in self.choices:
-                return v
-            if v is not None:
-                folded = [c for c in self.choices if c.lower() == v.strip().lower()]
-                if len(folded) == 1:
-                    return folded[0]
-            raise ObjectiveError(did_you_mean(str(value), list(self.choices), what=f"value for {where}"))
-        if t == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-                return value.strip().lower() in _TRUE
-            raise ObjectiveError(f"{where} expects a bool (true/false), got {value!r}")
-        if t == "str":
-            if not isinstance(value, str):
-                raise ObjectiveError(f"{where} expects a string, got {value!r}")
-            return value
-        # numbers
-        if isinstance(value, bool):
-            raise ObjectiveError(f"{where} expects a {t}, got {value!r}")
-        try:
-            if isinstance(value, str):
-                num = float(value.strip()) if t == "float" else _parse_int(value)
-            elif t == "float":
-                if not isinstance(value, (int, float)) and not (isinstance(value, Tensor) and value.numel() == 1):
-                    raise TypeError
-                num = float(value)
-            else:
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                if not isinstance(value, int):
-                    raise TypeError
-                num = int(value)
-        except (TypeError, ValueError):
-            rng = self.range_text()
-            raise ObjectiveError(f"{where} expects a {t}{' in ' + rng if rng else ''}, got {value!r}") from None
-        if isinstance(num, float) and not math.isfinite(num):
-            raise ObjectiveError(f"{where} must be finite, got {value!r}")
-        bad = (
-            (self.min is not None and (num < self.min or (self.min_exclusive and num == self.min)))
-            or (self.max is not None and (num > self.max or (self.max_exclusive and num == self.max)))
-        )
-        if bad:
-            raise ObjectiveError(f"{where} must be in {self.range_text()}, got {value!r}")
-        return num
-
-
-Param = ParamSpec
-"""Short name for declaring parameters: ``Param("tau", float, 1.0, doc=..., min=0, min_exclusive=True)``."""
-
-
-def _parse_int(text: str) -> int:
-    f = float(text.strip())
-    if not f.is_integer():
-        raise ValueError(text)
-    return int(f)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    """Metadata of a registered objective (what ``list_objectives()`` returns)."""
-
-    name: str
-    params: list[ParamSpec]
-    formula: str
-    paper: str
-    behaviour: str
-    needs_teacher: bool = True
-    needs_labels: bool = False
-    version: int = 1
-    aliases: dict[str, dict[str, Any]] = field(default_factory=dict)
-    summary: str = ""
-    source: str = ""
-    fn: Callable = field(default=None, compare=False, repr=False)
-
-    def param(self, name: str) -> ParamSpec:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return {p.name: p.default for p in self.params}
-
-    @property
-    def builtin(self) -> bool:
-        return self.source.startswith(BUILTIN_PACKAGE + ".")
-
-
-def _split_doc(doc: str) -> tuple[str, str]:
-    doc = inspect.cleandoc(doc or "")
-    if not doc:
-        return "", ""
-    first, _, rest = doc.partition("\n")
-    return first.strip(), inspect.cleandoc(rest).strip("\n")
 
 
 def objective(
@@ -340,12 +157,6 @@ def objective(
         return fn
 
     return decorate
-
-
-def _source_of(fn: Callable) -> str:
-    module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    path = getattr(module, "__kdbench_plugin_path__", None)
-    return path or getattr(fn, "__module__", "") or "<unknown>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +263,17 @@ def _discover() -> None:
             except ObjectiveError as exc:
                 raise ObjectiveError(f"entry point {ep.name!r} ({ep.value}): {exc}") from None
         _state.discovered = True
+    for folder in plugin_dirs():
+        for path in sorted(folder.glob("*.py")):
+            if not path.name.startswith("_"):
+                load_plugin_file(path)
+
+
+def plugin_dirs() -> list[Path]:
+    """Folders named in ``$KDBENCH_PLUGIN_PATH`` (os.pathsep-separated): every ``*.py`` in them
+    is loaded at discovery, so dropping a file there is enough to add an objective."""
+    raw = os.environ.get(PLUGIN_PATH_VAR, "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip() and Path(p).expanduser().is_dir()]
 
 
 def refresh() -> None:
@@ -509,38 +331,8 @@ def _all_names() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings (canonical strings)
+# Lookup
 # ---------------------------------------------------------------------------------------------
-
-_SETTING_RE = re.compile(r"^\s*([^\s()]+)\s*(?:\((.*)\))?\s*$", re.S)
-
-
-def parse_setting(text: str) -> tuple[str, dict[str, str]]:
-    """``'csd(tau=1.5,w1=S)'`` → ``('csd', {'tau': '1.5', 'w1': 'S'})`` (values stay strings)."""
-    m = _SETTING_RE.match(text)
-    if not m:
-        raise ObjectiveError(f"cannot read objective setting {text!r}; expected name or name(key=value,...)")
-    name, body = m.group(1), m.group(2)
-    params: dict[str, str] = {}
-    if body and body.strip():
-        for item in body.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise ObjectiveError(f"cannot read {item.strip()!r} in objective setting {text!r}; expected key=value")
-            if key.strip() in params:
-                raise ObjectiveError(f"parameter {key.strip()!r} given twice in {text!r}")
-            params[key.strip()] = value.strip()
-    return name, params
-
-
-def format_setting(spec: ObjectiveSpec, params: Mapping[str, Any]) -> str:
-    """Canonical string: name plus the active parameters in sorted order."""
-    shown = []
-    for p in sorted(spec.params, key=lambda p: p.name):
-        if p.active is not None and not p.active(dict(params)):
-            continue
-        shown.append(f"{p.name}={_fmt(params[p.name])}")
-    return f"{spec.name}({','.join(shown)})" if shown else spec.name
 
 
 def _resolve_name(name: str) -> tuple[ObjectiveSpec, dict[str, Any], str | None]:
@@ -551,26 +343,6 @@ def _resolve_name(name: str) -> tuple[ObjectiveSpec, dict[str, Any], str | None]
         spec = st.specs[st.aliases[name]]
         return spec, dict(spec.aliases[name]), name
     raise ObjectiveError(did_you_mean(name, _all_names(), what="objective"))
-
-
-def resolve_params(spec: ObjectiveSpec, params: Mapping[str, Any], *, fixed: Mapping[str, Any] | None = None, alias: str | None = None) -> dict[str, Any]:
-    """Defaults + given values, coerced and validated (ObjectiveError naming valid choices)."""
-    known = {p.name: p for p in spec.params}
-    out = {p.name: p.default for p in spec.params}
-    for key, value in (fixed or {}).items():
-        out[key] = value
-    for key, value in params.items():
-        if key not in known:
-            if not known:
-                raise ObjectiveError(f"objective {spec.name!r} takes no parameters; got {key!r}")
-            raise ObjectiveError(did_you_mean(key, [p.name for p in spec.params], what=f"parameter of objective {spec.name!r}"))
-        coerced = known[key].coerce(value, owner=spec.name)
-        if fixed and key in fixed and coerced != fixed[key]:
-            raise ObjectiveError(
-                f"alias {alias!r} fixes {key}={_fmt(fixed[key])}; use {spec.name!r} to set {key} freely"
-            )
-        out[key] = coerced
-    return out
 
 
 def get_objective(name: "str | ObjectiveSpec | Objective", /, **params: Any) -> "Objective":
@@ -614,129 +386,3 @@ def get_objective(name: "str | ObjectiveSpec | Objective", /, **params: Any) -> 
         params = {**setting_params, **params}
     resolved = resolve_params(spec, params, fixed=fixed, alias=alias)
     return Objective(spec, resolved)
-
-
-# ---------------------------------------------------------------------------------------------
-# The callable objective
-# ---------------------------------------------------------------------------------------------
-
-
-class ObjectiveOutput(NamedTuple):
-    loss: Tensor
-    terms: dict[str, Tensor]
-
-
-class Objective:
-    """A configured objective: ``obj(student_logits, teacher_logits, mask, labels=None)``."""
-
-    def __init__(self, spec: ObjectiveSpec, params: Mapping[str, Any]):
-        self.spec = spec
-        self.name = spec.name
-        self.params = dict(params)
-        self.setting = format_setting(spec, self.params)
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.spec.needs_teacher
-
-    @property
-    def needs_labels(self) -> bool:
-        return self.spec.needs_labels
-
-    @property
-    def behaviour(self) -> str:
-        return self.spec.behaviour
-
-    def __repr__(self) -> str:
-        return f"Objective({self.setting!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Objective) and other.spec is self.spec and other.params == self.params
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.setting))
-
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, mask: Tensor | None, labels: Tensor | None = None, **kwargs) -> Tensor:
-        return self.compute(student_logits, teacher_logits, mask, labels, **kwargs).loss
-
-    # one chunk of counted rows → (Σ loss, {term: Σ}) ; shared with the hidden-state path
-    def row_sums(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        per_row, terms = self.per_position(s, t, labels)
-        return per_row.sum(), {k: v.detach().sum() for k, v in terms.items()}
-
-    def per_position(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The objective on rows ``[N, V]`` (no masking, no chunking): ``([N], {term: [N]})``."""
-        dtype = _losses.compute_dtype(s.dtype)
-        s = s.to(dtype)
-        t = None if t is None else t.to(dtype)
-        kwargs = dict(self.params)
-        if self.spec.needs_labels:
-            kwargs["labels"] = labels
-        with torch.autocast(device_type=s.device.type, enabled=False):  # objective math in float32
-            out = self.spec.fn(s, t, **kwargs)
-        if isinstance(out, tuple):
-            per_row, terms = out
-        else:
-            per_row, terms = out, {}
-        if not isinstance(per_row, Tensor) or tuple(per_row.shape) != (s.shape[0],):
-            got = tuple(per_row.shape) if isinstance(per_row, Tensor) else type(per_row).__name__
-            raise RuntimeError(f"objective {self.name!r} must return a per-position tensor of shape ({s.shape[0]},), got {got}")
-        return per_row, dict(terms or {})
-
-    def compute(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | None,
-        mask: Tensor | None,
-        labels: Tensor | None = None,
-        *,
-        vocab_size: int | None = None,
-        chunk_size: int | None = None,
-        checkpoint: bool | None = None,
-    ) -> ObjectiveOutput:
-        """Mean over counted positions of the per-position loss, plus detached mean terms.
-
-        Logits ``[..., V]`` of any float dtype (computed in float32; float64 stays float64),
-        ``mask`` of the leading shape (``None`` = all count), ``labels`` of the leading shape
-        (only objectives with ``needs_labels``). ``vocab_size`` slices padded head columns off
-        both sides. Nothing counted → exactly 0.0, still attached to the graph.
-        """
-        s = student_logits
-        if not isinstance(s, Tensor) or not s.is_floating_point() or s.dim() < 1:
-            raise ValueError("student_logits must be a floating-point tensor [..., V]")
-        spec = self.spec
-        t = teacher_logits if spec.needs_teacher else None
-        if spec.needs_teacher:
-            if t is None:
-                raise ValueError(f"objective {self.name!r} needs teacher_logits")
-            if not isinstance(t, Tensor) or not t.is_floating_point():
-                raise ValueError("teacher_logits must be a floating-point tensor [..., V]")
-            if t.shape[:-1] != s.shape[:-1]:
-                raise ValueError(
-                    f"teacher_logits have positions {tuple(t.shape[:-1])}, student_logits {tuple(s.shape[:-1])}"
-                )
-        s, t = _losses.align_vocab(s, t, vocab_size)
-        lead = s.shape[:-1]
-        vocab = s.shape[-1]
-        idx, n = _losses.counted_rows(mask, lead, s.device)
-        s_rows = s.reshape(-1, vocab)
-        t_rows = None if t is None else t.reshape(-1, vocab)
-        y_rows = None
-        if spec.needs_labels:
-            if labels is None:
-                raise ValueError(f"objective {self.name!r} needs labels (the reference next tokens)")
-            if tuple(labels.shape) != tuple(lead):
-                raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(lead)}")
-            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise ValueError("labels must be integer token ids")
-            y_rows = labels.reshape(-1).to(device=s.device, dtype=torch.long)
-        if idx is not None:
-            s_rows = s_rows.index_select(0, idx)
-            t_rows = None if t_rows is None else t_rows.index_select(0, idx)
-            y_rows = None if y_rows is None else y_rows.index_select(0, idx)
-        if y_rows is not None:
-            _losses.check_labels(y_rows, vocab)
-        size = _losses.CHUNK_SIZE if chunk_size is None else chunk_size
-        loss_sum, term_sums = _losses.chunked_sums(self.row_sums, [s_rows, t_rows, y_rows], size, checkpoint=checkpoint)
-        denom = max(n, 1)
-        return ObjectiveOutput(loss_sum / denom, {k: (v / denom).detach() for k, v in term_sums.items()})

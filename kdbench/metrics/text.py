@@ -1,49 +1,16 @@
-"""Evaluation metrics for kdbench (pure functions; numpy / python, torch only for token fidelity).
+"""Text metrics: ROUGE-L, Self-BLEU, distinct-n, response length and degeneration.
 
-Every definition used on the leaderboard is written down here, in the docstring of the function
-that computes it, so a number can be traced to one formula:
-
-* ROUGE-L          -- REFERENCE.md section 3 (``rouge_score``, stemming, max over references, x100).
-* Self-BLEU        -- sacrebleu sentence BLEU of each sample against the other samples, x100.
-* distinct-n       -- unique n-grams / total n-grams over a set of samples.
-* GSM8K accuracy   -- exact match of the final number (after ``####`` if present, else the last one).
-* degeneration     -- empty, or a repeated-trigram ratio >= 0.5 on >= 8 tokens (see ``is_degenerate``).
-* token fidelity   -- forward / reverse KL per position, teacher mean log-likelihood.
-* uncertainty      -- seed-aware prompt bootstrap, mean +- sample std, Student-t interval.
+Part of :mod:`kdbench.metrics` (import from there); each definition is in its function's docstring.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
-from decimal import Decimal, InvalidOperation
 
 import numpy as np
-
-__all__ = [
-    "rouge_l",
-    "corpus_rouge_l",
-    "self_bleu",
-    "self_bleu_per_prompt",
-    "self_bleu_across_prompts",
-    "SELF_BLEU_CONFIG",
-    "distinct_n",
-    "distinct_n_per_prompt",
-    "extract_final_number",
-    "exact_match_number",
-    "response_length",
-    "repeated_ngram_ratio",
-    "is_degenerate",
-    "degenerate_fraction",
-    "token_kl",
-    "mean_logprob",
-    "bootstrap_ci",
-    "mean_std",
-    "t_interval",
-]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,66 +231,6 @@ def distinct_n_per_prompt(outputs_by_prompt: Mapping[Hashable, Sequence[str]], n
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact-answer accuracy (GSM8K)
-# ----------------------------------------------------------------------------------------------
-
-# A number: optional sign (not after a letter/digit: "16-3" is 16 and 3), optional '$', digits with optional thousands commas, optional decimals;
-# or a bare decimal like ".5".
-_NUMBER_RE = re.compile(r"(?:(?<![\w.])-)?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
-
-
-def _normalise_number(raw: str) -> str | None:
-    s = raw.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    if s in ("", "-"):
-        return None
-    try:
-        d = Decimal(s)
-    except InvalidOperation:
-        return None
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
-
-
-def extract_final_number(text: str | None) -> str | None:
-    """The final numeric answer in ``text``, normalised, or ``None`` when there is no number.
-
-    Rule (GSM8K): if ``####`` occurs, the first number after the last ``####``; otherwise the
-    last number in the text. Normalisation: thousands commas, ``$`` and a trailing ``.`` are
-    removed; the value is printed without trailing zeros ("3.0" -> "3", "3.50" -> "3.5",
-    "007" -> "7", "-0" -> "0"); a leading minus sign is kept.
-    """
-    if not text:
-        return None
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1]
-        for m in _NUMBER_RE.finditer(tail):
-            v = _normalise_number(m.group(0))
-            if v is not None:
-                return v
-        return None
-    last = None
-    for m in _NUMBER_RE.finditer(text):
-        v = _normalise_number(m.group(0))
-        if v is not None:
-            last = v
-    return last
-
-
-def exact_match_number(pred_text: str | None, gold_text: str) -> float:
-    """1.0 when :func:`extract_final_number` of the prediction equals that of the gold, else 0.0.
-
-    ``gold_text`` may be the full GSM8K answer (``... #### 18``) or just the number. A prediction
-    with no number scores 0. Raises ``ValueError`` when the gold has no number.
-    """
-    gold = extract_final_number(gold_text)
-    if gold is None:
-        raise ValueError(f"gold answer has no number: {gold_text[-80:]!r}")
-    pred = extract_final_number(pred_text)
-    return 1.0 if pred is not None and Decimal(pred) == Decimal(gold) else 0.0
-
-
-# ----------------------------------------------------------------------------------------------
 # Length and degeneration
 # ----------------------------------------------------------------------------------------------
 
@@ -372,157 +279,3 @@ def degenerate_fraction(texts: Sequence[str]) -> float:
     if not texts:
         return float("nan")
     return float(np.mean([is_degenerate(t) for t in texts]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Token-level fidelity (torch)
-# ----------------------------------------------------------------------------------------------
-
-
-def _flat_positions(x, mask):
-    import torch
-
-    v = x.shape[-1]
-    x2 = x.reshape(-1, v)
-    if mask is None:
-        return x2
-    m = mask.reshape(-1).to(torch.bool)
-    if m.shape[0] != x2.shape[0]:
-        raise ValueError(f"mask has {m.shape[0]} positions, logits have {x2.shape[0]}")
-    return x2[m]
-
-
-def token_kl(student_logits, teacher_logits, mask=None, *, chunk_size: int = 1024,
-             vocab_size: int | None = None) -> tuple[float, float]:
-    """Mean per-position forward and reverse KL between teacher p and student q (nats).
-
-    ``fkl = mean_pos sum_v p (log p - log q)``, ``rkl = mean_pos sum_v q (log q - log p)``, with
-    p = softmax(teacher_logits), q = softmax(student_logits), untempered; the mean is over the
-    positions where ``mask`` is true (all positions when ``mask`` is None). Logits are
-    ``[..., V]``, the mask the leading shape. Computed in float32, ``chunk_size`` positions at a
-    time, without gradient. Different vocabulary widths raise ``ValueError`` unless
-    ``vocab_size`` is given, in which case both are sliced to their first ``vocab_size`` columns
-    (padded heads). Returns ``(nan, nan)`` when no position is counted.
-    """
-    import torch
-
-    if vocab_size is not None:
-        student_logits = student_logits[..., :vocab_size]
-        teacher_logits = teacher_logits[..., :vocab_size]
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}; "
-            "pass vocab_size= to compare the shared columns"
-        )
-    s = _flat_positions(student_logits, mask)
-    t = _flat_positions(teacher_logits, mask)
-    n = s.shape[0]
-    if n == 0:
-        return float("nan"), float("nan")
-    fkl = 0.0
-    rkl = 0.0
-    with torch.no_grad():
-        for a in range(0, n, chunk_size):
-            ls = torch.log_softmax(s[a : a + chunk_size].float(), dim=-1)
-            lt = torch.log_softmax(t[a : a + chunk_size].float(), dim=-1)
-            diff = lt - ls
-            fkl += float((lt.exp() * diff).sum(dtype=torch.float64))
-            rkl += float((ls.exp() * (-diff)).sum(dtype=torch.float64))
-    return fkl / n, rkl / n
-
-
-def mean_logprob(logits, labels, mask=None, *, chunk_size: int = 1024) -> float:
-    """Mean log-probability (nats per token) of ``labels`` under ``softmax(logits)``.
-
-    Alignment is the caller's: ``logits[..., t, :]`` must be the distribution for
-    ``labels[..., t]`` (for a causal LM pass ``logits[:, :-1]`` and ``input_ids[:, 1:]``). The mean
-    is over positions where ``mask`` is true (all when None); labels at masked-out positions may be
-    anything (e.g. -100). float32, chunked, no gradient. ``nan`` when no position is counted.
-    """
-    import torch
-
-    x = _flat_positions(logits, mask)
-    y = labels.reshape(-1)
-    if mask is not None:
-        y = y[mask.reshape(-1).to(torch.bool)]
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{x.shape[0]} logit positions vs {y.shape[0]} labels")
-    n = x.shape[0]
-    if n == 0:
-        return float("nan")
-    total = 0.0
-    with torch.no_grad():
-        for a in range(0, n, chunk_size):
-            lp = torch.log_softmax(x[a : a + chunk_size].float(), dim=-1)
-            total += float(lp.gather(-1, y[a : a + chunk_size].long().unsqueeze(-1)).sum(dtype=torch.float64))
-    return total / n
-
-
-# ----------------------------------------------------------------------------------------------
-# Uncertainty
-# ----------------------------------------------------------------------------------------------
-
-
-def bootstrap_ci(scores, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
-    """Seed-aware percentile bootstrap over prompts: ``(mean, lo, hi)``.
-
-    ``scores`` is ``[prompts, seeds]`` (a 1-D array is one seed). The statistic is the mean over
-    all non-NaN cells. Each of ``n_boot`` replicates draws prompts with replacement
-    (``numpy.random.default_rng(seed)``), keeping each prompt's seeds together, and takes the
-    mean over all non-NaN cells of the drawn rows; ``lo``/``hi`` are the ``alpha/2`` and
-    ``1 - alpha/2`` percentiles of the replicates. NaN cells are missing values; rows with no
-    value are dropped. The interval covers prompt sampling (and the seeds within a prompt), not
-    training-run variance (see :func:`t_interval`). All-NaN / empty input gives ``(nan, nan, nan)``;
-    a single prompt gives a zero-width interval.
-    """
-    a = np.asarray(scores, dtype=np.float64)
-    if a.ndim == 1:
-        a = a[:, None]
-    if a.ndim != 2:
-        raise ValueError(f"scores must be [prompts, seeds], got shape {a.shape}")
-    ok = ~np.isnan(a)
-    row_n = ok.sum(axis=1)
-    keep = row_n > 0
-    if not keep.any():
-        return float("nan"), float("nan"), float("nan")
-    row_sum = np.where(ok, a, 0.0).sum(axis=1)[keep]
-    row_n = row_n[keep]
-    mean = float(row_sum.sum() / row_n.sum())
-    p = row_sum.shape[0]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, p, size=(n_boot, p))
-    boots = row_sum[idx].sum(axis=1) / row_n[idx].sum(axis=1)
-    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return mean, float(lo), float(hi)
-
-
-def mean_std(values) -> tuple[float, float]:
-    """``(mean, sample std with ddof=1)`` of the non-NaN values; std 0.0 for one value, ``(nan, nan)`` for none."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[~np.isnan(v)]
-    if v.size == 0:
-        return float("nan"), float("nan")
-    if v.size == 1:
-        return float(v[0]), 0.0
-    return float(v.mean()), float(v.std(ddof=1))
-
-
-def t_interval(values, alpha: float = 0.05) -> tuple[float, float, float]:
-    """Student-t confidence interval for the mean of independent runs (e.g. training seeds).
-
-    ``(mean, lo, hi)`` with half-width ``t_{1-alpha/2, n-1} * s / sqrt(n)`` (s: sample std,
-    ddof=1) over the non-NaN values. For n = 1 the interval is undefined and **lo = hi = nan**
-    (mean still returned); for n = 0 everything is nan.
-    """
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[~np.isnan(v)]
-    n = v.size
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    m = float(v.mean())
-    if n == 1:
-        return m, float("nan"), float("nan")
-    half = float(stats.t.ppf(1 - alpha / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return m, m - half, m + half

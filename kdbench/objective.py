@@ -1,0 +1,135 @@
+"""The callable objective: a registered :class:`~kdbench.objective_spec.ObjectiveSpec` with its
+parameters resolved, applied to logits (masking, chunking and float32 math live here and in
+:mod:`kdbench.losses`). Get one with :func:`kdbench.registry.get_objective`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import torch
+from torch import Tensor
+
+from kdbench import losses as _losses
+from kdbench.objective_spec import ObjectiveSpec, format_setting
+
+
+class ObjectiveOutput(NamedTuple):
+    loss: Tensor
+    terms: dict[str, Tensor]
+
+
+class Objective:
+    """A configured objective: ``obj(student_logits, teacher_logits, mask, labels=None)``."""
+
+    def __init__(self, spec: ObjectiveSpec, params: Mapping[str, Any]):
+        self.spec = spec
+        self.name = spec.name
+        self.params = dict(params)
+        self.setting = format_setting(spec, self.params)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.spec.needs_teacher
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.spec.needs_labels
+
+    @property
+    def behaviour(self) -> str:
+        return self.spec.behaviour
+
+    def __repr__(self) -> str:
+        return f"Objective({self.setting!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Objective) and other.spec is self.spec and other.params == self.params
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.setting))
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, mask: Tensor | None, labels: Tensor | None = None, **kwargs) -> Tensor:
+        return self.compute(student_logits, teacher_logits, mask, labels, **kwargs).loss
+
+    # one chunk of counted rows → (Σ loss, {term: Σ}) ; shared with the hidden-state path
+    def row_sums(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        per_row, terms = self.per_position(s, t, labels)
+        return per_row.sum(), {k: v.detach().sum() for k, v in terms.items()}
+
+    def per_position(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective on rows ``[N, V]`` (no masking, no chunking): ``([N], {term: [N]})``."""
+        dtype = _losses.compute_dtype(s.dtype)
+        s = s.to(dtype)
+        t = None if t is None else t.to(dtype)
+        kwargs = dict(self.params)
+        if self.spec.needs_labels:
+            kwargs["labels"] = labels
+        with torch.autocast(device_type=s.device.type, enabled=False):  # objective math in float32
+            out = self.spec.fn(s, t, **kwargs)
+        if isinstance(out, tuple):
+            per_row, terms = out
+        else:
+            per_row, terms = out, {}
+        if not isinstance(per_row, Tensor) or tuple(per_row.shape) != (s.shape[0],):
+            got = tuple(per_row.shape) if isinstance(per_row, Tensor) else type(per_row).__name__
+            raise RuntimeError(f"objective {self.name!r} must return a per-position tensor of shape ({s.shape[0]},), got {got}")
+        return per_row, dict(terms or {})
+
+    def compute(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        mask: Tensor | None,
+        labels: Tensor | None = None,
+        *,
+        vocab_size: int | None = None,
+        chunk_size: int | None = None,
+        checkpoint: bool | None = None,
+    ) -> ObjectiveOutput:
+        """Mean over counted positions of the per-position loss, plus detached mean terms.
+
+        Logits ``[..., V]`` of any float dtype (computed in float32; float64 stays float64),
+        ``mask`` of the leading shape (``None`` = all count), ``labels`` of the leading shape
+        (only objectives with ``needs_labels``). ``vocab_size`` slices padded head columns off
+        both sides. Nothing counted → exactly 0.0, still attached to the graph.
+        """
+        s = student_logits
+        if not isinstance(s, Tensor) or not s.is_floating_point() or s.dim() < 1:
+            raise ValueError("student_logits must be a floating-point tensor [..., V]")
+        spec = self.spec
+        t = teacher_logits if spec.needs_teacher else None
+        if spec.needs_teacher:
+            if t is None:
+                raise ValueError(f"objective {self.name!r} needs teacher_logits")
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise ValueError("teacher_logits must be a floating-point tensor [..., V]")
+            if t.shape[:-1] != s.shape[:-1]:
+                raise ValueError(
+                    f"teacher_logits have positions {tuple(t.shape[:-1])}, student_logits {tuple(s.shape[:-1])}"
+                )
+        s, t = _losses.align_vocab(s, t, vocab_size)
+        lead = s.shape[:-1]
+        vocab = s.shape[-1]
+        idx, n = _losses.counted_rows(mask, lead, s.device)
+        s_rows = s.reshape(-1, vocab)
+        t_rows = None if t is None else t.reshape(-1, vocab)
+        y_rows = None
+        if spec.needs_labels:
+            if labels is None:
+                raise ValueError(f"objective {self.name!r} needs labels (the reference next tokens)")
+            if tuple(labels.shape) != tuple(lead):
+                raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(lead)}")
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise ValueError("labels must be integer token ids")
+            y_rows = labels.reshape(-1).to(device=s.device, dtype=torch.long)
+        if idx is not None:
+            s_rows = s_rows.index_select(0, idx)
+            t_rows = None if t_rows is None else t_rows.index_select(0, idx)
+            y_rows = None if y_rows is None else y_rows.index_select(0, idx)
+        if y_rows is not None:
+            _losses.check_labels(y_rows, vocab)
+        size = _losses.CHUNK_SIZE if chunk_size is None else chunk_size
+        loss_sum, term_sums = _losses.chunked_sums(self.row_sums, [s_rows, t_rows, y_rows], size, checkpoint=checkpoint)
+        denom = max(n, 1)
+        return ObjectiveOutput(loss_sum / denom, {k: (v / denom).detach() for k, v in term_sums.items()})
