@@ -127,3 +127,57 @@ def format_similarity_table(result: Mapping) -> str:
     for i, n in enumerate(names):
         out.append(f"[{i + 1}] {n}".ljust(label_w) + _num(result["grad_norms"][i], 12, 6))
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------- `kdbench analyze`
+
+DEFAULT_SETTINGS = ("kl", "rkl", "csd_ss", "csd_us", "csd_ts", "csd(w1=T,w2=T)", "dld", "jsd", "tvd", "ce")
+
+
+def run_analysis(args) -> int:
+    """Gradients of each objective w.r.t. the undistilled student's logits on the suite's first
+    training batches (same data order as a run with this seed); store and print the matrices."""
+    from kdbench import provenance
+    from kdbench.data.batching import batches, encode
+    from kdbench.errors import UserError
+    from kdbench.runner import RunRequest, effective_suite, prepare
+    from kdbench.store import ROLE_ANALYSIS, RunWriter, open_engine
+
+    settings = list(args.objectives or DEFAULT_SETTINGS)
+    try:
+        for s in settings:
+            as_objective(s)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.batches < 1:
+        raise UserError("--batches must be at least 1")
+    suite, label = effective_suite(RunRequest(objective="kl", params={}, suite=args.suite))
+    engine = open_engine(args.db)
+
+    device = torch.device("cpu")
+    prep = prepare(suite, device)
+    student = prep.new_student()
+    tok = prep.tokenizer
+    enc = [encode(tok, e.prompt, e.references[0], suite.train.max_prompt_tokens, suite.train.max_tokens)
+           for e in prep.splits["train"]]
+    it = batches(enc, suite.train.batch_size, args.seed, tok.pad_token_id)
+    rows_s, rows_t, rows_l = [], [], []
+    with torch.no_grad():  # logits only; each objective's gradient is taken w.r.t. these leaves
+        for _ in range(args.batches):
+            b = next(it)
+            m = b["loss_mask"]
+            rows_s.append(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[m].float())
+            rows_t.append(prep.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[m].float())
+            rows_l.append(b["labels"][m])
+    s, t, lab = torch.cat(rows_s)[None], torch.cat(rows_t)[None], torch.cat(rows_l)[None]
+    result = gradient_similarity(settings, s, t, torch.ones(s.shape[:2], dtype=torch.bool), lab)
+
+    writer = RunWriter.start(engine, role=ROLE_ANALYSIS, suite=suite.name, suite_version=label, seed=args.seed,
+                             config={"settings": settings, "batches": args.batches, "suite": suite.to_dict(),
+                                     "model": "student-init"},
+                             provenance=provenance.collect(), setting="analysis")
+    writer.artifact("grad_similarity", result)
+    writer.finish()
+    print(format_similarity_table(result))
+    print(f"\n[kdbench] analysis stored as run {writer.run_id} ({result['positions']} positions)")
+    return 0

@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_id", type=int)
     s.add_argument("--db", default=None)
 
+    a = sub.add_parser("analyze", help="gradient similarity between objectives on one batch of a suite")
+    a.add_argument("--objectives", nargs="+", default=None, metavar="SETTING",
+                   help="objective names or settings, e.g. kl rkl csd_ss 'csd(tau=1.5)' (default: a standard set)")
+    a.add_argument("--suite", default="micro")
+    a.add_argument("--batches", type=int, default=1, help="training batches to average over (default 1)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--db", default=None)
+
+    e = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a distilled student and store the results")
+    e.add_argument("run_id", type=int)
+    e.add_argument("--lm-eval", dest="lm_eval", required=True, metavar="TASKS", help="comma-separated lm-eval tasks")
+    e.add_argument("--include-path", default=None, help="folder of extra lm-eval YAML tasks")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--db", default=None)
+
     lb = sub.add_parser("leaderboard", help="start the Streamlit leaderboard on the store")
     lb.add_argument("--db", default=None)
     lb.add_argument("--port", type=int, default=8501)
@@ -115,7 +130,20 @@ def cmd_leaderboard(args) -> int:
     return 0  # not reached
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "leaderboard": cmd_leaderboard}
+def cmd_analyze(args) -> int:
+    from kdbench.analyze import run_analysis
+
+    return run_analysis(args)
+
+
+def cmd_eval(args) -> int:
+    from kdbench.lmeval import eval_run
+
+    return eval_run(args)
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "analyze": cmd_analyze, "eval": cmd_eval,
+            "leaderboard": cmd_leaderboard}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,3 +146,34 @@ def run_lm_eval(
     if results is None:  # non-zero rank
         return {}
     return summarize_results(results)
+
+
+def eval_run(args) -> int:
+    """`kdbench eval RUN_ID --lm-eval TASKS`: lm-eval on a run's saved student, stored beside it
+    (an ``lm_eval`` artifact with the full summary, and ``lm_eval/<task>`` metric rows)."""
+    from kdbench.errors import UserError
+    from kdbench.store import RunWriter, get_run, open_engine
+
+    engine = open_engine(args.db)
+    run = get_run(engine, args.run_id)
+    if run is None:
+        raise UserError(f"no run {args.run_id} in the store")
+    if run.status != "finished" or not run.checkpoint_path or not (Path(run.checkpoint_path) / "config.json").exists():
+        raise UserError(f"run {args.run_id} has no saved student (status {run.status}; runs with --no-save keep none)")
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--lm-eval needs at least one task name")
+    include = [str(TASKS_DIR)] + ([args.include_path] if args.include_path else [])
+    try:
+        summary = run_lm_eval(run.checkpoint_path, tasks, include_path=include, limit=args.limit)
+    except KeyError as exc:  # lm-eval's unknown-task error
+        raise UserError(f"unknown lm-eval task {exc}; kdbench's own tasks live in {TASKS_DIR}") from None
+    writer = RunWriter(engine, run.id)
+    writer.artifact("lm_eval", summary)
+    rows = [(f"lm_eval/{task}", metric, value, None)
+            for task, res in summary["tasks"].items() for metric, value in res["metrics"].items() if value is not None]
+    writer.metrics(rows)
+    for task, metric, value, _ in rows:
+        print(f"{task:30s} {metric:20s} {value:.4f}")
+    print(f"[kdbench] lm-eval results stored with run {run.id}")
+    return 0

@@ -5,7 +5,11 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from kdbench.store import get_run, run_metrics
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kdbench.metrics import bootstrap_ci
+from kdbench.store import Sample, get_run, run_metrics
 
 # Shown first, in this order; other metrics follow alphabetically.
 HEADLINE = ("rougeL", "accuracy", "self_bleu", "distinct_2", "teacher_logprob", "fkl_tok", "rkl_tok", "mean_length",
@@ -20,27 +24,54 @@ def metric_summary(engine, run_id: int) -> dict[tuple[str, str], tuple[float, fl
     return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
+# Per-sample scores that get a seed-aware bootstrap CI over prompts in the tables.
+BOOTSTRAPPED = {"rougeL": "rougeL", "accuracy": "accuracy"}
+
+
+def sample_cis(engine, run_id: int) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """(task, metric) → (mean, lo, hi): 95% bootstrap over prompts, each prompt's seeds kept together."""
+    with Session(engine) as s:
+        rows = s.execute(select(Sample.task, Sample.prompt_id, Sample.seed, Sample.scores)
+                         .where(Sample.run_id == run_id)).all()
+    cells: dict[tuple[str, str], dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
+    for task, pid, seed, scores in rows:
+        for metric in BOOTSTRAPPED:
+            if metric in (scores or {}):
+                cells[(task, metric)][pid][seed] = scores[metric]
+    out = {}
+    for key, by_prompt in cells.items():
+        seeds = sorted({sd for d in by_prompt.values() for sd in d}, key=lambda x: (x is None, x))
+        matrix = [[d.get(sd, float("nan")) for sd in seeds] for d in by_prompt.values()]
+        out[key] = bootstrap_ci(matrix)
+    return out
+
+
 def _order(keys) -> list[tuple[str, str]]:
     rank = {m: i for i, m in enumerate(HEADLINE)}
     return sorted(keys, key=lambda k: (k[0], rank.get(k[1], len(HEADLINE)), k[1]))
 
 
-def _cell(stat) -> str:
+def _cell(stat, ci=None) -> str:
     if stat is None:
         return "-"
     mean, std, n = stat
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.3f}"
+    text = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.3f}"
+    return text + (f" [{ci[1]:.2f}, {ci[2]:.2f}]" if ci else "")
 
 
 def comparison_table(engine, columns: list[tuple[str, int]]) -> str:
-    """Rows = (task, metric); columns = labelled runs (e.g. teacher, student-init, this run)."""
+    """Rows = (task, metric); columns = labelled runs (e.g. teacher, student-init, this run).
+    Cells: mean ± std over sampling seeds; for per-sample metrics also [95% bootstrap CI]."""
     summaries = [metric_summary(engine, rid) for _, rid in columns]
+    cis = [sample_cis(engine, rid) for _, rid in columns]
     keys = _order({k for s in summaries for k in s})
     headers = ["task", "metric"] + [f"{label} (run {rid})" for label, rid in columns]
-    rows = [[task, metric] + [_cell(s.get((task, metric))) for s in summaries] for task, metric in keys]
+    rows = [[task, metric] + [_cell(s.get((task, metric)), c.get((task, metric))) for s, c in zip(summaries, cis)]
+            for task, metric in keys]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    legend = "mean ± std over sampling seeds [95% bootstrap CI over prompts, seed-aware]"
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows] + ["", legend])
 
 
 def describe_run(engine, run_id: int) -> str:

@@ -4,7 +4,9 @@ records. One tiny run (few steps, few prompts) is shared by the tests of this mo
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -108,3 +110,69 @@ def test_nan_loss_is_recorded_as_failed(store, tmp_path, capsys):
     failed = rows(store, Run, status="failed")
     assert len(failed) == 1 and failed[0].error.startswith("diverged: loss is nan")
     assert "recorded as failed" in capsys.readouterr().err
+
+
+def test_objective_dropped_into_plugin_path_is_listed_and_runs(store, tmp_path, monkeypatch, capsys):
+    """The whole extension story: one file in $KDBENCH_PLUGIN_PATH, no harness change."""
+    from kdbench import registry
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "half_rkl.py").write_text(textwrap.dedent('''
+        from kdbench.registry import objective, Param
+
+        @objective("half_rkl", behaviour="mode-seeking", paper="kdbench test plugin",
+                   params=[Param("scale", float, 0.5, doc="multiplier")])
+        def half_rkl(s, t, scale):
+            """Scaled reverse KL.
+
+            scale · Σ_v q (log q − log p)
+            """
+            lq, lp = s.log_softmax(-1), t.log_softmax(-1)
+            return scale * (lq.exp() * (lq - lp)).sum(-1)
+    '''))
+    monkeypatch.setenv("KDBENCH_PLUGIN_PATH", str(plugins))
+    registry.refresh()
+    try:
+        assert main(["list"]) == 0
+        assert "half_rkl" in capsys.readouterr().out
+        assert main(["run", "--objective", "half_rkl", "--param", "scale=0.25", "--db", str(store), *TINY]) == 0
+        run = [r for r in rows(store, Run) if r.objective == "half_rkl"][0]
+        assert run.status == "finished" and run.params == {"scale": 0.25}
+    finally:
+        monkeypatch.delenv("KDBENCH_PLUGIN_PATH")
+        registry.refresh()
+
+
+def test_analyze_shows_csd_ss_is_twice_rkl_in_gradient(store, capsys):
+    """REFERENCE §1: at τ = 1 the CSD (S,S) gradient is 2 × the reverse-KL gradient, on real logits."""
+    assert main(["analyze", "--objectives", "rkl", "csd_ss", "kl", "--db", str(store)]) == 0
+    assert "csd" in capsys.readouterr().out
+    run = rows(store, Run, role="analysis")[-1]
+    with Session(open_engine(str(store))) as s:
+        from kdbench.store import Artifact
+        art = s.scalars(select(Artifact).where(Artifact.run_id == run.id)).one()
+    names, cos, ratio = art.data["names"], art.data["cosine"], art.data["norm_ratio"]
+    i, j, k = names.index("rkl"), names.index("csd(tau=1.0,w1=S,w2=S)"), names.index("kl")
+    assert cos[i][j] == pytest.approx(1.0, abs=1e-4)
+    assert ratio[j][i] == pytest.approx(2.0, rel=1e-3)
+    assert cos[i][k] < 0.999  # forward and reverse KL point elsewhere
+
+
+def test_lm_eval_on_a_saved_student(store, tmp_path, capsys):
+    """`kdbench eval RUN --lm-eval TASK` on the student the run saved (kdbench's offline task)."""
+    from kdbench.data.loaders import shared_data_dir
+
+    if not (shared_data_dir() / "translation").is_dir():
+        pytest.skip("shared evaluation data (../shared/data) not found; set KDBENCH_SHARED_DATA")
+    assert main(["run", "--objective", "rkl", "--db", str(store), "--steps", "1", "--eval-limit", "1",
+                 "--no-progress"]) == 0
+    run = [r for r in rows(store, Run) if r.objective == "rkl"][-1]
+    try:
+        assert (Path(run.checkpoint_path) / "config.json").is_file()
+        assert main(["eval", str(run.id), "--lm-eval", "kdbench_multi30k_mc", "--limit", "8",
+                     "--db", str(store)]) == 0
+    finally:
+        shutil.rmtree(run.checkpoint_path, ignore_errors=True)  # weights never outlive the test
+    acc = [m for m in rows(store, Metric, run_id=run.id) if m.task == "lm_eval/kdbench_multi30k_mc"]
+    assert {m.metric for m in acc} >= {"acc"} and all(0.0 <= m.value <= 1.0 for m in acc)
