@@ -3,7 +3,7 @@
     streamlit run leaderboard_app/app.py -- --db PATH_OR_URL      (or KDBENCH_DB; default runs.db)
 
 Pages (sidebar): Leaderboard, Fidelity vs diversity, Run detail, Compare, Objectives. Each page is
-one module under leaderboard_app/views/; queries live in kdbench/results.py.
+one module under leaderboard_app/views/; queries live in kdbench/results/ (imported as kdbench.results).
 """
 
 from __future__ import annotations

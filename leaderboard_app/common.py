@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -105,22 +106,28 @@ def no_finished_runs(ctx: Ctx) -> None:
         st.caption(f"{len(running)} run(s) still running: " + ", ".join(f"#{i}" for i in running.run_id))
 
 
-def suite_picker(ctx: Ctx, prefix: str, container=None) -> tuple[str, str] | None:
-    """Suite (and, when it has several, version) selectors over suites with finished runs."""
-    box = container or st
+def suite_picker(ctx: Ctx, prefix: str, suite_box=None, version_box=None) -> tuple[str, str] | None:
+    """Suite and suite-version selectors over suites with finished runs. The version selector is always
+    shown (numbers of different versions are never mixed): standard versions first, newest first, then
+    quick-run versions (``1+steps=3,eval_limit=3``), which get a warning when picked."""
     suites = ctx.q("list_suites")
     suites = suites[suites.n_finished > 0]
     if suites.empty:
         no_finished_runs(ctx)
         return None
     names = list(dict.fromkeys(suites.suite))
-    suite = box.selectbox("Suite", names, key=f"{prefix}_suite")
-    versions = list(suites[suites.suite == suite].suite_version)
-    if len(versions) > 1:
-        version = box.selectbox("Suite version", versions, key=f"{prefix}_version",
-                                help="Numbers of different suite versions are not comparable.")
-    else:
-        version = versions[0]
+    suite = (suite_box or st).selectbox("Suite", names, key=f"{prefix}_suite")
+    versions = list(suites[suites.suite == suite].suite_version)  # standard first (kdbench.results.list_suites)
+    default = ctx.q("default_version", suite)
+    version = (version_box or suite_box or st).selectbox(
+        "Suite version", versions, index=versions.index(default) if default in versions else 0,
+        key=f"{prefix}_version", format_func=R.version_label,
+        help="Results of different suite versions are never mixed. A quick-run version (+steps=…, eval_limit=…) "
+             "used a smaller budget than the suite's standard one.")
+    if R.is_quick_version(version):
+        budget = ", ".join(version.split("+", 1)[1].split(","))
+        st.warning(f"Suite version `{version}` holds quick runs ({budget}): a reduced budget, not comparable "
+                   "with the suite's standard version.", icon="⚠️")
     return suite, version
 
 
@@ -128,6 +135,40 @@ def fmt(v: Any, decimals: int = 2) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return f"{float(v):.{decimals}f}"
+
+
+FLAG_SCORES = {"degenerate"}  # per-sample 0/1 flags (kdbench.evaluate)
+
+
+def fmt_score(name: str, v: Any) -> str:
+    """``name value`` of a per-sample score: flags as yes / no, integers (word counts) as integers,
+    other numbers to 2 decimals."""
+    if name in FLAG_SCORES and isinstance(v, (int, float)) and v in (0, 1):
+        return f"{name} {'yes' if v else 'no'}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{name} {v}"
+    return f"{name} {fmt(v)}"
+
+
+def when(ts: Any) -> str:
+    """A stored UTC timestamp to the second: ``2026-11-30 03:58:40 UTC``; '–' when missing."""
+    if ts is None or ts is pd.NA or (isinstance(ts, float) and math.isnan(ts)):
+        return "–"
+    try:
+        return pd.Timestamp(ts).strftime("%Y-%m-%d %H:%M:%S") + " UTC"
+    except (ValueError, TypeError):
+        return str(ts)
+
+
+def text_block(text: Any) -> str:
+    """A model output for st.text: runs of blank lines collapsed to one (sampled outputs of a weak student
+    can hold dozens), otherwise verbatim; '–' when missing."""
+    if not isinstance(text, str):
+        return "–"
+    return _BLANK_LINES.sub("\n\n", text)
+
+
+_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n){2,}")
 
 
 def metric_help(metric: str) -> str:

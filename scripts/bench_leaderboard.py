@@ -47,6 +47,7 @@ def main() -> None:
     checks = [
         ("store_fingerprint", lambda: R.store_fingerprint(engine)),
         ("list_suites", lambda: R.list_suites(engine)),
+        ("default_version", lambda: [R.default_version(engine, SUITE)]),
         ("list_metrics", lambda: R.list_metrics(engine, SUITE)),
         ("leaderboard rougeL (2 tasks + avg)", lambda: R.leaderboard(engine, SUITE, "rougeL")),
         ("leaderboard self_bleu micro/test", lambda: R.leaderboard(engine, SUITE, "self_bleu", [TEST])),

@@ -271,3 +271,48 @@ def _bulk(engine, n_settings: int, n_seeds: int, n_prompts: int) -> int:
             for k in range(0, len(rows), 50_000):
                 c.execute(insert(table), rows[k:k + 50_000])
     return len(run_rows)
+
+
+# ---------------------------------------------------------------------------- standard and quick-run versions
+
+QUICK = "1+steps=3,eval_limit=3"
+CHATTERBOT = "chatterbot"
+# rougeL per row on the real task name: base + {-1, 0, +1} over the sampling seeds 10/20/30
+VERSION_ROUGE = {VERSION: {TEACHER: 30.0, STUDENT: 5.0, KL: 20.0},
+                 QUICK: {TEACHER: 31.0, STUDENT: 4.0, KL: 6.0, RKL: 8.0}}
+# seed-free metrics (seed NULL), one value per run, as kdbench.evaluate writes them
+ACROSS_SEEDS = {TEACHER: 7.5, STUDENT: 2.5, KL: 2.1, RKL: 4.7}
+
+
+def build_versions_store(path_or_url: str | Path, standard: bool = True, standard_distilled: bool = True) -> dict:
+    """A store shaped like `kdbench run` output: task ``chatterbot``, rougeL per sampling seed plus the seed-free
+    ``self_bleu_across_seeds`` and ``fkl_tok``. Suite version "1" (teacher, student-init and, with
+    ``standard_distilled``, kl; left out without ``standard``) is written first; the quick-run version
+    ``1+steps=3,eval_limit=3`` (teacher, student-init, kl, rkl) after it, so it is the newest.
+    Returns {(version, row): run id}."""
+    engine = open_engine(str(path_or_url))
+    ids: dict = {}
+    plan = []
+    if standard:
+        plan += [(VERSION, r) for r in VERSION_ROUGE[VERSION] if standard_distilled or r in (TEACHER, STUDENT)]
+    plan += [(QUICK, r) for r in VERSION_ROUGE[QUICK]]
+    for version, row in plan:
+        distilled = row not in (TEACHER, STUDENT)
+        w = RunWriter.start(engine, role="distilled" if distilled else row, suite=SUITE, suite_version=version,
+                            seed=0, config={"suite_version": version}, provenance=PROVENANCE,
+                            objective=row if distilled else None, setting=row)
+        base = VERSION_ROUGE[version][row]
+        w.metrics([(CHATTERBOT, "rougeL", base + SAMPLE_OFF[s], s) for s in SAMPLE_SEEDS]
+                  + [(CHATTERBOT, "self_bleu_across_seeds", ACROSS_SEEDS[row], None),
+                     (CHATTERBOT, "fkl_tok", 0.0 if row == TEACHER else 9.0, None)])
+        if distilled:
+            w.curve(3, 9.8, terms={}, lr=3e-5, tokens=1261)
+        w.samples({"task": CHATTERBOT, "prompt_id": "0042eb7147bc", "seed": s,
+                   "prompt": "Yesterday was the 13th, right?",
+                   "output": f"{row} says\n\n\n\n\nsomething", "reference": ["Yes, that is correct."],
+                   "scores": {"rougeL": base + SAMPLE_OFF[s], "length": 3, "degenerate": 0.0}} for s in SAMPLE_SEEDS)
+        w.finish(wall_time_s=100.0, selection_rule="last step" if distilled else None,
+                 selected_step=3 if distilled else None)
+        ids[(version, row)] = w.run_id
+    engine.dispose()
+    return ids

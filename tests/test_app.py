@@ -14,9 +14,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 try:
-    from tests.fixtures_store import (ARITH, CSD_SS, CSD_TS, FAIL_REASON, KL, RKL, TEST, build_fixture_store)
+    from tests.fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, KL, QUICK, RKL, TEST,
+                                      build_fixture_store, build_versions_store)
 except ImportError:  # tests/ itself on sys.path
-    from fixtures_store import ARITH, CSD_SS, CSD_TS, FAIL_REASON, KL, RKL, TEST, build_fixture_store
+    from fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, KL, QUICK, RKL, TEST,
+                                build_fixture_store, build_versions_store)
 
 from kdbench.store import RunWriter, open_engine
 
@@ -130,6 +132,37 @@ def test_leaderboard_selectors(ids):
     assert not at.exception
 
 
+def test_standard_and_quick_versions(tmp_path, monkeypatch):
+    path = tmp_path / "versions.db"
+    ids = build_versions_store(path)
+    monkeypatch.setenv("KDBENCH_DB", str(path))
+    at = start()
+    version = at.selectbox(key="lb_version")
+    assert version.value == "1" and version.options == ["1 (standard)", f"{QUICK} (quick)"]
+    assert not at.warning
+    assert list(table(at, "Setting", "Rank").Setting) == ["teacher", "student-init", KL]
+    version.select(QUICK).run()
+    assert any(f"{QUICK}` holds quick runs (steps=3, eval_limit=3)" in w.value for w in at.warning)
+    df = table(at, "Setting", "Rank")
+    assert list(df.Setting) == ["teacher", "student-init", RKL, KL] and row(df, KL)[CHATTERBOT] == 6.0
+    # run detail opens on the standard version's distilled run; seed-free metrics are explained
+    at = start("Run detail")
+    assert at.subheader[0].value == f"Run #{ids[('1', KL)]}: {KL}"
+    assert any(c.value.startswith("fkl_tok, self_bleu_across_seeds: one value per run") for c in at.caption)
+    assert "kl says\n\nsomething" in texts(at)  # blank lines of a sampled output collapsed
+    assert any("length 3 · degenerate no" in m.value for m in at.markdown)
+
+
+def test_standard_version_without_distilled_runs(tmp_path, monkeypatch):
+    path = tmp_path / "refs.db"
+    build_versions_store(path, standard_distilled=False)
+    monkeypatch.setenv("KDBENCH_DB", str(path))
+    at = start()
+    assert at.selectbox(key="lb_version").value == "1"
+    assert any("No distilled run of micro v1 has finished yet" in i.value and QUICK in i.value for i in at.info)
+    assert list(table(at, "Setting", "Rank").Setting) == ["teacher", "student-init"]
+
+
 # ---------------------------------------------------------------------------- other pages
 
 
@@ -203,6 +236,9 @@ def test_objectives_page(ids):
     at = start("Objectives")
     cat = table(at, "summary")
     assert {"csd", "kl", "rkl"} <= set(cat.name)
+    # aliases as `kdbench list` writes them, not as Python dicts
+    csd_aliases = cat[cat.name == "csd"].iloc[0].aliases
+    assert "csd_ts = csd(w1=T,w2=S)" in csd_aliases.split(", ") and "{" not in csd_aliases
     spec = json.dumps(charts(at)[0])
     assert "cosine" in spec
     assert any("move the student the same way" in c.value and RKL in c.value for c in at.caption)

@@ -139,8 +139,19 @@ def test_leaderboard_in_chromium(server, tmp_path):
             page.get_by_role("heading", name="Fidelity vs diversity").wait_for()
             page.locator("[data-testid=stVegaLiteChart] canvas, [data-testid=stVegaLiteChart] svg").first.wait_for()
             page.screenshot(path=str(tmp_path / "fidelity.png"), full_page=True)
+
+            # every other page renders in the browser without a Python exception box
+            pages = (("Run detail", "Mean over sampling seeds"), ("Compare", "Prompts where they differ most"),
+                     ("Objectives", "Gradient similarity"))
+            for name, ready in pages:
+                page.get_by_test_id("stSidebar").get_by_text(name, exact=True).click()
+                page.get_by_role("heading", name=name).first.wait_for()
+                page.get_by_text(ready).first.wait_for()
+                assert page.locator("[data-testid=stException]").count() == 0, name
+                page.screenshot(path=str(tmp_path / f"{name.split()[0].lower()}.png"), full_page=True)
             assert not errors, errors
         finally:
             browser.close()
-    for name in ("leaderboard.png", "leaderboard_self_bleu.png", "fidelity.png"):
+    for name in ("leaderboard.png", "leaderboard_self_bleu.png", "fidelity.png", "run.png", "compare.png",
+                 "objectives.png"):
         assert (tmp_path / name).stat().st_size > 10_000

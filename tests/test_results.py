@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 
 try:
-    from tests.fixtures_store import (ARITH, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, RKL, SUITE, TEST,
-                                      build_fixture_store)
+    from tests.fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, QUICK, RKL,
+                                      SUITE, TEST, build_fixture_store, build_versions_store)
 except ImportError:  # tests/ itself on sys.path
-    from fixtures_store import (ARITH, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, RKL, SUITE, TEST,
-                                build_fixture_store)
+    from fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, QUICK, RKL, SUITE,
+                                TEST, build_fixture_store, build_versions_store)
 
 from kdbench import results as R
 from kdbench.store import RunWriter, open_engine
@@ -133,6 +133,39 @@ def test_fingerprint_changes_when_a_run_is_added(tmp_path):
     w.finish()
     done = R.store_fingerprint(ro)
     assert len({before, started, with_metric, done}) == 4
+
+
+def test_standard_version_is_the_default_beside_quick_runs(tmp_path):
+    path = tmp_path / "versions.db"
+    ids = build_versions_store(path)  # version 1 first, the quick-run version after it (newest)
+    engine = open_engine(str(path), readonly=True)
+    suites = R.list_suites(engine)
+    assert list(suites.suite_version) == ["1", QUICK] and list(suites.quick) == [False, True]
+    assert R.default_version(engine, SUITE) == "1"
+    assert (R.version_label("1"), R.version_label(QUICK)) == ("1 (standard)", f"{QUICK} (quick)")
+    lb = R.leaderboard(engine, SUITE, "rougeL")
+    assert lb.attrs["suite_version"] == "1" and list(lb.setting) == ["teacher", "student-init", KL]
+    assert row(lb, KL)[CHATTERBOT] == 20.0
+    quick = R.leaderboard(engine, SUITE, "rougeL", suite_version=QUICK)
+    assert list(quick.setting) == ["teacher", "student-init", RKL, KL] and row(quick, KL)[CHATTERBOT] == 6.0
+    # a seed-free metric (seed NULL): one value per run, so no std or CI, and no row can be told apart
+    sb = R.leaderboard(engine, SUITE, "self_bleu_across_seeds", suite_version=QUICK)
+    assert sb.attrs["lower_is_better"] is True
+    kl = row(sb, KL)
+    assert (kl[CHATTERBOT], kl[R.stat_col(CHATTERBOT, "n")], kl["rank"]) == (2.1, 1, 1)
+    assert pd.isna(kl[R.stat_col(CHATTERBOT, "ci95")]) and bool(row(sb, RKL).tied_with_best)
+    wide = R.run_metrics(engine, ids[(QUICK, KL)])
+    assert wide.set_index("metric").loc["self_bleu_across_seeds", "no seed"] == 2.1
+    summary = R.run_summary(engine, ids[(QUICK, KL)]).set_index("metric")
+    assert summary.loc["fkl_tok", "n_seeds"] == 1 and pd.isna(summary.loc["fkl_tok", "std"])
+    engine.dispose()
+
+    only_quick = tmp_path / "quick.db"
+    build_versions_store(only_quick, standard=False)
+    engine = open_engine(str(only_quick), readonly=True)
+    assert R.default_version(engine, SUITE) == QUICK and R.leaderboard(engine, SUITE, "rougeL").attrs[
+        "suite_version"] == QUICK
+    engine.dispose()
 
 
 # ---------------------------------------------------------------------------- leaderboard

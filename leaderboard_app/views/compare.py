@@ -21,8 +21,8 @@ def _options(ctx: common.Ctx, suite: str, version: str, by_run: bool) -> dict[st
 
 def render(ctx: common.Ctx) -> None:
     st.title("Compare")
-    top = st.columns([2, 2, 2])
-    picked = common.suite_picker(ctx, "cmp", top[0])
+    top = st.columns([1.5, 3, 2, 2])
+    picked = common.suite_picker(ctx, "cmp", top[0], top[1])
     if picked is None:
         return
     suite, version = picked
@@ -30,8 +30,8 @@ def render(ctx: common.Ctx) -> None:
     if not metrics:
         st.info(f"No metrics recorded for {suite} v{version}.")
         return
-    metric = top[1].selectbox("Metric", metrics, key="cmp_metric")
-    by_run = top[2].radio("Compare", ["settings", "runs"], key="cmp_by", horizontal=True) == "runs"
+    metric = top[2].selectbox("Metric", metrics, key="cmp_metric")
+    by_run = top[3].radio("Compare", ["settings", "runs"], key="cmp_by", horizontal=True) == "runs"
     opts = _options(ctx, suite, version, by_run)
     keys = list(opts)
     if len(keys) < 2:
@@ -89,8 +89,8 @@ def render(ctx: common.Ctx) -> None:
             st.text(r.prompt)
             cols = st.columns(3)
             cols[0].caption(f"A: {opts[a]} (seed {r.seed_a})")
-            cols[0].text(r.output_a)
+            cols[0].text(common.text_block(r.output_a))
             cols[1].caption(f"B: {opts[b]} (seed {r.seed_b})")
-            cols[1].text(r.output_b)
+            cols[1].text(common.text_block(r.output_b))
             cols[2].caption("Reference")
             cols[2].text("\n".join(r.references) if r.references else "–")

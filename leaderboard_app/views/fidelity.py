@@ -1,4 +1,5 @@
-"""Fidelity vs diversity: ROUGE-L against Self-BLEU (or distinct-2), one point per setting with 95 % CIs."""
+"""Fidelity vs diversity: ROUGE-L against Self-BLEU (or distinct-2, or Self-BLEU across seeds), one point per
+setting with 95 % CIs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import streamlit as st
 from kdbench import results as R
 from leaderboard_app import common
 
-DIVERSITY_TITLES = {"self_bleu": "Self-BLEU (lower = more diverse)", "distinct_2": "distinct-2 (higher = more diverse)"}
+DIVERSITY_TITLES = {"self_bleu": "Self-BLEU (lower = more diverse)", "distinct_2": "distinct-2 (higher = more diverse)",
+                    "self_bleu_across_seeds": "Self-BLEU across seeds, per prompt (lower = more diverse)"}
+DIVERSITY = tuple(DIVERSITY_TITLES)
 KIND = {"teacher": "teacher", "student-init": "student-init", "distilled": "distilled setting"}
 
 
@@ -43,35 +46,46 @@ def chart(df: pd.DataFrame, fidelity: str, diversity: str) -> alt.LayerChart:
         x=x, y=y, color=color, shape=shape,
         tooltip=[alt.Tooltip("label:N", title="setting"), "kind:N", alt.Tooltip("x:Q", format=".3f", title=diversity),
                  alt.Tooltip("y:Q", format=".2f", title=fidelity)])
-    text = base.mark_text(align="left", dx=8, dy=-8, fontSize=12).encode(x=x, y=y, text="label:N", color=color)
+    # labels of distilled settings above-right of their point, of the references below-right, so a
+    # distilled point near the teacher or the undistilled student keeps a readable label
+    is_ref = "datum.kind !== 'distilled setting'"
+    text = alt.layer(
+        base.transform_filter(f"!({is_ref})").mark_text(align="left", dx=8, dy=-8, fontSize=12)
+        .encode(x=x, y=y, text="label:N", color=color),
+        base.transform_filter(is_ref).mark_text(align="left", dx=8, dy=12, fontSize=12, fontStyle="italic")
+        .encode(x=x, y=y, text="label:N", color=color))
     return alt.layer(xerr, yerr, pts, text).properties(height=480).interactive()
 
 
 def render(ctx: common.Ctx) -> None:
     st.title("Fidelity vs diversity")
-    cols = st.columns([2, 2, 2, 2])
-    picked = common.suite_picker(ctx, "fd", cols[0])
+    cols = st.columns([1.5, 3, 2, 2, 3])
+    picked = common.suite_picker(ctx, "fd", cols[0], cols[1])
     if picked is None:
         return
     suite, version = picked
     tasks = ctx.q("list_tasks", suite, version)
-    task = cols[1].selectbox("Task", tasks, key="fd_task")
+    task = cols[2].selectbox("Task", tasks, key="fd_task")
     metrics = ctx.q("list_metrics", suite, task, version)
     fid_opts = metrics if metrics else ["rougeL"]
-    fidelity = cols[2].selectbox("Fidelity (y)", fid_opts, key="fd_fidelity",
+    fidelity = cols[3].selectbox("Fidelity (y)", fid_opts, key="fd_fidelity",
                                  index=fid_opts.index("rougeL") if "rougeL" in fid_opts else 0)
-    div_opts = [m for m in ("self_bleu", "distinct_2") if m in metrics]
+    div_opts = [m for m in DIVERSITY if m in metrics]
     if not div_opts:
-        st.info(f"{task} has no diversity metric (self_bleu or distinct_2) in the store.")
+        st.info(f"{task} has no diversity metric ({', '.join(DIVERSITY)}) in the store.")
         return
-    diversity = cols[3].radio("Diversity (x)", div_opts, key="fd_diversity", horizontal=True)
+    diversity = cols[4].radio("Diversity (x)", div_opts, key="fd_diversity", horizontal=True)
     df = ctx.q("fidelity_diversity", suite, task, fidelity, div_opts, version)
     if df.empty or fidelity not in df.columns:
         st.info(f"No finished run of {suite} v{version} reports {fidelity} on {task}.")
         return
-    df = df.dropna(subset=[fidelity, diversity])
-    st.altair_chart(chart(df, fidelity, diversity), width="stretch")
-    st.caption(f"One point per setting (mean over runs and sampling seeds); bars: 95 % CI. "
+    plotted = df.dropna(subset=[fidelity, diversity])
+    if plotted.empty:
+        st.info(f"No row of {suite} v{version} has both {fidelity} and {diversity} on {task}.")
+    else:
+        st.altair_chart(chart(plotted, fidelity, diversity), width="stretch")
+    st.caption(f"One point per setting (mean over runs and sampling seeds); bars: 95 % CI (none where there is a "
+               f"single value, e.g. one run of a seed-free metric such as self_bleu_across_seeds). "
                f"{common.metric_help(fidelity)}; {common.metric_help(diversity)}. Teacher and undistilled "
                "student are the red diamond and grey square.")
     shown = pd.DataFrame({"Setting": df.setting, "Role": df.role.map(common.ROLE_LABEL).fillna(df.role)})

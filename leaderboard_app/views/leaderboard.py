@@ -48,19 +48,19 @@ def _styled(table: pd.DataFrame):
 
 def render(ctx: common.Ctx) -> None:
     st.title("Leaderboard")
-    cols = st.columns([2, 2, 2, 1])
-    picked = common.suite_picker(ctx, "lb", cols[0])
+    cols = st.columns([1.5, 3, 2, 2, 1.3])
+    picked = common.suite_picker(ctx, "lb", cols[0], cols[1])
     if picked is None:
         return
     suite, version = picked
     tasks = ctx.q("list_tasks", suite, version)
-    task = cols[1].selectbox("Task", [ALL_TASKS, *tasks], key="lb_task")
+    task = cols[2].selectbox("Task", [ALL_TASKS, *tasks], key="lb_task")
     metrics = ctx.q("list_metrics", suite, None if task == ALL_TASKS else task, version)
     if not metrics:
         st.info(f"No metrics recorded for {suite} v{version} yet.")
         return
-    metric = cols[2].selectbox("Metric", metrics, key="lb_metric", help="Metrics found in the store")
-    cols[3].markdown(f"<br>{'↓ lower' if R.lower_is_better(metric) else '↑ higher'} is better",
+    metric = cols[3].selectbox("Metric", metrics, key="lb_metric", help="Metrics found in the store")
+    cols[4].markdown(f"<br>{'↓ lower' if R.lower_is_better(metric) else '↑ higher'} is better",
                      unsafe_allow_html=True)
 
     sel_tasks = None if task == ALL_TASKS else [task]
@@ -70,6 +70,11 @@ def render(ctx: common.Ctx) -> None:
                 + ("" if task == ALL_TASKS else f" on {task}") + ".")
         common.show_failed(ctx, suite, version)
         return
+    if not (lb.role == "distilled").any():
+        others = [v for v in ctx.q("list_suites").query("suite == @suite and n_finished > 0").suite_version
+                  if v != version]
+        st.info(f"No distilled run of {suite} v{version} has finished yet: only the reference rows are shown."
+                + (f" Other versions with results: {', '.join(others)}." if others else ""))
     table = display_table(lb)
     st.dataframe(_styled(table), hide_index=True, width="stretch", key="lb_table", placeholder="–",
                  column_config={"Setting": st.column_config.TextColumn(pinned=True)})

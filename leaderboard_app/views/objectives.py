@@ -14,22 +14,31 @@ from leaderboard_app import common
 def catalogue() -> tuple[list[dict], str | None]:
     """Plain-data copy of ``kdbench.registry.list_objectives()``; (entries, error message or None)."""
     try:
-        from kdbench.registry import list_objectives  # lazy: imports torch and every objective module
+        # lazy: imports torch and every objective module; the catalogue formats as `kdbench list` does
+        from kdbench import catalogue as C
+        from kdbench.registry import list_objectives
         specs = list_objectives()
     except Exception as exc:  # registry missing or broken: the rest of the app still works
         return [], f"{type(exc).__name__}: {exc}"
     out = []
     for s in specs:
-        params = [{"name": p.name, "type": getattr(p.type, "__name__", str(p.type)), "default": repr(p.default),
-                   "choices": ", ".join(map(str, p.choices)) if getattr(p, "choices", None) else "",
-                   "doc": getattr(p, "doc", "")} for p in getattr(s, "params", [])]
-        aliases = getattr(s, "aliases", {}) or {}
-        out.append({"name": s.name, "summary": getattr(s, "summary", "") or "",
-                    "behaviour": getattr(s, "behaviour", "") or "", "paper": getattr(s, "paper", "") or "",
-                    "formula": getattr(s, "formula", "") or "", "params": params,
-                    "aliases": ", ".join(f"{k} = {v}" for k, v in aliases.items()) if isinstance(aliases, dict)
-                    else ", ".join(map(str, aliases))})
+        params = [{"name": p.name, "type": str(p.type), "default": C._fmt_value(p.default),
+                   "allowed": ", ".join(map(str, p.choices)) if p.choices else (p.range_text() or "any"),
+                   "doc": p.doc} for p in s.params]
+        out.append({"name": s.name, "parameters": C.format_params(s), "behaviour": s.behaviour,
+                    "aliases": alias_text(s, C._fmt_value), "paper": C.short_paper(s.paper), "summary": s.summary,
+                    "full_paper": s.paper, "formula": s.formula, "params": params})
     return out, None
+
+
+def alias_text(spec, fmt_value=str) -> str:
+    """``csd_ts = csd(w1=T,w2=S), ...``: each alias with the parameters it fixes, as ``kdbench list`` and
+    docs/objectives.md write them (``fmt_value``: kdbench.catalogue's value formatting)."""
+    return ", ".join(f"{alias} = {spec.name}({','.join(f'{k}={fmt_value(v)}' for k, v in sorted(fixed.items()))})"
+                     for alias, fixed in spec.aliases.items())
+
+
+OVERVIEW = ("name", "behaviour", "parameters", "summary", "aliases", "paper")
 
 
 def render(ctx: common.Ctx | None) -> None:
@@ -40,12 +49,17 @@ def render(ctx: common.Ctx | None) -> None:
     elif not entries:
         st.info("The objective registry lists no objectives.")
     else:
-        overview = pd.DataFrame([{k: e[k] for k in ("name", "summary", "behaviour", "aliases", "paper")}
-                                 for e in entries])
-        st.dataframe(overview, hide_index=True, width="stretch", placeholder="–", key="obj_table")
+        overview = pd.DataFrame([{k: e[k] for k in OVERVIEW} for e in entries])
+        st.dataframe(overview, hide_index=True, width="stretch", height="content", placeholder="–", key="obj_table",
+                     column_config={"name": st.column_config.TextColumn(pinned=True),
+                                    "parameters": st.column_config.TextColumn("parameters (defaults)", width="medium"),
+                                    "aliases": st.column_config.TextColumn(width="medium"),
+                                    "paper": st.column_config.TextColumn(width="medium"),
+                                    "summary": st.column_config.TextColumn(width="large")})
+        st.caption("Use a name or an alias with `kdbench run --objective NAME`, parameters with `--param key=value`.")
         for e in entries:
             with st.expander(f"{e['name']} — {e['summary'] or e['behaviour']}"):
-                st.markdown(f"**Behaviour:** {e['behaviour'] or '–'}  \n**Paper:** {e['paper'] or '–'}"
+                st.markdown(f"**Behaviour:** {e['behaviour'] or '–'}  \n**Paper:** {e['full_paper'] or '–'}"
                             + (f"  \n**Aliases:** {e['aliases']}" if e["aliases"] else ""))
                 if e["formula"]:
                     st.code(e["formula"], language=None)

@@ -10,6 +10,7 @@ import streamlit as st
 from leaderboard_app import common
 
 PAGE_SIZE = 10
+STEP = alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1))
 
 
 def _run_label(r) -> str:
@@ -25,9 +26,9 @@ def render(ctx: common.Ctx) -> None:
         return
     labels = {int(r.run_id): _run_label(r) for r in runs.itertuples()}
     ids = list(labels)
-    current = ctx.q("list_suites").drop_duplicates("suite")  # newest version of each suite first
-    fin = runs[(runs.status == "finished") & (runs.role == "distilled")].merge(
-        current[["suite", "suite_version"]], on=["suite", "suite_version"])
+    # default: the newest finished distilled run of a suite's default (standard) version, else the newest run
+    fin = runs[(runs.status == "finished") & (runs.role == "distilled")]
+    fin = fin[[v == ctx.q("default_version", s) for s, v in zip(fin.suite, fin.suite_version)]]
     default = ids.index(int(fin.run_id.iloc[0])) if not fin.empty else 0
     run_id = st.selectbox("Run", ids, index=default, format_func=labels.get, key="rd_run")
     d = ctx.q("run_detail", run_id)
@@ -37,7 +38,8 @@ def render(ctx: common.Ctx) -> None:
     name = d["setting"] or d["role"]
     st.subheader(f"Run #{run_id}: {name}")
     st.caption(f"role {d['role']} · suite {d['suite']} v{d['suite_version']} · training seed {d['seed']} · "
-               f"status {d['status']} · created {d['created_at']} · finished {d['finished_at'] or '–'}")
+               f"status {d['status']} · created {common.when(d['created_at'])} · "
+               f"finished {common.when(d['finished_at'])}")
     if d["status"] == "failed":
         st.error(f"This run failed: {d['error']}")
     elif d["status"] == "running":
@@ -74,6 +76,10 @@ def _metrics(ctx: common.Ctx, run_id: int) -> None:
         st.info("No metrics recorded for this run.")
         return
     st.markdown("**Mean over sampling seeds** (95 % Student-t CI)")
+    single = sorted(set(summary.metric[summary.n_seeds < 2]))
+    if single:
+        st.caption(f"{', '.join(single)}: one value per run (computed across seeds or without sampling), "
+                   "so no std or CI.")
     st.dataframe(summary, hide_index=True, width="stretch", placeholder="–", key="rd_summary",
                  column_config={c: st.column_config.NumberColumn(format="%.4g")
                                 for c in ("mean", "std", "ci_lo", "ci_hi")})
@@ -89,14 +95,14 @@ def _curves(ctx: common.Ctx, run_id: int) -> None:
     loss = cv.dropna(subset=["loss"])
     if not loss.empty:
         st.altair_chart(alt.Chart(loss).mark_line(point=True).encode(
-            x=alt.X("step:Q"), y=alt.Y("loss:Q"), color=alt.Color("split:N"),
+            x=STEP, y=alt.Y("loss:Q"), color=alt.Color("split:N"),
             tooltip=["step", "split", alt.Tooltip("loss:Q", format=".4f")]).properties(height=280, title="Loss"),
             width="stretch")
     terms = cv.attrs.get("terms", [])
     if terms:
         long = cv.melt(id_vars=["step", "split"], value_vars=terms, var_name="term", value_name="value").dropna()
         st.altair_chart(alt.Chart(long).mark_line(point=True).encode(
-            x="step:Q", y=alt.Y("value:Q"), color="term:N", strokeDash="split:N",
+            x=STEP, y=alt.Y("value:Q"), color="term:N", strokeDash="split:N",
             tooltip=["step", "split", "term", alt.Tooltip("value:Q", format=".4f")]).properties(
             height=280, title="Objective terms (and validation metrics)"), width="stretch")
     with st.expander("Curve data"):
@@ -121,16 +127,16 @@ def _samples(ctx: common.Ctx, run_id: int, d: dict) -> None:
     st.caption(f"{total} samples; teacher responses from run #{tid}." if tid and teacher else
                f"{total} samples." + (" No teacher reference run in this suite version." if teacher else ""))
     for r in df.itertuples():
-        scores = " · ".join(f"{k} {common.fmt(v)}" for k, v in r.scores.items())
+        scores = " · ".join(common.fmt_score(k, v) for k, v in r.scores.items())
         with st.container(border=True):
             st.markdown(f"**{r.prompt_id}** · seed {r.seed} · {scores}")
             st.text(r.prompt)
             cols = st.columns(3 if teacher else 2)
             cols[0].caption("This run")
-            cols[0].text(r.output)
+            cols[0].text(common.text_block(r.output))
             cols[1].caption("Reference" + ("s" if len(r.references) > 1 else ""))
             cols[1].text("\n".join(f"• {x}" for x in r.references) if len(r.references) > 1 else
                          (r.references[0] if r.references else "–"))
             if teacher:
                 cols[2].caption("Teacher (same prompt and seed)")
-                cols[2].text(r.teacher_output if isinstance(r.teacher_output, str) else "–")
+                cols[2].text(common.text_block(r.teacher_output))

@@ -1,0 +1,272 @@
+"""Store state, the shared SQL building blocks (row labels, filters) and the catalogue listings that feed
+the app's selectors: suites and their versions, tasks, metrics, settings, runs, failed runs, analyses."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+from sqlalchemy import and_, case, func, inspect, literal, select
+from sqlalchemy.engine import Engine
+
+from kdbench.store import (
+    ROLE_ANALYSIS,
+    ROLE_DISTILLED,
+    ROLE_STUDENT_INIT,
+    ROLE_TEACHER,
+    Artifact,
+    CurvePoint,
+    Metric,
+    Run,
+    Sample,
+)
+
+REFERENCE_ROLES = (ROLE_TEACHER, ROLE_STUDENT_INIT)
+LEADERBOARD_ROLES = (*REFERENCE_ROLES, ROLE_DISTILLED)
+FINISHED = "finished"
+FAILED = "failed"
+# Headline metrics listed first in selectors; every metric found in the store is listed.
+PREFERRED_METRICS = ("rougeL", "accuracy")
+_RUN_SELECTOR = re.compile(r"^run:(\d+)$")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def frame(engine: Engine, stmt, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Run a select and return its rows as a DataFrame."""
+    with engine.connect() as c:
+        res = c.execute(stmt)
+        rows = res.fetchall()
+        cols = list(columns) if columns is not None else list(res.keys())
+    return pd.DataFrame([tuple(r) for r in rows], columns=cols)
+
+
+def as_dict(v: Any) -> Any:
+    """A JSON column's value, decoded when the driver returned text; ``{}`` for NULL."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v if v is not None else {}
+
+
+def metric_order(names: Iterable[str]) -> list[str]:
+    """Headline metrics first (:data:`PREFERRED_METRICS`), then the rest alphabetically."""
+    return sorted(names, key=lambda m: (PREFERRED_METRICS.index(m) if m in PREFERRED_METRICS
+                                        else len(PREFERRED_METRICS), m.lower()))
+
+
+def is_quick_version(version: str | None) -> bool:
+    """True for the label of a run with a non-standard budget (``1+steps=3,eval_limit=3``)."""
+    return version is not None and "+" in str(version)
+
+
+def version_label(version: str) -> str:
+    """How a suite version reads in a selector: ``1 (standard)`` or ``1+steps=3,eval_limit=3 (quick)``."""
+    return f"{version} (quick)" if is_quick_version(version) else f"{version} (standard)"
+
+
+def group_label():
+    """SQL label of a leaderboard row: the setting for distilled runs, the role for reference rows."""
+    return case((Run.role == ROLE_DISTILLED, func.coalesce(Run.setting, Run.objective, "unnamed")),
+                else_=Run.role)
+
+
+def finished_in(suite: str, version: str | None, roles: Iterable[str] = LEADERBOARD_ROLES):
+    """Finished runs of a suite version with one of the roles."""
+    return and_(Run.suite == suite, Run.suite_version == version, Run.status == FINISHED, Run.role.in_(list(roles)))
+
+
+def selector_condition(sel: str):
+    """A row selector: a setting label, a reference role name, or ``run:<id>`` for one run."""
+    m = _RUN_SELECTOR.match(str(sel))
+    if m:
+        return Run.id == int(m.group(1))
+    if sel in REFERENCE_ROLES:
+        return Run.role == sel
+    return and_(Run.role == ROLE_DISTILLED, func.coalesce(Run.setting, Run.objective, "unnamed") == sel)
+
+
+def order_rows(df: pd.DataFrame, rank_col: str | None = None) -> pd.DataFrame:
+    """Reference rows first (teacher, student-init), then distilled rows by rank, then by name."""
+    if df.empty:
+        return df
+    role_order = {ROLE_TEACHER: 0, ROLE_STUDENT_INIT: 1}
+    key = df["role"].map(lambda r: role_order.get(r, 2))
+    sort = pd.DataFrame({"k": key, "r": df[rank_col] if rank_col else 0, "s": df["setting"]})
+    sort["r"] = pd.to_numeric(sort["r"], errors="coerce").fillna(10**9)
+    return df.loc[sort.sort_values(["k", "r", "s"], kind="stable").index].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- store state
+
+
+def _has_runs_table(engine: Engine) -> bool:
+    try:
+        return inspect(engine).has_table("runs")
+    except Exception:
+        return False
+
+
+def store_state(engine: Engine) -> str:
+    """'no_schema' (no kdbench tables), 'empty' (no runs), 'no_finished' (runs, none finished) or 'ok'."""
+    if not _has_runs_table(engine):
+        return "no_schema"
+    with engine.connect() as c:
+        n, n_fin = c.execute(select(func.count(Run.id), func.count(case((Run.status == FINISHED, 1))))).one()
+    if not n:
+        return "empty"
+    return "ok" if n_fin else "no_finished"
+
+
+def store_fingerprint(engine: Engine) -> tuple | None:
+    """A cheap value that changes whenever the store gains or finishes anything (for caches)."""
+    if not _has_runs_table(engine):
+        return None
+    with engine.connect() as c:
+        runs = c.execute(select(func.max(Run.id), func.count(Run.id),
+                                func.count(case((Run.status == FINISHED, 1))),
+                                func.count(case((Run.status == FAILED, 1))),
+                                func.max(Run.finished_at))).one()
+        rest = tuple(c.execute(select(func.max(t.id))).scalar() for t in (Metric, Sample, CurvePoint, Artifact))
+    return tuple(str(v) if v is not None and not isinstance(v, (int, float)) else v for v in (*runs, *rest))
+
+
+# ---------------------------------------------------------------------------- listings
+
+
+def list_suites(engine: Engine) -> pd.DataFrame:
+    """One row per (suite, suite_version) with run counts and ``quick`` (a non-standard budget). Within a
+    suite: standard versions first, then quick-run versions, each newest activity first — so the first
+    row of a suite is the version :func:`default_version` picks when it has finished runs."""
+    stmt = (select(Run.suite, Run.suite_version,
+                   func.count(case((Run.status == FINISHED, 1))).label("n_finished"),
+                   func.count(case((Run.status == FAILED, 1))).label("n_failed"),
+                   func.count(case((Run.status == "running", 1))).label("n_running"),
+                   func.max(Run.id).label("last_run_id"))
+            .group_by(Run.suite, Run.suite_version))
+    df = frame(engine, stmt)
+    df["quick"] = [is_quick_version(v) for v in df.suite_version]
+    return df.sort_values(["suite", "quick", "last_run_id"], ascending=[True, True, False],
+                          kind="stable").reset_index(drop=True)
+
+
+def default_version(engine: Engine, suite: str) -> str | None:
+    """The version a suite is shown in by default: the standard version (no ``+overrides``) of the most
+    recent finished run; without one, the version of the most recent finished run, else of the most
+    recent run; None for an unknown suite."""
+    with engine.connect() as c:
+        for cond in (and_(Run.status == FINISHED, ~Run.suite_version.contains("+")), Run.status == FINISHED,
+                     literal(True)):
+            v = c.execute(select(Run.suite_version).where(Run.suite == suite, cond)
+                          .order_by(Run.id.desc()).limit(1)).scalar()
+            if v is not None:
+                return v
+    return None
+
+
+def resolve_version(engine: Engine, suite: str, suite_version: str | None) -> str | None:
+    return suite_version if suite_version is not None else default_version(engine, suite)
+
+
+def list_tasks(engine: Engine, suite: str, suite_version: str | None = None, metric: str | None = None) -> list[str]:
+    """Tasks with metrics from finished runs of the suite (optionally only those having ``metric``)."""
+    version = resolve_version(engine, suite, suite_version)
+    stmt = select(Metric.task).join(Run, Run.id == Metric.run_id).where(finished_in(suite, version))
+    if metric is not None:
+        stmt = stmt.where(Metric.metric == metric)
+    with engine.connect() as c:
+        return list(c.execute(stmt.distinct().order_by(Metric.task)).scalars())
+
+
+def list_metrics(engine: Engine, suite: str, task: str | None = None, suite_version: str | None = None) -> list[str]:
+    """Metric names found in the store for the suite (and task); headline metrics first."""
+    version = resolve_version(engine, suite, suite_version)
+    stmt = select(Metric.metric).join(Run, Run.id == Metric.run_id).where(finished_in(suite, version))
+    if task is not None:
+        stmt = stmt.where(Metric.task == task)
+    with engine.connect() as c:
+        return metric_order(c.execute(stmt.distinct()).scalars())
+
+
+def list_settings(engine: Engine, suite: str, suite_version: str | None = None) -> pd.DataFrame:
+    """Leaderboard rows available (finished runs): setting label, role, objective, n_runs."""
+    version = resolve_version(engine, suite, suite_version)
+    g = group_label().label("setting")
+    stmt = (select(g, Run.role, func.min(Run.objective).label("objective"), func.count(Run.id).label("n_runs"))
+            .where(finished_in(suite, version)).group_by(g, Run.role).order_by(Run.role.desc(), g))
+    return order_rows(frame(engine, stmt))
+
+
+def list_runs(engine: Engine, suite: str | None = None, status: str | None = None,
+              roles: Iterable[str] | None = None) -> pd.DataFrame:
+    """Runs (newest first) for pickers: id, role, setting, objective, suite, version, seed, status, ..."""
+    stmt = select(Run.id.label("run_id"), Run.role, Run.setting, Run.objective, Run.suite, Run.suite_version,
+                  Run.seed, Run.status, Run.created_at, Run.finished_at, Run.wall_time_s, Run.error)
+    if suite is not None:
+        stmt = stmt.where(Run.suite == suite)
+    if status is not None:
+        stmt = stmt.where(Run.status == status)
+    if roles is not None:
+        stmt = stmt.where(Run.role.in_(list(roles)))
+    return frame(engine, stmt.order_by(Run.id.desc()))
+
+
+def failed_runs(engine: Engine, suite: str | None = None, suite_version: str | None = None) -> pd.DataFrame:
+    """Failed runs with their reasons (newest first)."""
+    stmt = select(Run.id.label("run_id"), Run.role, Run.setting, Run.suite, Run.suite_version, Run.seed,
+                  Run.error, Run.created_at, Run.finished_at).where(Run.status == FAILED)
+    if suite is not None:
+        stmt = stmt.where(Run.suite == suite)
+    if suite_version is not None:
+        stmt = stmt.where(Run.suite_version == suite_version)
+    return frame(engine, stmt.order_by(Run.id.desc()))
+
+
+def status_counts(engine: Engine, suite: str | None = None, suite_version: str | None = None) -> dict[str, int]:
+    stmt = select(Run.status, func.count(Run.id)).group_by(Run.status)
+    if suite is not None:
+        stmt = stmt.where(Run.suite == suite)
+    if suite_version is not None:
+        stmt = stmt.where(Run.suite_version == suite_version)
+    with engine.connect() as c:
+        return {s: int(n) for s, n in c.execute(stmt)}
+
+
+# ---------------------------------------------------------------------------- analysis artifacts
+
+
+def grad_similarity(engine: Engine, suite: str | None = None) -> dict | None:
+    """The newest ``grad_similarity`` artifact of a finished analysis run (of the suite when given):
+    its data dict plus ``run_id`` and ``suite``; None when there is none."""
+    stmt = (select(Artifact.data, Artifact.run_id, Run.suite).join(Run, Run.id == Artifact.run_id)
+            .where(Artifact.name == "grad_similarity", Run.status == FINISHED, Run.role == ROLE_ANALYSIS)
+            .order_by(Artifact.id.desc()).limit(1))
+    if suite is not None:
+        stmt = stmt.where(Run.suite == suite)
+    with engine.connect() as c:
+        row = c.execute(stmt).first()
+    if row is None:
+        return None
+    data = as_dict(row.data)
+    if not isinstance(data, dict) or "names" not in data:
+        return None
+    return {**data, "run_id": int(row.run_id), "suite": row.suite}
+
+
+def grad_similarity_long(data: dict) -> pd.DataFrame:
+    """The matrices of a grad_similarity artifact as rows (row, col, cosine, norm_ratio) for a heatmap."""
+    names = list(data.get("names", []))
+    cos = data.get("cosine") or []
+    ratio = data.get("norm_ratio") or []
+    out = []
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            c = cos[i][j] if i < len(cos) and j < len(cos[i]) else None
+            r = ratio[i][j] if i < len(ratio) and j < len(ratio[i]) else None
+            out.append((a, b, c, r))
+    return pd.DataFrame(out, columns=["row", "col", "cosine", "norm_ratio"])
