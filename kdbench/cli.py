@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from kdbench.errors import RunFailed, UserError
 
@@ -36,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="distil, evaluate and record one run")
     r.add_argument("--objective", required=True, help="objective name (see `kdbench list`) or path/to/file.py:name")
-    r.add_argument("--suite", default="micro", help="benchmark suite (default: micro, the embedded CPU suite)")
+    r.add_argument("--suite", default="micro", help="benchmark suite (default: micro, the embedded CPU suite; "
+                                                    "see `kdbench list` and docs/suites.md)")
+    r.add_argument("--pair", default=None, help="a named teacher/student pair of the suite (default: its default pair)")
+    r.add_argument("--teacher", default=None, metavar="PATH_OR_ID", help="teacher model folder or hub id instead "
+                   "of the pair's (fine-tuned first when the suite fine-tunes its teacher)")
+    r.add_argument("--teacher-finetuned", action="store_true",
+                   help="--teacher is already fine-tuned for the suite: skip the teacher fine-tuning")
+    r.add_argument("--student", default=None, metavar="PATH_OR_ID",
+                   help="pretrained student folder or hub id instead of the pair's (same vocabulary as the teacher)")
+    r.add_argument("--data-dir", default=None, metavar="PATH", help="data root for the paper suites, laid out like "
+                   "../shared/data (default: $KDBENCH_DATA_DIR, else the hub)")
     r.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     r.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the suite's budget)")
     r.add_argument("--eval-limit", type=int, default=None, help="test prompts to evaluate (default: the suite's)")
@@ -81,7 +93,9 @@ def cmd_run(args) -> int:
     default_threads()
     req = RunRequest(objective=args.objective, params=parse_params(args.param), suite=args.suite, seed=args.seed,
                      steps=args.steps, eval_limit=args.eval_limit, db=args.db, device=args.device,
-                     save_student=not args.no_save, progress=not args.no_progress)
+                     save_student=not args.no_save, progress=not args.no_progress, pair=args.pair,
+                     teacher=args.teacher, student=args.student, teacher_finetuned=args.teacher_finetuned,
+                     data_dir=args.data_dir)
     run_id = run(req, argv=sys.argv)
     engine = open_engine(args.db)
     refs = get_run(engine, run_id).config.get("reference_runs", {})
@@ -95,12 +109,11 @@ def cmd_run(args) -> int:
 def cmd_list(_args) -> int:
     from kdbench.catalogue import format_catalogue
     from kdbench.registry import list_objectives
-    from kdbench.suites import SUITES
+    from kdbench.suites import format_suites
 
     print(format_catalogue(list_objectives()))
-    print("\nSuites:")
-    for s in SUITES.values():
-        print(f"  {s.name} (v{s.version}): {s.description}")
+    print("\nSuites (version, tasks [kind: headline, decoding], teacher -> student pairs):")
+    print(format_suites())
     return 0
 
 
@@ -146,7 +159,14 @@ COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "analyze": cmd_a
             "leaderboard": cmd_leaderboard}
 
 
+def _terminate(_signum, _frame):
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so a run in progress is recorded as failed, not left "running".
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

