@@ -137,12 +137,10 @@ def test_golden_terms():
     assert get_objective("kl").compute(S, T, MASK).terms == {}
 
 
-@pytest.mark.parametrize("setting", VARIANTS)
+@pytest.mark.parametrize("setting", [v for v in VARIANTS if v != "ce"])  # ce has no teacher to equal
 def test_zero_when_distributions_equal(setting):
     t = randn(3, 4, 17, seed=1)
     labels = torch.zeros(3, 4, dtype=torch.long)
-    if setting == "ce":
-        pytest.skip("ce has no teacher")
     assert run(setting, t.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
     if setting in SHIFT_INVARIANT:  # includes CSD and dld(norm=mean/std): s − t constant per position
         c = randn(3, 4, 1, scale=5.0, seed=2)
@@ -326,10 +324,9 @@ def test_all_masked_is_exact_zero_and_backward_works(setting):
     assert all(v.item() == 0.0 for v in out.terms.values())
 
 
-@pytest.mark.parametrize("setting", VARIANTS)
+# ab with a negative exponent is left out: the divergence itself is ~exp(1e4) for such logits.
+@pytest.mark.parametrize("setting", [v for v in VARIANTS if v != "ab(alpha=0.5,beta=-0.5)"])
 def test_finite_for_logits_of_magnitude_1e4(setting):
-    if setting in ("ab(alpha=0.5,beta=-0.5)",):
-        pytest.skip("negative exponents overflow for extreme logits: the divergence itself is ~exp(1e4)")
     s = randn(2, 3, 17, scale=1e4, seed=41).requires_grad_(True)
     t = randn(2, 3, 17, scale=1e4, seed=42)
     labels = torch.randint(0, 17, (2, 3), generator=torch.Generator().manual_seed(2))
