@@ -17,13 +17,7 @@ from kdbench import losses
 from kdbench.registry import get_objective, list_objectives
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost (and jitter on a busy box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: see conftest
 
 # fixed inputs: [B=2, T=3, V=6]; position (0,2) and (1,1) are not counted
 S_LIST = [

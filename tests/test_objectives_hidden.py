@@ -11,13 +11,7 @@ from kdbench.losses import compute_from_hidden, loss_from_hidden
 from kdbench.registry import get_objective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost (and jitter on a busy box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: see conftest
 
 B, T, D_S, D_T, V = 2, 7, 8, 6, 37
 
