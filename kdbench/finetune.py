@@ -16,14 +16,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from kdbench.data.batching import batches, encode
-from kdbench.models import _atomic_dir, cache_dir, fingerprint, load_causal_lm, load_tokenizer
+from kdbench.models import cache_dir, publishing_dir, fingerprint, load_causal_lm, load_tokenizer
 from kdbench.train import autocast_context, lr_at
 
 
@@ -101,18 +100,11 @@ def finetune_teacher(base: Path, suite_name: str, spec, train, device: torch.dev
     wall = time.perf_counter() - t0
     if (out / "config.json").is_file():  # another process finished the same fine-tune meanwhile
         return out
-    tmp = _atomic_dir(out)
-    try:
+    with publishing_dir(out) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)  # a frozen teacher: bf16 halves the cache
         tok.save_pretrained(tmp)
         (tmp / "kdbench_finetune.json").write_text(json.dumps(
             {"base": str(base), "suite": suite_name, "spec": dataclasses.asdict(spec), "n_train": len(train),
              "data_digest": data_digest(train), "wall_time_s": wall, "tokens": tokens, "curve": log}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"[kdbench] fine-tuned the teacher for {steps} steps in {wall:.0f}s -> {out}")
     return out

@@ -11,6 +11,7 @@ tokenizer and head, and is a real compression (half the transformer blocks).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.metadata
@@ -51,19 +52,27 @@ def locate_teacher_gguf() -> Path:
     return path
 
 
-def _atomic_dir(final: Path):
-    """A temporary sibling folder that is renamed into place, so a killed conversion never
-    leaves a half-written model behind that a later run would trust."""
+@contextlib.contextmanager
+def publishing_dir(final: Path):
+    """Yield a temporary sibling folder; on success it replaces ``final`` by a rename, so a
+    killed conversion or fine-tune never leaves a half-written model that a later run trusts."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert_gguf_teacher(gguf: Path, out: Path) -> Path:
     """De-quantise the GGUF teacher once into a float32 safetensors folder with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    tmp = _atomic_dir(out)
-    try:
+    with publishing_dir(out) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
@@ -76,12 +85,6 @@ def convert_gguf_teacher(gguf: Path, out: Path) -> Path:
         tok.save_pretrained(tmp)
         (tmp / "kdbench_source.json").write_text(json.dumps({"gguf": str(gguf), "package": TEACHER_PACKAGE,
                                                              "version": importlib.metadata.version(TEACHER_PACKAGE)}))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -316,3 +316,15 @@ def build_versions_store(path_or_url: str | Path, standard: bool = True, standar
         ids[(version, row)] = w.run_id
     engine.dispose()
     return ids
+
+
+def rows(db, model, **where):
+    """Rows of one table of the store at ``db``, filtered by column equality."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    with Session(open_engine(str(db))) as s:
+        q = select(model)
+        for k, v in where.items():
+            q = q.where(getattr(model, k) == v)
+        return list(s.scalars(q))

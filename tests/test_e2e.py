@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kdbench.cli import main
+from tests.fixtures_store import rows
 from kdbench.store import CurvePoint, Metric, Run, Sample, open_engine
 
 STEPS, PROMPTS, SEEDS = 3, 3, 3
@@ -24,14 +25,6 @@ def store(tmp_path_factory):
     db = tmp_path_factory.mktemp("e2e") / "runs.db"
     assert main(["run", "--objective", "csd", "--param", "tau=1.5", "--db", str(db), *TINY]) == 0
     return db
-
-
-def rows(db, model, **where):
-    with Session(open_engine(str(db))) as s:
-        q = select(model)
-        for k, v in where.items():
-            q = q.where(getattr(model, k) == v)
-        return list(s.scalars(q))
 
 
 def test_run_writes_reference_rows_and_the_distilled_run(store):

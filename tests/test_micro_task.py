@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from kdbench import suites
 from kdbench.data import micro_task as MT
 from kdbench.data.loaders import Example
 from kdbench.scoring import is_correct, score_decode
+from tests.fixtures_store import rows
 from kdbench.store import CurvePoint, Metric, Run, Sample, open_engine
 from kdbench.suites import MICRO_TASK, TrainSpec
 
@@ -124,14 +123,6 @@ def tiny_run(tmp_path_factory):
         mp.undo()
     assert rc == 0
     return db
-
-
-def rows(db, model, **where):
-    with Session(open_engine(str(db))) as s:
-        q = select(model)
-        for k, v in where.items():
-            q = q.where(getattr(model, k) == v)
-        return list(s.scalars(q))
 
 
 def test_tiny_run_records_accuracy_and_the_checkpoint_rule(tiny_run):
