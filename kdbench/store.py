@@ -35,7 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from kdbench.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs.config_hash, sweep_id, host, pid, heartbeat_at, state_path; status "interrupted"
 DEFAULT_DB = "runs.db"
 DB_ENV_VAR = "KDBENCH_DB"
 
@@ -44,7 +44,7 @@ ROLE_DISTILLED = "distilled"
 ROLE_TEACHER = "teacher"
 ROLE_STUDENT_INIT = "student-init"
 ROLE_ANALYSIS = "analysis"
-STATUSES = ("running", "finished", "failed")
+STATUSES = ("running", "finished", "failed", "interrupted")
 
 
 def utcnow() -> dt.datetime:
@@ -81,6 +81,15 @@ class Run(Base):
     selection_rule: Mapped[str | None] = mapped_column(String(256))
     selected_step: Mapped[int | None] = mapped_column(Integer)
     checkpoint_path: Mapped[str | None] = mapped_column(Text)
+    # Identity of the experiment: a hash of the resolved configuration (objective setting, suite
+    # and version label, training seed). Two runs with one hash are repeats of one experiment.
+    config_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    sweep_id: Mapped[str | None] = mapped_column(String(64), index=True)  # the `kdbench sweep` it belongs to
+    # Lifecycle: who runs it and when it last proved alive (a dead process's run is "interrupted").
+    host: Mapped[str | None] = mapped_column(String(256))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    state_path: Mapped[str | None] = mapped_column(Text)  # resumable training state (kdbench run --resume)
 
     metrics: Mapped[list["Metric"]] = relationship(back_populates="run", cascade="all, delete-orphan")
 
@@ -196,12 +205,31 @@ def open_engine(db: str | None = None, *, readonly: bool = False) -> Engine:
         try:
             Base.metadata.create_all(engine)
             with Session(engine) as s:
-                if s.get(Meta, "schema_version") is None:
+                row = s.get(Meta, "schema_version")
+                if row is None:
                     s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                     s.commit()
+                elif row.value == "1":
+                    _migrate_1_to_2(engine)
         except Exception as exc:
             raise UserError(f"cannot write run store {url}: {str(exc).splitlines()[0]}") from None
     return engine
+
+
+_V2_RUN_COLUMNS = {"config_hash": "VARCHAR(64)", "sweep_id": "VARCHAR(64)", "host": "VARCHAR(256)",
+                   "pid": "INTEGER", "heartbeat_at": "DATETIME", "state_path": "TEXT"}
+
+
+def _migrate_1_to_2(engine: Engine) -> None:
+    """Schema 1 -> 2: the runs table gains identity and lifecycle columns (all nullable)."""
+    from sqlalchemy import text
+
+    have = {c["name"] for c in inspect(engine).get_columns("runs")}
+    with engine.begin() as conn:
+        for name, sql_type in _V2_RUN_COLUMNS.items():
+            if name not in have:
+                conn.execute(text(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}"))
+        conn.execute(text("UPDATE kdbench_meta SET value = '2' WHERE key = 'schema_version'"))
 
 
 def has_schema(engine: Engine) -> bool:
