@@ -138,9 +138,11 @@ def run_analysis(args) -> int:
     """Gradients of each objective w.r.t. the undistilled student's logits on the suite's first
     training batches (same data order as a run with this seed); store and print the matrices."""
     from kdbench import provenance
-    from kdbench.data.batching import batches, encode
+    from kdbench.config import RunRequest, resolve_suite
+    from kdbench.engine.batches import PackedBatches
+    from kdbench.engine.forward import final_hidden, output_head
     from kdbench.errors import UserError
-    from kdbench.runner import RunRequest, effective_suite, prepare
+    from kdbench.prepare import prepare
     from kdbench.store import ROLE_ANALYSIS, RunWriter, open_engine
 
     settings = list(args.objectives or DEFAULT_SETTINGS)
@@ -151,24 +153,21 @@ def run_analysis(args) -> int:
         raise UserError(str(exc)) from None
     if args.batches < 1:
         raise UserError("--batches must be at least 1")
-    suite, label = effective_suite(RunRequest(objective="kl", params={}, suite=args.suite))
+    suite, label = resolve_suite(RunRequest(objective="kl", params={}, suite=args.suite))
     engine = open_engine(args.db)
 
     device = torch.device("cpu")
     prep = prepare(suite, device)
-    student = prep.new_student()
-    tok = prep.tokenizer
-    enc = [encode(tok, e.prompt, e.references[0], suite.train.max_prompt_tokens, suite.train.max_tokens)
-           for e in prep.splits["train"]]
-    it = batches(enc, suite.train.batch_size, args.seed, tok.pad_token_id)
+    student, teacher = prep.new_student(), prep.teacher()
+    it = PackedBatches(prep.train_examples(), suite.train.batch_size, args.seed, prep.tokenizer.pad_token_id)
+    ws, wt = output_head(student).weight, output_head(teacher).weight
     rows_s, rows_t, rows_l = [], [], []
-    with torch.no_grad():  # logits only; each objective's gradient is taken w.r.t. these leaves
+    with torch.no_grad():  # logits at counted positions only; each objective's gradient is taken w.r.t. these leaves
         for _ in range(args.batches):
             b = next(it)
-            m = b["loss_mask"]
-            rows_s.append(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[m].float())
-            rows_t.append(prep.teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[m].float())
-            rows_l.append(b["labels"][m])
+            rows_s.append(torch.nn.functional.linear(final_hidden(student, b).float(), ws.float()))
+            rows_t.append(torch.nn.functional.linear(final_hidden(teacher, b).float(), wt.float()))
+            rows_l.append(b.labels)
     s, t, lab = torch.cat(rows_s)[None], torch.cat(rows_t)[None], torch.cat(rows_l)[None]
     result = gradient_similarity(settings, s, t, torch.ones(s.shape[:2], dtype=torch.bool), lab)
 

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     r.add_argument("--no-save", action="store_true", help="do not keep the distilled student's weights")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--teacher-source", choices=("cache", "live"), default="cache",
+                   help="cache (default): the teacher's hidden states computed once per suite version and read from "
+                        "disk; live: run the teacher on every batch")
+    r.add_argument("--sweep-id", default=None, help=argparse.SUPPRESS)  # set by `kdbench sweep`
 
     sub.add_parser("list", help="objectives with their parameters, and suites")
 
@@ -79,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--db", default=None)
 
+    c = sub.add_parser("cache", help="list or clear the teacher cache (the teacher's hidden states on disk)")
+    csub = c.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
+    csub.add_parser("list", help="entries with their sizes and what they were built from")
+    cc = csub.add_parser("clear", help="remove entries (all, or those named by key prefix)")
+    cc.add_argument("keys", nargs="*", metavar="KEY", help="key prefixes (default: every entry)")
+
     lb = sub.add_parser("leaderboard", help="start the Streamlit leaderboard on the store")
     lb.add_argument("--db", default=None)
     lb.add_argument("--port", type=int, default=8501)
@@ -95,7 +105,7 @@ def cmd_run(args) -> int:
                      steps=args.steps, eval_limit=args.eval_limit, db=args.db, device=args.device,
                      save_student=not args.no_save, progress=not args.no_progress, pair=args.pair,
                      teacher=args.teacher, student=args.student, teacher_finetuned=args.teacher_finetuned,
-                     data_dir=args.data_dir)
+                     data_dir=args.data_dir, teacher_source=args.teacher_source, sweep_id=args.sweep_id)
     run_id = run(req, argv=sys.argv)
     engine = open_engine(args.db)
     refs = get_run(engine, run_id).config.get("reference_runs", {})
@@ -143,6 +153,32 @@ def cmd_leaderboard(args) -> int:
     return 0  # not reached
 
 
+def cmd_cache(args) -> int:
+    from kdbench.engine import teacher_cache
+
+    if args.cache_command == "list":
+        entries = teacher_cache.list_entries()
+        print(f"teacher cache in {teacher_cache.cache_root()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+        for e in entries:
+            inp = e.meta.get("inputs", {})
+            print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MB  {e.meta['n_rows']} positions of {e.meta['n_examples']} "
+                  f"examples, {e.meta['dtype']}, teacher {str(inp.get('teacher', {}).get('weights', '?'))[:12]}, "
+                  f"built {e.meta.get('created_at', '?')}")
+        total = sum(e.size_bytes for e in entries)
+        print(f"  total {total / 2**20:.1f} MB")
+        return 0
+    if args.keys:
+        known = [e.key for e in teacher_cache.list_entries()]
+        unknown = [k for k in args.keys if not any(key.startswith(k) for key in known)]
+        if unknown:
+            raise UserError(f"no teacher-cache entry matches {', '.join(unknown)} (see `kdbench cache list`)")
+    removed = teacher_cache.clear(args.keys or None)
+    for key, size in removed:
+        print(f"removed {key} ({size / 2**20:.1f} MB)")
+    print(f"[kdbench] freed {sum(s for _, s in removed) / 2**20:.1f} MB")
+    return 0
+
+
 def cmd_analyze(args) -> int:
     from kdbench.analyze import run_analysis
 
@@ -156,7 +192,7 @@ def cmd_eval(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "analyze": cmd_analyze, "eval": cmd_eval,
-            "leaderboard": cmd_leaderboard}
+            "cache": cmd_cache, "leaderboard": cmd_leaderboard}
 
 
 def _terminate(_signum, _frame):

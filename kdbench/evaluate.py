@@ -1,15 +1,20 @@
 """Evaluation: decode responses (sampled over seeds and/or greedy) and score them (metrics in
-kdbench/metrics.py, applied per task kind in kdbench/scoring.py).
+kdbench/metrics/, applied per task kind in kdbench/scoring.py).
 
 The protocol (REFERENCE §3, fixed by the suite's EvalSpec): for each sampling seed, responses
 to every test prompt are sampled with temperature 1, top-p 1, no top-k, cut at the end of
 turn. Per sample we keep ROUGE-L (stemmed, max over references, × 100), length and whether it
 is degenerate; per seed the mean ROUGE-L, Self-BLEU across prompts, distinct-1/2, mean length,
-degenerate fraction and the teacher's mean log-likelihood of the responses; seed-free, the
-Self-BLEU among one prompt's samples across seeds and the token-level forward / reverse KL
-between teacher and student on the references. Exact-answer tasks add accuracy, translation
-adds corpus BLEU / chrF; a task with ``greedy`` decoding (GSM8K, micro-task) is scored on one
-greedy decode (metrics with seed NULL), as the paper does for GSM8K.
+degenerate fraction and the teacher's mean log-likelihood of the sampled tokens; seed-free,
+the Self-BLEU among one prompt's samples across seeds and the token-level forward / reverse
+KL between teacher and student on the references. Exact-answer tasks add accuracy,
+translation adds corpus BLEU / chrF; a task with ``greedy`` decoding (GSM8K, micro-task) is
+scored on one greedy decode (metrics with seed NULL), as the paper does for GSM8K.
+
+Without waste: prompts are tokenised once per task (:class:`TaskInputs`) and reused by every
+seed, by the teacher's scoring and by the reference KL; generation is batched with left
+padding and the KV cache; the teacher scores the **sampled token ids** themselves (never a
+decode → re-encode round trip), packed, through its head at response positions only.
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kdbench import metrics as M
-from kdbench.data.batching import chat_prompt, collate, encode
+from kdbench.data.batching import Encoded, chat_prompt, encode
+from kdbench.device import autocast_context
+from kdbench.engine.batches import pack
+from kdbench.engine.forward import final_hidden, output_head
 from kdbench.scoring import headline_score, score_decode
 from kdbench.suites import EvalSpec, TaskSpec
-from kdbench.train import autocast_context
+
+SCORE_TOKENS = 2048   # tokens per packed scoring forward (teacher log-likelihood, reference KL)
+HEAD_CHUNK = 256      # positions per head chunk when scoring
 
 
 @dataclass
@@ -38,93 +49,158 @@ class EvalResult:
         return statistics.fmean(vals) if vals else float("nan")
 
 
+@dataclass
+class TaskInputs:
+    """A task's test examples, tokenised once: prompt ids (chat template, left-truncated to keep
+    the instruction's end and the template) and the encoded references for the reference KL."""
+
+    examples: list
+    prompt_ids: list[list[int]]
+    references: list[Encoded]
+
+    @classmethod
+    def build(cls, tokenizer, examples, max_prompt_tokens: int, max_tokens: int, system: str | None = None):
+        prompts = [tokenizer(chat_prompt(tokenizer, e.prompt, system), add_special_tokens=False).input_ids[-max_prompt_tokens:]
+                   for e in examples]
+        refs = [encode(tokenizer, e.prompt, e.references[0], max_prompt_tokens, max_tokens, system) for e in examples]
+        return cls(list(examples), prompts, refs)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: Sequence[str], spec: EvalSpec, seed: int | None, device: torch.device,
-                     max_prompt_tokens: int, *, greedy: bool = False, max_new_tokens: int | None = None) -> list[str]:
-    """One response per prompt: sampled with the spec's protocol under ``seed``, or greedy.
-    Batches are fixed by prompt order, so a seed gives the same samples for the same model
-    whatever else runs."""
+def generate_ids(model, prompt_ids: Sequence[list[int]], spec: EvalSpec, seed: int | None, device: torch.device,
+                 *, eos_id: int, pad_id: int, greedy: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
+    """One response per prompt as token ids, cut after the first end-of-turn (kept). Sampled
+    with the spec's protocol under ``seed`` or greedy; batches are fixed by prompt order, so a
+    seed gives the same samples for the same model whatever else runs."""
     model.eval()
-    tokenizer.padding_side = "left"
     if seed is not None:
         torch.manual_seed(seed)
     decoding = (dict(do_sample=False) if greedy else
                 dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k))
-    outputs: list[str] = []
-    for start in range(0, len(prompts), spec.batch_size):
-        chunk = [chat_prompt(tokenizer, p) for p in prompts[start:start + spec.batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens,
-                        add_special_tokens=False).to(device)
+    out_ids: list[list[int]] = []
+    for start in range(0, len(prompt_ids), spec.batch_size):
+        chunk = prompt_ids[start:start + spec.batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
         with autocast_context(device, True):
-            out = model.generate(**enc, **decoding, max_new_tokens=max_new_tokens or spec.max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [o.strip() for o in outputs]
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **decoding,
+                                 max_new_tokens=max_new_tokens or spec.max_new_tokens, eos_token_id=eos_id,
+                                 pad_token_id=pad_id, use_cache=True)
+        for row in out[:, width:].tolist():
+            cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+            out_ids.append(row[:cut])
+    return out_ids
 
 
-@torch.no_grad()
-def response_logprob(teacher, tokenizer, prompts: Sequence[str], responses: Sequence[str], device: torch.device,
-                     max_prompt_tokens: int, max_tokens: int, batch_size: int = 32) -> list[float]:
-    """The teacher's mean per-token log-likelihood of each response (end-of-turn included)."""
-    enc = [encode(tokenizer, p, r, max_prompt_tokens, max_tokens) for p, r in zip(prompts, responses)]
-    out: list[float] = []
-    for start in range(0, len(enc), batch_size):
-        b = {k: v.to(device) for k, v in collate(enc[start:start + batch_size], tokenizer.pad_token_id).items()}
-        with autocast_context(device, True):
-            logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1)
-        m = b["loss_mask"]
-        out += ((logp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
+def decode_texts(tokenizer, ids: Sequence[list[int]]) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+# ---------------------------------------------------------------------------- scoring through the head
+
+
+def _packed(seqs: Sequence[Encoded]):
+    """Packed batches of at most SCORE_TOKENS tokens (always at least one sequence)."""
+    group: list[Encoded] = []
+    size = 0
+    for e in seqs:
+        if group and size + len(e.ids) > SCORE_TOKENS:
+            yield group
+            group, size = [], 0
+        group.append(e)
+        size += len(e.ids)
+    if group:
+        yield group
+
+
+def _per_sequence(values: torch.Tensor, group: Sequence[Encoded]) -> list[float]:
+    """Mean of per-position values over each sequence's counted positions."""
+    out, at = [], 0
+    for e in group:
+        n = max(len(e.ids) - 1 - max(e.n_prompt - 1, 0), 0)
+        out.append(float(values[at:at + n].mean()) if n else float("nan"))
+        at += n
     return out
 
 
 @torch.no_grad()
-def reference_kl(student, teacher, tokenizer, examples, device: torch.device, max_prompt_tokens: int,
-                 max_tokens: int, batch_size: int = 16) -> tuple[float, float]:
-    """Token-level forward and reverse KL(teacher, student) on the references' response tokens."""
-    enc = [encode(tokenizer, e.prompt, e.references[0], max_prompt_tokens, max_tokens) for e in examples]
-    fkl_sum = rkl_sum = 0.0
-    n = 0
-    for start in range(0, len(enc), batch_size):
-        b = {k: v.to(device) for k, v in collate(enc[start:start + batch_size], tokenizer.pad_token_id).items()}
+def sequence_logprobs(model, seqs: Sequence[Encoded], device: torch.device) -> list[float]:
+    """Each sequence's mean per-token log-likelihood of its response tokens under ``model``."""
+    head = output_head(model)
+    out: list[float] = []
+    for group in _packed(seqs):
+        batch = pack(group, [str(i) for i in range(len(group))]).to(device)
         with autocast_context(device, True):
-            s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        fkl, rkl = M.token_kl(s, t, b["loss_mask"])
-        count = int(b["loss_mask"].sum())
-        fkl_sum += float(fkl) * count
-        rkl_sum += float(rkl) * count
-        n += count
-    return fkl_sum / max(n, 1), rkl_sum / max(n, 1)
+            h = final_hidden(model, batch)
+        lp = torch.empty(batch.n_counted)
+        for a in range(0, batch.n_counted, HEAD_CHUNK):
+            logits = F.linear(h[a:a + HEAD_CHUNK].float(), head.weight.float())
+            lp[a:a + HEAD_CHUNK] = (logits.gather(-1, batch.labels[a:a + HEAD_CHUNK, None]).squeeze(-1)
+                                    - logits.logsumexp(-1)).cpu()
+        out += _per_sequence(lp, group)
+    return out
+
+
+@torch.no_grad()
+def reference_kl(student, teacher, refs: Sequence[Encoded], device: torch.device) -> tuple[float, float]:
+    """Token-level forward and reverse KL(teacher, student) on the references' response tokens."""
+    hs, ht = output_head(student), output_head(teacher)
+    fkl = rkl = 0.0
+    n = 0
+    for group in _packed(refs):
+        batch = pack(group, [str(i) for i in range(len(group))]).to(device)
+        with autocast_context(device, True):
+            h_s, h_t = final_hidden(student, batch), final_hidden(teacher, batch)
+        for a in range(0, batch.n_counted, HEAD_CHUNK):
+            ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), hs.weight.float()).log_softmax(-1)
+            lt = F.linear(h_t[a:a + HEAD_CHUNK].float(), ht.weight.float()).log_softmax(-1)
+            diff = lt - ls
+            fkl += float((lt.exp() * diff).sum(dtype=torch.float64))
+            rkl += float((ls.exp() * -diff).sum(dtype=torch.float64))
+        n += batch.n_counted
+    return fkl / max(n, 1), rkl / max(n, 1)
+
+
+# ---------------------------------------------------------------------------- one model on one task
 
 
 def as_task(task) -> TaskSpec:
     return task if isinstance(task, TaskSpec) else TaskSpec(str(task), source="test")
 
 
-def evaluate_model(model, *, teacher, tokenizer, examples, task, spec: EvalSpec, device: torch.device,
-                   max_prompt_tokens: int, max_tokens: int, is_teacher: bool = False) -> EvalResult:
+def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec: EvalSpec, device: torch.device,
+                   is_teacher: bool = False) -> EvalResult:
     """Decode, score and collect everything the store keeps for one model on one task.
 
     The headline decode is the greedy one when ``task.greedy`` (samples with seed NULL), else the
     sampled one; metrics of the sampled decode that the greedy decode also reports get the
     suffix ``_sampled``, and so do the sampled decode's per-sample score names."""
     task = as_task(task)
-    prompts = [e.prompt for e in examples]
+    examples = inputs.examples
     new_tokens = task.max_new_tokens or spec.max_new_tokens
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     result = EvalResult()
     greedy_names: set[str] = set()
 
     def decode_and_score(seed, greedy):
-        outputs = sample_responses(model, tokenizer, prompts, spec, seed, device, max_prompt_tokens, greedy=greedy,
-                                   max_new_tokens=new_tokens)
-        logprobs = response_logprob(teacher, tokenizer, prompts, outputs, device, max_prompt_tokens,
-                                    max_prompt_tokens + new_tokens + 1)
+        ids = generate_ids(model, inputs.prompt_ids, spec, seed, device, eos_id=eos, pad_id=pad, greedy=greedy,
+                           max_new_tokens=new_tokens)
+        outputs = decode_texts(tokenizer, ids)
+        scored = [Encoded(p + r, len(p)) for p, r in zip(inputs.prompt_ids, ids)]
+        logprobs = sequence_logprobs(teacher, scored, device)
         per, mets = score_decode(task, examples, outputs)
-        mets["teacher_logprob"] = statistics.fmean(logprobs)
+        finite = [lp for lp in logprobs if not math.isnan(lp)]
+        mets["teacher_logprob"] = statistics.fmean(finite) if finite else float("nan")
         suffix = "_sampled" if task.greedy and not greedy else ""  # sample scores named like their metrics
         for e, o, s, lp in zip(examples, outputs, per, logprobs):
-            scores = {k + suffix: v for k, v in {**s, "teacher_logprob": lp}.items()}
+            scores = {k + suffix: v for k, v in {**s, "teacher_logprob": lp}.items() if not _nan(v)}
             result.samples.append({"task": task.name, "prompt_id": e.id, "seed": seed, "prompt": e.prompt,
                                    "output": o, "reference": list(e.references), "scores": scores})
         return outputs, mets
@@ -148,20 +224,24 @@ def evaluate_model(model, *, teacher, tokenizer, examples, task, spec: EvalSpec,
     if is_teacher:
         fkl = rkl = 0.0
     else:
-        fkl, rkl = reference_kl(model, teacher, tokenizer, examples, device, max_prompt_tokens, max_tokens)
+        fkl, rkl = reference_kl(model, teacher, inputs.references, device)
     result.metrics += [(task.name, "fkl_tok", fkl, None), (task.name, "rkl_tok", rkl, None)]
     # Undefined values (Self-BLEU of a single response, ...) are left out rather than stored as NaN.
     result.metrics = [m for m in result.metrics if not math.isnan(m[2])]
     return result
 
 
-def validation_score(model, tokenizer, examples, spec: EvalSpec, device: torch.device, max_prompt_tokens: int,
-                     seed: int = 1, task=None) -> float:
+def _nan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def validation_score(model, tokenizer, inputs: TaskInputs, spec: EvalSpec, device: torch.device, seed: int = 1,
+                     task=None) -> float:
     """The checkpoint-selection score: the validation task's headline metric (ROUGE-L for open
     tasks, accuracy for exact ones, BLEU for translation) of one decode per validation prompt --
     greedy when the task's headline decode is greedy, else sampled with ``seed``."""
     task = as_task(task or "valid")
-    outputs = sample_responses(model, tokenizer, [e.prompt for e in examples], spec, None if task.greedy else seed,
-                               device, max_prompt_tokens, greedy=task.greedy,
-                               max_new_tokens=task.max_new_tokens or spec.max_new_tokens)
-    return headline_score(task, examples, outputs)
+    ids = generate_ids(model, inputs.prompt_ids, spec, None if task.greedy else seed, device,
+                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, greedy=task.greedy,
+                       max_new_tokens=task.max_new_tokens or spec.max_new_tokens)
+    return headline_score(task, inputs.examples, decode_texts(tokenizer, ids))

@@ -5,33 +5,33 @@ Everything a distillation objective needs besides its own formula lives here:
 * :func:`chunked_sums` — reduce a per-row function over counted positions chunk by chunk
   (each chunk under ``torch.utils.checkpoint`` when a gradient is needed, so no
   positions × vocabulary float32 intermediate is kept for backward beyond one chunk);
-* :func:`loss_from_hidden` / :func:`compute_from_hidden` — the same objective computed from
-  final hidden states and LM heads, logits made chunk by chunk (never held whole);
+* :func:`chunked_head_loss` — an objective's row function on logits made from final hidden
+  states through the output heads, per chunk of counted positions (never held whole), with
+  the gradients made in the same pass (the training path: kdbench/engine/trainer.py);
 * small numerics helpers objectives share (:func:`kl_rows`, :func:`scaled_kl_to_mixture`).
 
-Nothing here imports :mod:`kdbench.registry` at module level (the registry imports us).
+This module is the bottom layer: tensors in, tensors out. It imports nothing from kdbench
+(objective.py builds on it, registry.py on that).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kdbench.registry import Objective, ObjectiveOutput
-
 #: Positions per chunk in the logits path (``obj(student_logits, teacher_logits, mask)``).
 CHUNK_SIZE = 4096
-#: Positions per chunk in the hidden-state path (:func:`loss_from_hidden`).
-HIDDEN_CHUNK_SIZE = 1024
+#: Positions per chunk in the hidden-state path (:func:`chunked_head_loss`): 256 rows of a
+#: 49,152-token vocabulary are 50 MB of float32 logits (TRL's chunked JSD uses 256 too).
+HIDDEN_CHUNK_SIZE = 256
 #: Recompute each chunk in backward instead of keeping its float32 intermediates:
 #: True / False, or None = only when there is more than one chunk (big batches; small ones
-#: run at full speed). The hidden-state path always checkpoints.
+#: run at full speed). The hidden-state path needs none: it makes its gradients per chunk.
 CHECKPOINT: bool | None = None
 
 RowSums = Callable[..., "tuple[Tensor, dict[str, Tensor]]"]
@@ -149,11 +149,13 @@ def check_labels(labels: Tensor, vocab: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The hidden-state path
+# The hidden-state path: logits made per chunk of counted positions, never whole
 # ---------------------------------------------------------------------------------------------
 
 
-def _head_params(head) -> tuple[Tensor, Tensor | None]:
+def head_params(head) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, d], bias [V] | None)`` of an output head: an ``nn.Linear``, a module with a
+    ``weight`` (e.g. a tied embedding), or a bare ``[V, d]`` weight tensor."""
     if isinstance(head, torch.nn.Linear):
         return head.weight, head.bias
     if isinstance(head, Tensor):
@@ -166,119 +168,114 @@ def _head_params(head) -> tuple[Tensor, Tensor | None]:
     raise TypeError(f"head must be a [V, d] weight tensor or an nn.Linear, got {type(head).__name__}")
 
 
-def compute_from_hidden(
-    obj: "Objective | str",
-    student_hidden: Tensor,
-    student_head,
-    teacher_hidden: Tensor | None = None,
-    teacher_head=None,
-    mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    *,
-    chunk_size: int | None = None,
-    vocab_size: int | None = None,
-) -> "ObjectiveOutput":
-    """``obj`` evaluated from hidden states through the LM heads, chunk by chunk.
+def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """Head logits in float32 (float64 stays float64) whatever the hidden / weight dtypes: the
+    objective's residuals (CSD's s − t) need more than bf16's 3 significant digits."""
+    dtype = torch.promote_types(compute_dtype(h.dtype), compute_dtype(w.dtype))
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return F.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
 
-    Same value and gradients (w.r.t. the student hidden states and head weight/bias) as
-    ``obj(student_hidden @ W_s.T, teacher_hidden @ W_t.T, mask, labels)``, but no
-    positions × vocabulary tensor is ever held whole: per chunk of counted positions the
-    teacher logits are made under ``no_grad`` and the student logits + objective run under
-    ``torch.utils.checkpoint`` (recomputed in backward). Hidden states are ``[B, T, d]`` with
-    ``mask [B, T]`` or ``[N, d]`` with ``mask [N]`` (``None`` = all count). Heads are a weight
-    ``[V, d]`` or an ``nn.Linear``; a head padded beyond the tokenizer is cut to ``vocab_size``
-    rows (different widths without ``vocab_size`` are an error).
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Σ_rows row_fn(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t, y), chunk by chunk, gradients made in forward.
+
+    Per chunk of rows the student logits ``s [n, V]`` are a leaf; ``row_fn``'s backward gives
+    ``∂L/∂s``, from which the chunk's ``∂L/∂h_s = (∂L/∂s) W_s`` and its share of
+    ``∂L/∂W_s += (∂L/∂s)ᵀ h_s`` (and ``∂L/∂b_s``) are accumulated at once; then the chunk's
+    logits are dropped. Backward only scales the stored ``[N, d]`` / ``[V, d]`` gradients by
+    the incoming scalar: nothing ``positions × vocabulary`` is kept, and unlike checkpointing
+    nothing is computed twice (the approach of Liger-Kernel's fused linear losses).
     """
-    from kdbench.registry import ObjectiveOutput, get_objective
 
-    if isinstance(obj, str):
-        obj = get_objective(obj)
-    spec = obj.spec
-    chunk_size = HIDDEN_CHUNK_SIZE if chunk_size is None else int(chunk_size)
-    if student_hidden.dim() < 1:
-        raise ValueError("student_hidden must be [B, T, d] or [N, d]")
-    lead = student_hidden.shape[:-1]
-    w_s, b_s = _head_params(student_head)
-    if w_s.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(f"student head expects d={w_s.shape[1]}, hidden states have d={student_hidden.shape[-1]}")
-    w_t = b_t = None
-    if spec.needs_teacher:
-        if teacher_hidden is None or teacher_head is None:
-            raise ValueError(f"objective {obj.name!r} needs the teacher: pass teacher_hidden and teacher_head")
-        if teacher_hidden.shape[:-1] != lead:
-            raise ValueError(
-                f"teacher_hidden has positions {tuple(teacher_hidden.shape[:-1])}, student {tuple(lead)}"
-            )
-        w_t, b_t = _head_params(teacher_head)
-        if w_t.shape[1] != teacher_hidden.shape[-1]:
-            raise ValueError(f"teacher head expects d={w_t.shape[1]}, hidden states have d={teacher_hidden.shape[-1]}")
-    else:
-        teacher_hidden = None
-    # vocabulary alignment on the head rows (a [V, d] slice is a view, no copy)
-    vs, vt = w_s.shape[0], None if w_t is None else w_t.shape[0]
-    if vocab_size is not None or (vt is not None and vs != vt):
-        probe_s = w_s.new_empty((0, vs))
-        probe_t = None if w_t is None else w_t.new_empty((0, vt))
-        align_vocab(probe_s, probe_t, vocab_size)  # raises with the standard message
-        if vocab_size is not None:
-            w_s = w_s[:vocab_size]
-            b_s = None if b_s is None else b_s[:vocab_size]
-            if w_t is not None:
-                w_t = w_t[:vocab_size]
-                b_t = None if b_t is None else b_t[:vocab_size]
-    vocab = w_s.shape[0]
-
-    idx, n = counted_rows(mask, lead, student_hidden.device)
-    d_s = student_hidden.shape[-1]
-    sh = student_hidden.reshape(-1, d_s)
-    th = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-    lab = None
-    if spec.needs_labels:
-        if labels is None:
-            raise ValueError(f"objective {obj.name!r} needs labels (the reference next tokens)")
-        if tuple(labels.shape) != tuple(lead):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(lead)}")
-        lab = labels.reshape(-1).to(device=sh.device, dtype=torch.long)
-    if idx is not None:
-        sh = sh.index_select(0, idx)
-        th = None if th is None else th.index_select(0, idx)
-        lab = None if lab is None else lab.index_select(0, idx)
-    if lab is not None:
-        check_labels(lab, vocab)
-
-    def chunk_fn(h_s: Tensor, h_t: Tensor | None, y: Tensor | None):
-        s = F.linear(h_s, w_s, b_s)
-        t = None
-        if h_t is not None:
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, row_fn, chunk_size, terms_out):
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        n = h_s.shape[0]
+        grad_h = torch.zeros_like(h_s) if need_h else None
+        grad_w = torch.zeros(w_s.shape, dtype=compute_dtype(w_s.dtype), device=w_s.device) if need_w else None
+        grad_b = None if b_s is None or not need_b else torch.zeros(b_s.shape, dtype=compute_dtype(b_s.dtype), device=b_s.device)
+        total = h_s.new_zeros((), dtype=compute_dtype(h_s.dtype))
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            hs = h_s[start:stop]
             with torch.no_grad():
-                t = F.linear(h_t, w_t, b_t)
-        return obj.row_sums(s, t, y)
+                t = None if h_t is None else _logits(h_t[start:stop], w_t, b_t)
+            y = None if labels is None else labels[start:stop]
+            with torch.enable_grad():
+                s = _logits(hs.detach(), w_s.detach(), None if b_s is None else b_s.detach()).requires_grad_(True)
+                loss_sum, term_sums = row_fn(s, t, y)
+                g = torch.autograd.grad(loss_sum, s, allow_unused=True)[0] if loss_sum.requires_grad else None
+            if g is None:  # the loss does not depend on the student here (e.g. a constant)
+                g = torch.zeros_like(s)
+            total = total + loss_sum.detach().to(total.dtype)
+            for key, value in term_sums.items():
+                value = value.detach()
+                terms_out[key] = value if key not in terms_out else terms_out[key] + value
+            with torch.no_grad(), torch.autocast(device_type=g.device.type, enabled=False):
+                if need_h:
+                    grad_h[start:stop] = (g @ w_s.to(g.dtype)).to(grad_h.dtype)
+                if need_w:
+                    grad_w.addmm_(g.t(), hs.to(g.dtype))
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
+        return total
 
-    # the head weight is captured by the closure: non-reentrant checkpoint gives it gradients
-    needs_grad = torch.is_grad_enabled() and (sh.requires_grad or w_s.requires_grad or (b_s is not None and b_s.requires_grad))
-    loss_sum, term_sums = chunked_sums(chunk_fn, [sh, th, lab], chunk_size, checkpoint=True, needs_grad=needs_grad)
-    denom = max(n, 1)
-    loss = loss_sum / denom
-    return ObjectiveOutput(loss, {k: (v / denom).detach() for k, v in term_sums.items()})
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = ctx.grads
+        ctx.grads = None  # one backward only (like retain_graph=False)
+        grad_h, grad_w, grad_b = (None if g is None else (g * grad_out.to(g.dtype)).to(dtype)
+                                  for g, dtype in zip(grads, ctx.dtypes))
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def loss_from_hidden(
-    obj: "Objective | str",
+def chunked_head_loss(
+    row_fn: RowSums,
     student_hidden: Tensor,
-    student_head,
+    student_weight: Tensor,
+    student_bias: Tensor | None = None,
     teacher_hidden: Tensor | None = None,
-    teacher_head=None,
-    mask: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
     labels: Tensor | None = None,
     *,
-    chunk_size: int | None = None,
-    vocab_size: int | None = None,
-) -> Tensor:
-    """The loss of :func:`compute_from_hidden` (mean over counted positions, 0-dim)."""
-    return compute_from_hidden(
-        obj, student_hidden, student_head, teacher_hidden, teacher_head, mask, labels,
-        chunk_size=chunk_size, vocab_size=vocab_size,
-    ).loss
+    chunk_size: int = 0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(Σ_rows loss, {term: Σ_rows})`` of ``row_fn`` on head logits of counted rows only.
+
+    Shapes: ``student_hidden [N, d_s]``, ``student_weight [V, d_s]`` (``student_bias [V]``),
+    ``teacher_hidden [N, d_t]`` with ``teacher_weight [V, d_t]`` (or ``None``), ``labels [N]``.
+    ``row_fn(s [n, V], t [n, V] | None, y [n] | None) -> (Σ loss, {term: Σ})`` is an objective's
+    row function (:meth:`kdbench.objective.Objective.row_sums`); it must treat rows independently
+    (the start-up check, kdbench/engine/check.py, refuses one that does not). Logits are float32
+    and exist one chunk of ``chunk_size`` rows at a time (default :data:`HIDDEN_CHUNK_SIZE`).
+    Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``; the teacher side
+    is constant. Without a gradient to compute, the chunks run under ``no_grad``.
+    """
+    chunk_size = int(chunk_size) or HIDDEN_CHUNK_SIZE
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
+    terms: dict[str, Tensor] = {}
+    if needs_grad:
+        total = _ChunkedHeadLoss.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                       teacher_bias, labels, row_fn, chunk_size, terms)
+        return total, terms
+    total = student_hidden.new_zeros((), dtype=compute_dtype(student_hidden.dtype))
+    with torch.no_grad():
+        for start in range(0, student_hidden.shape[0], chunk_size):
+            stop = start + chunk_size
+            s = _logits(student_hidden[start:stop], student_weight, student_bias)
+            t = None if teacher_hidden is None else _logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)
+            y = None if labels is None else labels[start:stop]
+            loss_sum, term_sums = row_fn(s, t, y)
+            total = total + loss_sum.to(total.dtype)
+            for key, value in term_sums.items():
+                terms[key] = value if key not in terms else terms[key] + value
+    return total, terms
 
 
 # ---------------------------------------------------------------------------------------------

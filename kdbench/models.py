@@ -130,15 +130,16 @@ def layer_subset(num_layers: int, keep_every: int) -> list[int]:
     return keep
 
 
-def build_student(teacher, keep: list[int]):
+def build_student(teacher, keep: list[int], *, copy_weights: bool = True):
     """A student made of the teacher's embeddings, head, final norm and the blocks in ``keep``.
 
     This is the DistilBERT-style construction ("take one layer out of two"): the student
     starts from real weights and shares the tokenizer and vocabulary exactly, so any
     objective applies without vocabulary mapping. Undistilled, it is badly broken (each block
     of this deep-and-thin model matters); distillation is what repairs it.
+    ``copy_weights=False`` turns ``teacher`` itself into the student (no second copy in memory).
     """
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher) if copy_weights else teacher
     student.model.layers = torch.nn.ModuleList(student.model.layers[i] for i in keep)
     for new_idx, block in enumerate(student.model.layers):
         block.self_attn.layer_idx = new_idx  # the KV cache is indexed by position in the stack
@@ -154,14 +155,68 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def fingerprint(path: str | Path, extra: dict | None = None) -> str:
-    """A short identity of a model folder (config + weights' size/mtime) plus extra settings:
-    reference rows are reused only for the same teacher, student construction and protocol."""
-    p = Path(path)
+# ---------------------------------------------------------------------------- content fingerprints
+#
+# Reference rows, fine-tuned teachers and teacher-cache entries are keyed by what a model *is*
+# (its weights, config and tokenizer files), never by where it lies: the same teacher converted
+# in two folders, or on two machines, has one identity, and a re-trained one a new identity.
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json")
+TOKENIZER_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "chat_template*", "vocab*",
+                   "merges.txt", "added_tokens.json")
+
+
+def _file_sha256(f: Path) -> str:
+    """sha256 of a file, memoised in the cache by (path, size, mtime) so big weights are hashed once."""
+    st = f.stat()
+    memo_path = cache_dir() / "digests.json"
+    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
     h = hashlib.sha256()
-    for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")):
-        st = f.stat()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    memo[key] = h.hexdigest()
+    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_path)  # atomic: concurrent writers lose at most a memo entry
+    return memo[key]
+
+
+def content_digest(path: str | Path, patterns: tuple[str, ...]) -> str:
+    """sha256 over (file name, file sha256) of the files in ``path`` matching ``patterns``;
+    a hub id (not a folder) is identified by its name."""
+    p = Path(path)
+    if not p.is_dir():
+        return hashlib.sha256(f"hub:{path}".encode()).hexdigest()
+    h = hashlib.sha256()
+    files = sorted({f for pat in patterns for f in p.glob(pat) if f.is_file()})
+    for f in files:
         h.update(f.name.encode())
-        h.update(f.read_bytes() if f.suffix == ".json" else f"{st.st_size}".encode())
+        h.update(_file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def model_digest(path: str | Path) -> str:
+    """Identity of a model folder's weights and config."""
+    return content_digest(path, WEIGHT_FILES)
+
+
+def tokenizer_digest(path: str | Path) -> str:
+    """Identity of a model folder's tokenizer: vocabulary, special tokens, chat template."""
+    return content_digest(path, TOKENIZER_FILES)
+
+
+def fingerprint(path: str | Path, extra: dict | None = None) -> str:
+    """A short content identity of a model folder (weights, config, tokenizer) plus extra
+    settings: results are reused only for the same model and protocol, on any machine."""
+    h = hashlib.sha256()
+    h.update(model_digest(path).encode())
+    h.update(tokenizer_digest(path).encode())
     h.update(json.dumps(extra or {}, sort_keys=True).encode())
     return h.hexdigest()[:16]

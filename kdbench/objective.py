@@ -1,6 +1,16 @@
 """The callable objective: a registered :class:`~kdbench.objective_spec.ObjectiveSpec` with its
-parameters resolved, applied to logits (masking, chunking and float32 math live here and in
-:mod:`kdbench.losses`). Get one with :func:`kdbench.registry.get_objective`.
+parameters resolved. Get one with :func:`kdbench.registry.get_objective`.
+
+Two paths compute the same number (the start-up check, kdbench/engine/check.py, verifies it
+for every run):
+
+* :meth:`Objective.compute` — the **reference** path, on logits ``[..., V]`` already made;
+* :meth:`Objective.from_hidden` — the **training** path, on final hidden states and output
+  heads, logits made per chunk of counted positions (:func:`kdbench.losses.chunked_head_loss`).
+
+Both reduce the objective's row function (:meth:`Objective.row_sums`) over counted positions
+and divide by their number. Layering: losses (tensor math) ← objective_spec (declarations) ←
+objective (this) ← registry (names, discovery).
 """
 
 from __future__ import annotations
@@ -131,5 +141,75 @@ class Objective:
             _losses.check_labels(y_rows, vocab)
         size = _losses.CHUNK_SIZE if chunk_size is None else chunk_size
         loss_sum, term_sums = _losses.chunked_sums(self.row_sums, [s_rows, t_rows, y_rows], size, checkpoint=checkpoint)
+        denom = max(n, 1)
+        return ObjectiveOutput(loss_sum / denom, {k: (v / denom).detach() for k, v in term_sums.items()})
+
+    def from_hidden(
+        self,
+        student_hidden: Tensor,
+        student_head,
+        teacher_hidden: Tensor | None = None,
+        teacher_head=None,
+        mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        chunk_size: int | None = None,
+        vocab_size: int | None = None,
+    ) -> ObjectiveOutput:
+        """The objective from final hidden states through the output heads, chunk by chunk.
+
+        Same value and gradients (w.r.t. the student hidden states and head weight / bias) as
+        ``compute(student_hidden @ W_sᵀ, teacher_hidden @ W_tᵀ, mask, labels)``, but no
+        positions × vocabulary tensor is ever held whole (:func:`kdbench.losses.chunked_head_loss`).
+        Hidden states are ``[B, T, d]`` with ``mask [B, T]`` or ``[N, d]`` with ``mask [N]``
+        (``None`` = all count); the trainer passes counted rows ``[N, d]`` and ``mask=None``.
+        Heads are a weight ``[V, d]``, an ``nn.Linear`` or a module with ``.weight``; a head padded
+        beyond the tokenizer is cut to ``vocab_size`` rows (different widths without
+        ``vocab_size`` are an error).
+        """
+        spec = self.spec
+        if student_hidden.dim() < 1:
+            raise ValueError("student_hidden must be [B, T, d] or [N, d]")
+        lead = student_hidden.shape[:-1]
+        w_s, b_s = _losses.head_params(student_head)
+        if w_s.shape[1] != student_hidden.shape[-1]:
+            raise ValueError(f"student head expects d={w_s.shape[1]}, hidden states have d={student_hidden.shape[-1]}")
+        w_t = b_t = None
+        if spec.needs_teacher:
+            if teacher_hidden is None or teacher_head is None:
+                raise ValueError(f"objective {self.name!r} needs the teacher: pass teacher_hidden and teacher_head")
+            if teacher_hidden.shape[:-1] != lead:
+                raise ValueError(f"teacher_hidden has positions {tuple(teacher_hidden.shape[:-1])}, student {tuple(lead)}")
+            w_t, b_t = _losses.head_params(teacher_head)
+            if w_t.shape[1] != teacher_hidden.shape[-1]:
+                raise ValueError(f"teacher head expects d={w_t.shape[1]}, hidden states have d={teacher_hidden.shape[-1]}")
+        else:
+            teacher_hidden = None
+        # vocabulary alignment on the head rows (a [V, d] slice is a view, no copy)
+        vs, vt = w_s.shape[0], None if w_t is None else w_t.shape[0]
+        if vocab_size is not None or (vt is not None and vs != vt):
+            _losses.align_vocab(w_s.new_empty((0, vs)), None if w_t is None else w_t.new_empty((0, vt)), vocab_size)
+            if vocab_size is not None:
+                w_s, b_s = w_s[:vocab_size], None if b_s is None else b_s[:vocab_size]
+                if w_t is not None:
+                    w_t, b_t = w_t[:vocab_size], None if b_t is None else b_t[:vocab_size]
+        idx, n = _losses.counted_rows(mask, lead, student_hidden.device)
+        sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+        th = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+        lab = None
+        if spec.needs_labels:
+            if labels is None:
+                raise ValueError(f"objective {self.name!r} needs labels (the reference next tokens)")
+            if tuple(labels.shape) != tuple(lead):
+                raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(lead)}")
+            lab = labels.reshape(-1).to(device=sh.device, dtype=torch.long)
+        if idx is not None:
+            sh = sh.index_select(0, idx)
+            th = None if th is None else th.index_select(0, idx)
+            lab = None if lab is None else lab.index_select(0, idx)
+        if lab is not None:
+            _losses.check_labels(lab, w_s.shape[0])
+        loss_sum, term_sums = _losses.chunked_head_loss(self.row_sums, sh, w_s, b_s, th, w_t, b_t, lab,
+                                                        chunk_size=chunk_size or 0)
         denom = max(n, 1)
         return ObjectiveOutput(loss_sum / denom, {k: (v / denom).detach() for k, v in term_sums.items()})

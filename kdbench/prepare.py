@@ -1,20 +1,23 @@
-"""What a suite's runs share, built once per process: data, (fine-tuned) teacher, student recipe.
+"""What a suite's runs share: data, (fine-tuned) teacher, student recipe, tokenised inputs.
 
 ``prepare(suite, device)`` dispatches on the suite spec:
 * data: the builder named by ``suite.data["loader"]`` (kdbench/data/sources.py), from the
-  embedded corpus or from a data root / the hub;
+  embedded corpus or from a data root / the hub; budgets in epochs become steps;
 * teacher: the selected pair's teacher (embedded GGUF converted once, a local folder or a hub
   id); when the suite has ``finetune`` and the pair's teacher is not already fine-tuned, the
   teacher fine-tuned on the training split (cached, kdbench/finetune.py);
 * student: ``layer_subset`` -- blocks of the *base* teacher (the student never saw the
   task's fine-tuning data, like a generic pretrained student) -- or ``pretrained``, loaded
-  by name; teacher and student must share the vocabulary (checked here, never mapped);
-* budgets given in epochs are turned into steps once the training set size is known.
+  by name; teacher and student must share the vocabulary (checked here, never mapped).
+
+Models are loaded lazily and can be released (:meth:`Prepared.release_teacher`): a run that
+reads the teacher cache holds no teacher while it trains. Every example is tokenised once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,11 +26,15 @@ from pathlib import Path
 import torch
 
 from kdbench.data import sources
+from kdbench.data.batching import Encoded, encode
+from kdbench.device import inference_dtype
 from kdbench.errors import UserError
-from kdbench.finetune import finetune_teacher, resolved_steps
-from kdbench.models import build_student, fingerprint, layer_subset, load_causal_lm, load_tokenizer, prepare_teacher
+from kdbench.evaluate import TaskInputs
+from kdbench.finetune import finetune_teacher
+from kdbench.models import (build_student, fingerprint, layer_subset, load_causal_lm, load_tokenizer, model_digest,
+                            prepare_teacher, tokenizer_digest)
 from kdbench.suites import SuiteSpec
-from kdbench.train import native_bf16
+from kdbench.engine.trainer import steps_for
 
 
 @dataclass
@@ -35,28 +42,74 @@ class Prepared:
     """Everything a suite's runs share (``splits["train"]``: Examples with .prompt / .references)."""
 
     suite: SuiteSpec               # with budgets in steps (epochs resolved)
+    device: torch.device
     teacher_path: Path             # the teacher actually used (fine-tuned when the suite fine-tunes)
     tokenizer: object
-    teacher: torch.nn.Module
     splits: dict                   # train / valid / test (test: the first task's full test set)
     student_keep: list[int] | None  # layer_subset students: the teacher blocks kept
     base_teacher_path: Path | None = None
     tests: dict = field(default_factory=dict)        # task name -> evaluated examples (capped, stable order)
     data_manifest: dict = field(default_factory=dict)
+    _teacher: torch.nn.Module | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # -- models ----------------------------------------------------------------------------
+    def teacher(self) -> torch.nn.Module:
+        """The frozen teacher, held in bf16 where bf16 is native (it only runs inference: no
+        autocast weight casts on every call), loaded on first use."""
+        if self._teacher is None:
+            dtype = inference_dtype(self.device, self.suite.train.bf16_autocast)
+            self._teacher = load_causal_lm(self.teacher_path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+        return self._teacher
+
+    def release_teacher(self) -> None:
+        self._teacher = None
+        gc.collect()
 
     def new_student(self) -> torch.nn.Module:
-        """A fresh float32 student (the teacher in memory may be bf16: it only runs inference)."""
+        """A fresh float32 student (trainable)."""
         spec = self.suite.student
         if spec["kind"] == "layer_subset":
-            return build_student(load_causal_lm(self.base_teacher_path or self.teacher_path), self.student_keep)
-        return load_causal_lm(spec["name"])
+            base = load_causal_lm(self.base_teacher_path or self.teacher_path)
+            return build_student(base, self.student_keep, copy_weights=False).to(self.device)
+        return load_causal_lm(spec["name"]).to(self.device)
+
+    # -- tokenised inputs (once per process) -------------------------------------------------
+    def train_examples(self) -> list[tuple[str, Encoded]]:
+        """``(example id, Encoded)`` for every training example (its first reference)."""
+        if "train" not in self._cache:
+            t = self.suite.train
+            self._cache["train"] = [(e.id, encode(self.tokenizer, e.prompt, e.references[0], t.max_prompt_tokens,
+                                                  t.max_tokens, self.suite.system_prompt))
+                                    for e in self.splits["train"]]
+        return self._cache["train"]
+
+    def task_inputs(self, task: str) -> TaskInputs:
+        key = f"test:{task}"
+        if key not in self._cache:
+            self._cache[key] = self._inputs(self.tests[task])
+        return self._cache[key]
+
+    def valid_inputs(self) -> TaskInputs:
+        if "valid" not in self._cache:
+            valid = sorted(self.splits["valid"], key=lambda e: e.id)[: self.suite.eval.n_valid]
+            self._cache["valid"] = self._inputs(valid)
+        return self._cache["valid"]
+
+    def _inputs(self, examples) -> TaskInputs:
+        t = self.suite.train
+        return TaskInputs.build(self.tokenizer, examples, t.max_prompt_tokens, t.max_tokens, self.suite.system_prompt)
+
+    # -- identities --------------------------------------------------------------------------
+    def teacher_identity(self) -> dict:
+        return {"weights": model_digest(self.teacher_path), "tokenizer": tokenizer_digest(self.teacher_path)}
 
 
 def resolve_epochs(suite: SuiteSpec, n_train: int) -> SuiteSpec:
     """Budgets in epochs -> steps (and validation every N epochs -> every M steps)."""
     train, ev = suite.train, suite.eval
     if train.epochs:
-        train = dataclasses.replace(train, steps=resolved_steps(train, n_train))
+        train = dataclasses.replace(train, steps=steps_for(train, n_train))
     if train.valid_every_epochs:
         ev = dataclasses.replace(ev, valid_every=max(1, math.ceil(train.valid_every_epochs * n_train / train.batch_size)))
     return dataclasses.replace(suite, train=train, eval=ev)
@@ -87,16 +140,14 @@ def prepare(suite: SuiteSpec, device: torch.device, *, data_dir=None, progress: 
     base = prepare_teacher(suite.teacher)
     teacher_path = base
     if suite.finetune is not None and not suite.selected.teacher_finetuned:
-        teacher_path = finetune_teacher(base, suite.name, suite.finetune, data.train, device, progress=progress)
+        teacher_path = finetune_teacher(base, suite.name, suite.finetune, data.train, device,
+                                        system_prompt=suite.system_prompt, progress=progress)
     tokenizer = load_tokenizer(teacher_path)
-    # The frozen teacher only runs inference: hold it in bf16 where bf16 is native, so neither
-    # training nor sampling pays autocast's per-call weight casts (they are not cached for
-    # parameters that do not require grad).
-    dtype = torch.bfloat16 if suite.train.bf16_autocast and native_bf16(device) else torch.float32
-    teacher = load_causal_lm(teacher_path, dtype=dtype).to(device).eval().requires_grad_(False)
     keep = None
     if suite.student["kind"] == "layer_subset":
-        keep = layer_subset(teacher.config.num_hidden_layers, suite.student["keep_every"])
+        from transformers import AutoConfig
+
+        keep = layer_subset(AutoConfig.from_pretrained(str(base)).num_hidden_layers, suite.student["keep_every"])
         student_desc = f"student keeps blocks {keep}"
     elif suite.student["kind"] == "pretrained":
         check_vocabularies(tokenizer, suite.student["name"])
@@ -108,13 +159,16 @@ def prepare(suite: SuiteSpec, device: torch.device, *, data_dir=None, progress: 
     print(f"[kdbench] prepared {suite.name}: teacher {teacher_path} ({time.perf_counter() - t0:.1f}s), "
           f"data train/valid/test = {len(data.train)}/{len(data.valid)}/"
           f"{'+'.join(str(len(data.tests[t.source])) for t in suite.tasks)}, {student_desc}")
-    return Prepared(suite, teacher_path, tokenizer, teacher, splits, keep, base, tests, data.manifest)
+    return Prepared(suite, device, teacher_path, tokenizer, splits, keep, base, tests, data.manifest)
 
 
 def reference_fingerprint(prep: Prepared) -> str:
-    """Reference rows (teacher, undistilled student) are reused only for the same teacher,
-    student construction, data and protocol (the suite version and label are matched too)."""
-    extra = {"student": prep.suite.student, "eval": dataclasses.asdict(prep.suite.eval), "data": prep.suite.data}
-    if not Path(prep.teacher_path).is_dir():  # a hub id: the folder cannot be fingerprinted, its name can
-        extra["teacher"] = str(prep.teacher_path)
+    """Reference rows (teacher, undistilled student) are reused only for the same teacher
+    (by content: weights, config, tokenizer -- never its path), student construction, data and
+    protocol (the suite version and label are matched too)."""
+    extra = {"student": prep.suite.student, "eval": dataclasses.asdict(prep.suite.eval), "data": prep.suite.data,
+             "system_prompt": prep.suite.system_prompt}
+    if prep.suite.student["kind"] == "layer_subset" and prep.base_teacher_path is not None \
+            and prep.base_teacher_path != prep.teacher_path:
+        extra["student_base"] = model_digest(prep.base_teacher_path)
     return fingerprint(prep.teacher_path, extra)

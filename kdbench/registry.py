@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from kdbench.errors import did_you_mean
-from kdbench.losses import compute_from_hidden, loss_from_hidden  # noqa: F401  (re-exported)
 
 # Declarations (objective_spec) and the callable objective (objective) live in their own modules;
 # every name stays importable from here, where objective files and callers have always taken them.
@@ -386,3 +385,21 @@ def get_objective(name: "str | ObjectiveSpec | Objective", /, **params: Any) -> 
         params = {**setting_params, **params}
     resolved = resolve_params(spec, params, fixed=fixed, alias=alias)
     return Objective(spec, resolved)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hidden-state path by name (the method is Objective.from_hidden)
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_from_hidden(obj: "str | Objective", student_hidden, student_head, teacher_hidden=None, teacher_head=None,
+                        mask=None, labels=None, *, chunk_size: int | None = None,
+                        vocab_size: int | None = None) -> ObjectiveOutput:
+    """:meth:`Objective.from_hidden` for an objective or a name / setting string."""
+    return get_objective(obj).from_hidden(student_hidden, student_head, teacher_hidden, teacher_head, mask, labels,
+                                          chunk_size=chunk_size, vocab_size=vocab_size)
+
+
+def loss_from_hidden(obj: "str | Objective", *args, **kwargs):
+    """The loss of :func:`compute_from_hidden` (mean over counted positions, 0-dim)."""
+    return compute_from_hidden(obj, *args, **kwargs).loss

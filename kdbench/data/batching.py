@@ -1,6 +1,8 @@
-"""Turn examples into token batches: prompt in the chat template, loss only on the response.
+"""Examples → tokens: prompt in the chat template, loss only on the response.
 
-Shapes (B = batch, T = longest sequence in the batch):
+``encode`` is the one tokenisation of a training example; kdbench/engine/batches.py packs the
+encoded examples for training, ``collate`` lays them out padded (the landed layout, kept as the
+dense reference of the start-up check and for the benchmarks). Padded shapes (B = batch, T = longest sequence in the batch):
   input_ids  [B, T]  long   prompt + response + end-of-turn, right-padded
   attention  [B, T]  long   1 on real tokens
   labels     [B, T]  long   labels[:, i] = input_ids[:, i + 1] (the token position i predicts)
@@ -17,11 +19,15 @@ from typing import Iterator, Sequence
 import torch
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the teacher was trained to see it; plain text if it has no chat template."""
+def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The prompt as the teacher was trained to see it; plain text if it has no chat template.
+    ``system``: None keeps the template's default system turn (SmolLM2 adds a 20-token one);
+    a string (``""`` included) is given as the system message instead."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return prompt + "\n"
 
 
@@ -35,9 +41,10 @@ class Encoded:
     n_prompt: int  # tokens before the response
 
 
-def encode(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_tokens: int) -> Encoded:
+def encode(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_tokens: int,
+           system: str | None = None) -> Encoded:
     """Prompt tokens (left-truncated to keep the instruction's end and the template) + response."""
-    p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    p_ids = tokenizer(chat_prompt(tokenizer, prompt, system), add_special_tokens=False).input_ids
     if len(p_ids) > max_prompt_tokens:
         p_ids = p_ids[-max_prompt_tokens:]
     r_ids = tokenizer(response + end_of_turn(tokenizer), add_special_tokens=False).input_ids

@@ -112,6 +112,8 @@ class SuiteSpec:
     finetune: TrainSpec | None = None  # teacher fine-tuning on the training split before distillation (cached)
     pair: str | None = None          # the selected pair (None: default_pair); set by command-line overrides
     licences: str = ""               # data and model licences (shown in docs/suites.md and `kdbench list`)
+    system_prompt: str | None = None  # the chat template's system turn: None keeps the template's default
+    #                                   (SmolLM2's is 20 tokens per example), "" gives an empty one
 
     @property
     def pair_name(self) -> str:

@@ -1,4 +1,7 @@
-"""The distillation loop. Read top to bottom: this is where the loss is computed.
+"""The landed (v1) distillation loop, kept verbatim so benchmarks can run it side by side with
+the engine (kdbench/engine/trainer.py) in one process. Not used by kdbench itself.
+
+Original docstring: The distillation loop. Read top to bottom: this is where the loss is computed.
 
 One optimiser step:
   1. take the next batch (same order for every objective: data/batching.py),

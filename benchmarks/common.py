@@ -1,0 +1,76 @@
+"""Shared set-up for the benchmarks: the micro models and data, measured side by side.
+
+Every benchmark prints the ratios it measured in one process (so machine load affects all
+arms alike), the machine, and the command that reproduces it. Run them alone on the machine:
+on 2 cores a second torch process slows a running one ~10x.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def micro_setup(device: torch.device, n_examples: int | None = None):
+    """The micro suite's real teacher (bf16 where native), a fresh 16-block student recipe, the
+    tokenizer and the encoded training examples ``[(id, Encoded)]`` (v1 encoding)."""
+    from kdbench.data.batching import encode
+    from kdbench.data.micro import build_splits
+    from kdbench.device import inference_dtype
+    from kdbench.models import build_student, layer_subset, load_causal_lm, load_tokenizer, prepare_teacher
+    from kdbench.suites import MICRO
+
+    path = prepare_teacher(MICRO.teacher)
+    tok = load_tokenizer(path)
+    base = load_causal_lm(path)
+    keep = layer_subset(base.config.num_hidden_layers, MICRO.student["keep_every"])
+    student0 = build_student(base, keep)
+    del base
+    teacher = load_causal_lm(path, dtype=inference_dtype(device)).to(device).eval().requires_grad_(False)
+    train = build_splits(MICRO.data["valid_frac"], MICRO.data["test_frac"])["train"]
+    spec = MICRO.train
+    enc = [(e.id, encode(tok, e.prompt, e.references[0], spec.max_prompt_tokens, spec.max_tokens)) for e in train]
+    if n_examples:
+        enc = enc[:n_examples]
+
+    def new_student():
+        return copy.deepcopy(student0).to(device).train()
+
+    return teacher, new_student, tok, enc, path
+
+
+def report(name: str, results: dict, command: str) -> None:
+    out = {"benchmark": name, "machine": machine(), "results": results, "command": command,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(out, indent=2, default=str))

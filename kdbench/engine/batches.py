@@ -1,0 +1,151 @@
+"""Where training data comes in: encoded examples → packed batches, with a resumable cursor.
+
+A step's batch is ``batch_size`` examples drawn in the order fixed by ``(seed, epoch)`` — the
+same for every objective, so runs on one suite and seed differ only in the loss. The examples
+are **packed**: laid end to end in one row, positions restarting at 0 for each sequence, so
+attention stays within a sequence and no position is padding (42% of the positions of the
+landed padded batches were). The objective counts only response positions; their flat
+indices into the packed row are ``Batch.counted``, in example order.
+
+Shapes (L = the batch's real tokens, N = its counted positions)::
+
+    input_ids     [1, L]  long   sequences end to end (prompt + response + end-of-turn each)
+    position_ids  [1, L]  long   0, 1, … restarting at every sequence
+    counted       [N]     long   flat indices of the positions whose next token is a response token
+    labels        [N]     long   that next token
+
+``Batch.padded()`` gives the landed layout of the same examples (``[B, T]`` right-padded with
+``attention_mask`` / ``labels`` / ``loss_mask``), the dense reference the start-up check
+compares against. The model must treat packed sequences independently: transformers does for
+``position_ids`` with no attention mask and no cache (tests/test_engine.py checks packed ==
+per-sequence hidden states).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kdbench.data.batching import Encoded, collate
+
+ORDER_RULE = "epoch k: random.Random(seed * 100003 + k).shuffle(range(n)); consecutive batch_size slices, last partial dropped"
+
+
+def counted_span(e: Encoded) -> range:
+    """Positions of ``e.ids`` whose next token is a response token (end-of-turn included)."""
+    return range(max(e.n_prompt - 1, 0), len(e.ids) - 1)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    counted: torch.Tensor
+    labels: torch.Tensor
+    example_ids: list[str]
+    encoded: list[Encoded] = field(repr=False)
+    pad_id: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Real tokens through the model (what ``runs.train_tokens_per_s`` counts)."""
+        return int(self.input_ids.numel())
+
+    @property
+    def n_counted(self) -> int:
+        return int(self.counted.numel())
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.counted.to(device),
+                     self.labels.to(device), self.example_ids, self.encoded, self.pad_id)
+
+    def padded(self) -> dict[str, torch.Tensor]:
+        """The same examples in the landed right-padded layout (``data.batching.collate``)."""
+        return collate(self.encoded, self.pad_id)
+
+
+def pack(encoded: Sequence[Encoded], example_ids: Sequence[str], pad_id: int = 0) -> Batch:
+    """One packed row of ``encoded`` (see the module docstring)."""
+    ids: list[int] = []
+    pos: list[int] = []
+    counted: list[int] = []
+    labels: list[int] = []
+    for e in encoded:
+        offset = len(ids)
+        ids += e.ids
+        pos += range(len(e.ids))
+        span = counted_span(e)
+        counted += (offset + i for i in span)
+        labels += (e.ids[i + 1] for i in span)
+    return Batch(torch.tensor([ids], dtype=torch.long), torch.tensor([pos], dtype=torch.long),
+                 torch.tensor(counted, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
+                 list(example_ids), list(encoded), pad_id)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+class PackedBatches:
+    """Endless packed batches in the fixed per-seed order, with a cursor (``state_dict``).
+
+    ``examples`` are ``(example_id, Encoded)`` pairs. The cursor is ``(epoch, index of the next
+    batch in the epoch)``; ``load_state_dict`` continues exactly where a saved source stopped
+    (the resume seam). ``describe()`` is what a run records about its data order.
+    """
+
+    def __init__(self, examples: Sequence[tuple[str, Encoded]], batch_size: int, seed: int, pad_id: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} training examples are fewer than one batch of {batch_size}")
+        ids = [i for i, _ in examples]
+        if len(set(ids)) != len(ids):
+            raise ValueError("training example ids must be unique (the teacher cache is indexed by them)")
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.epoch = 0
+        self.index = 0  # next batch within the epoch
+        self._order = epoch_order(len(self.examples), seed, 0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.examples) // self.batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = epoch_order(len(self.examples), self.seed, self.epoch)
+        picked = [self.examples[i] for i in self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]]
+        self.index += 1
+        return pack([e for _, e in picked], [i for i, _ in picked], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index, "batch_size": self.batch_size,
+                "n_examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seed"], state["batch_size"], state["n_examples"]) != (self.seed, self.batch_size, len(self.examples)):
+            raise ValueError(f"batch cursor {state} does not belong to this data (seed {self.seed}, batch size "
+                             f"{self.batch_size}, {len(self.examples)} examples)")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = epoch_order(len(self.examples), self.seed, self.epoch)
+
+    def describe(self) -> dict:
+        """The order rule, a digest of epoch 0's example order, and the packing (stored with a run)."""
+        first = [self.examples[i][0] for i in epoch_order(len(self.examples), self.seed, 0)]
+        digest = hashlib.sha256("\n".join(first).encode()).hexdigest()[:16]
+        return {"order": ORDER_RULE, "seed": self.seed, "epoch0_order_sha256": digest,
+                "packing": "each batch's sequences end to end in one row, positions restart per sequence, no padding",
+                "batches_per_epoch": self.batches_per_epoch}

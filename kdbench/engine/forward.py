@@ -1,0 +1,50 @@
+"""Model forwards on packed batches: final hidden states at counted positions.
+
+Training never asks a model for logits: it takes the **final hidden states** (the output
+head's input, after the last norm) at the batch's counted positions and the objective makes
+logits from them chunk by chunk (kdbench/losses.py). That is only the model's own output if
+its head is a plain linear map of those states; :func:`head_logits_check` verifies it against
+the model's own logits (a head with soft-capping or a logit scale would fail it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdbench.engine.batches import Batch
+
+
+def final_hidden(model, batch: Batch) -> Tensor:
+    """``[N, d]`` final hidden states at ``batch.counted``. Packed sequences stay independent:
+    ``position_ids`` restart per sequence and, with no attention mask and no cache,
+    transformers masks attention per sequence (flash-attention kernels use them as varlen
+    boundaries)."""
+    out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    h = out.last_hidden_state
+    return h.reshape(-1, h.shape[-1]).index_select(0, batch.counted)
+
+
+def output_head(model):
+    """The model's output head module (``weight [V, d]``, maybe ``bias``)."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise ValueError(f"{type(model).__name__} has no output head with a weight; kdbench needs a causal LM")
+    return head
+
+
+@torch.no_grad()
+def head_logits_check(model, batch: Batch, hidden: Tensor, rows: int = 32) -> dict:
+    """Compare the model's own logits with ``hidden @ Wᵀ (+ b)`` (float32) on the first ``rows``
+    counted positions. Returns ``{"max_abs_err", "max_abs_logit", "rel_err"}``; the caller sets
+    the tolerance (float32 models: ~1e-5 relative; bf16 models: ~1e-2, their own rounding)."""
+    n = min(rows, batch.n_counted)
+    keep = batch.counted[:n]
+    own = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                logits_to_keep=keep).logits.reshape(n, -1).float()
+    head = output_head(model)
+    ours = torch.nn.functional.linear(hidden[:n].float(), head.weight.float(),
+                                      None if getattr(head, "bias", None) is None else head.bias.float())
+    err = float((own - ours).abs().max()) if n else 0.0
+    scale = float(ours.abs().max()) if n else 0.0
+    return {"max_abs_err": err, "max_abs_logit": scale, "rel_err": err / max(scale, 1e-12), "rows": n}

@@ -1,0 +1,82 @@
+"""Teacher sources: where a step's teacher targets come from.
+
+The trainer asks a source for the teacher's **final hidden states at the batch's counted
+positions** (``[N, d_t]``, in ``Batch.counted`` order) and turns them into logits per chunk
+through :attr:`TeacherSource.head`, exactly as it does for the student. Two sources:
+
+* :class:`LiveTeacher` runs the frozen teacher's transformer body on every batch (needed for
+  on-policy data, whose sequences are new every step);
+* :class:`CachedTeacher` reads the hidden states that :mod:`kdbench.engine.teacher_cache`
+  computed once per suite version, so later off-policy runs never run the teacher's body.
+
+Both give the same logits up to the float rounding of different batch shapes (the cache is
+built with other batch compositions than training uses); tests/test_teacher_cache.py states
+and checks the tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from kdbench.engine.batches import Batch
+from kdbench.engine.forward import final_hidden
+
+
+class TeacherHead:
+    """The frozen output head in float32: ``weight [V, d]`` (and ``bias [V]``), no gradient."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        self.weight = weight.detach().float()
+        self.bias = None if bias is None else bias.detach().float()
+
+    @classmethod
+    def of(cls, model) -> "TeacherHead":
+        head = model.get_output_embeddings()
+        return cls(head.weight, getattr(head, "bias", None))
+
+    def to(self, device) -> "TeacherHead":
+        return TeacherHead(self.weight.to(device), None if self.bias is None else self.bias.to(device))
+
+
+class TeacherSource(Protocol):
+    head: TeacherHead
+    kind: str  # "live" | "cache"
+
+    def hidden(self, batch: Batch) -> Tensor:
+        """``[batch.n_counted, d_t]`` teacher final hidden states, no gradient."""
+        ...
+
+
+class LiveTeacher:
+    """Runs the frozen teacher (held in its inference dtype, bf16 where native) on each batch."""
+
+    kind = "live"
+
+    def __init__(self, model):
+        self.model = model.eval().requires_grad_(False)
+        self.head = TeacherHead.of(model)
+
+    @torch.inference_mode()
+    def hidden(self, batch: Batch) -> Tensor:
+        return final_hidden(self.model, batch)
+
+
+class CachedTeacher:
+    """Teacher hidden states read from a published cache entry (memory-mapped)."""
+
+    kind = "cache"
+
+    def __init__(self, entry, device: torch.device | str = "cpu"):
+        self.entry = entry
+        self.head = entry.head().to(device)
+        self.device = torch.device(device)
+
+    def hidden(self, batch: Batch) -> Tensor:
+        rows = self.entry.rows(batch.example_ids)
+        if rows.shape[0] != batch.n_counted:
+            raise RuntimeError(f"teacher cache {self.entry.key}: {rows.shape[0]} cached positions for a batch with "
+                               f"{batch.n_counted} counted positions (stale entry?)")
+        return rows.to(self.device)

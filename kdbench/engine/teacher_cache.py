@@ -1,0 +1,253 @@
+"""The exact teacher cache: the teacher's final hidden states at counted positions, on disk.
+
+Computed once per (teacher, tokenizer, encoded data, lengths, dtype, device kind) and reused
+by every later off-policy run of the suite, so training never runs the teacher's
+transformer body. Logits are recomputed through the teacher's head (stored with the entry),
+so a run sees the live teacher's full distribution, not a top-k compression.
+
+Layout of an entry ``$KDBENCH_CACHE/teacher-hidden/<key>/``::
+
+    hidden.bin       [n_rows, d] raw rows (bf16 stored as int16 bits, or float32), memory-mapped
+    index.json       example id -> [first row, number of rows] (rows in counted-position order)
+    head.safetensors the teacher's output head (weight [V, d], bias) in float32
+    meta.json        key, its inputs, shape, dtype, sizes, build time   (written last)
+
+**Key** (content-addressed): sha256 of the cache format version, the teacher weights digest,
+the tokenizer digest (vocabulary, special tokens, chat template), the digest of the encoded
+training data (every example id, token id and prompt length), the max lengths, the dtype and
+the device kind. Any change is a new entry; a stale one is never read.
+
+**Concurrency**: a builder holds an exclusive ``flock`` on ``<key>.lock`` and writes into a
+temporary sibling folder that is renamed into place when complete, so concurrent runs
+building one entry build it once and a reader never sees a half-written entry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from kdbench.data.batching import Encoded
+from kdbench.engine.batches import counted_span, pack
+from kdbench.engine.forward import final_hidden, head_logits_check
+from kdbench.engine.teacher import TeacherHead
+
+CACHE_FORMAT = 1
+BUILD_BATCH = 16  # examples per teacher forward while building (packed)
+_DTYPES = {"bfloat16": (torch.bfloat16, np.int16), "float32": (torch.float32, np.float32)}
+
+
+def cache_root() -> Path:
+    from kdbench.models import cache_dir
+
+    return cache_dir() / "teacher-hidden"
+
+
+def data_digest(examples: Sequence[tuple[str, Encoded]]) -> str:
+    """Digest of the encoded training data: ids, token ids and prompt lengths, in order."""
+    h = hashlib.sha256()
+    for ex_id, e in examples:
+        h.update(json.dumps([ex_id, e.n_prompt, e.ids]).encode())
+    return h.hexdigest()
+
+
+def cache_key(inputs: dict) -> str:
+    """The entry key: sha256 of the canonical JSON of ``inputs`` plus the format version."""
+    blob = json.dumps({"format": CACHE_FORMAT, **inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclass
+class Entry:
+    """A published cache entry (read-only)."""
+
+    path: Path
+    meta: dict
+    index: dict
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @classmethod
+    def open(cls, path: Path) -> "Entry | None":
+        """The entry at ``path`` if it is complete and consistent, else None."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            index = json.loads((path / "index.json").read_text())
+        except (OSError, ValueError):
+            return None
+        torch_dtype, np_dtype = _DTYPES[meta["dtype"]]
+        expected = meta["n_rows"] * meta["d"] * np.dtype(np_dtype).itemsize
+        if meta.get("format") != CACHE_FORMAT or (path / "hidden.bin").stat().st_size != expected:
+            return None
+        return cls(path, meta, index)
+
+    def _array(self) -> np.ndarray:
+        arr = getattr(self, "_mm", None)
+        if arr is None:
+            _, np_dtype = _DTYPES[self.meta["dtype"]]
+            arr = np.memmap(self.path / "hidden.bin", dtype=np_dtype, mode="r",
+                            shape=(self.meta["n_rows"], self.meta["d"]))
+            self._mm = arr
+        return arr
+
+    def rows(self, example_ids: Iterable[str]) -> torch.Tensor:
+        """The cached rows of these examples, concatenated in order: ``[N, d]``."""
+        arr = self._array()
+        try:
+            spans = [self.index[i] for i in example_ids]
+        except KeyError as exc:
+            raise KeyError(f"example {exc.args[0]!r} is not in teacher cache {self.key}") from None
+        out = np.concatenate([arr[a:a + n] for a, n in spans]) if spans else arr[:0]
+        t = torch.from_numpy(np.ascontiguousarray(out))
+        torch_dtype, _ = _DTYPES[self.meta["dtype"]]
+        return t.view(torch_dtype) if torch_dtype == torch.bfloat16 else t
+
+    def head(self) -> TeacherHead:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.path / "head.safetensors"))
+        return TeacherHead(tensors["weight"], tensors.get("bias"))
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+@contextmanager
+def _lock(key: str):
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def lookup(key: str) -> Entry | None:
+    return Entry.open(cache_root() / key)
+
+
+def get_or_build(key: str, inputs: dict, teacher, examples: Sequence[tuple[str, Encoded]], device: torch.device,
+                 *, progress: bool = True, log=print) -> tuple[Entry, float]:
+    """The entry for ``key``, built from ``teacher`` (a model, or a zero-argument function
+    returning one: it is loaded only when the entry must be built) over ``examples`` if it does
+    not exist yet. Returns ``(entry, seconds spent building; 0.0 when it was reused)``."""
+    entry = lookup(key)
+    if entry is not None:
+        return entry, 0.0
+    with _lock(key):
+        entry = lookup(key)  # another process built it while we waited
+        if entry is not None:
+            return entry, 0.0
+        t0 = time.perf_counter()
+        final = cache_root() / key
+        if final.exists():  # an inconsistent leftover (never published completely)
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root()))
+        try:
+            model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
+            _write(tmp, key, inputs, model, examples, device, progress)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        seconds = time.perf_counter() - t0
+        entry = Entry.open(final)
+        assert entry is not None, f"teacher cache entry {final} failed its own consistency check"
+        log(f"[kdbench] teacher cache {key}: {entry.meta['n_rows']} positions of {len(examples)} examples in "
+            f"{seconds:.0f}s ({entry.size_bytes / 2**20:.0f} MB)")
+        return entry, seconds
+
+
+@torch.inference_mode()
+def _write(folder: Path, key: str, inputs: dict, teacher, examples, device, progress: bool) -> None:
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    teacher.eval()
+    n_rows = sum(len(counted_span(e)) for _, e in examples)
+    d = teacher.get_output_embeddings().weight.shape[1]
+    dtype_name = "bfloat16" if next(teacher.parameters()).dtype == torch.bfloat16 else "float32"
+    torch_dtype, np_dtype = _DTYPES[dtype_name]
+    arr = np.memmap(folder / "hidden.bin", dtype=np_dtype, mode="w+", shape=(max(n_rows, 1), d))
+    index: dict[str, list[int]] = {}
+    row = 0
+    bar = tqdm(range(0, len(examples), BUILD_BATCH), desc="teacher cache", disable=not progress, dynamic_ncols=True)
+    for start in bar:
+        picked = list(examples[start:start + BUILD_BATCH])
+        batch = pack([e for _, e in picked], [i for i, _ in picked]).to(device)
+        h = final_hidden(teacher, batch)
+        if start == 0:
+            _check_head(teacher, batch, h, dtype_name)
+        h = h.to(torch_dtype).cpu()
+        bits = h.view(torch.int16).numpy() if torch_dtype == torch.bfloat16 else h.numpy()
+        arr[row:row + bits.shape[0]] = bits
+        offset = 0
+        for ex_id, e in picked:
+            n = len(counted_span(e))
+            index[ex_id] = [row + offset, n]
+            offset += n
+        row += bits.shape[0]
+    bar.close()
+    arr.flush()
+    del arr
+    if n_rows == 0:  # keep the file size consistent with n_rows = 0
+        (folder / "hidden.bin").write_bytes(b"")
+    head = TeacherHead.of(teacher)
+    tensors = {"weight": head.weight.contiguous().cpu()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias.contiguous().cpu()
+    save_file(tensors, str(folder / "head.safetensors"))
+    (folder / "index.json").write_text(json.dumps(index))
+    meta = {"key": key, "format": CACHE_FORMAT, "inputs": inputs, "n_rows": n_rows, "d": d, "dtype": dtype_name,
+            "n_examples": len(examples), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))  # last: an entry without it is incomplete
+
+
+HEAD_RTOL = {"float32": 1e-4, "bfloat16": 2e-2}  # the model's own logits vs hidden @ W^T, per dtype
+
+
+def _check_head(teacher, batch, hidden, dtype_name: str) -> None:
+    """Cached logits are ``hidden @ W^T``: refuse a teacher whose own logits are something else."""
+    got = head_logits_check(teacher, batch, hidden)
+    if got["rel_err"] > HEAD_RTOL[dtype_name]:
+        raise ValueError(f"the teacher's logits are not a linear map of its final hidden states (relative error "
+                         f"{got['rel_err']:.2e} > {HEAD_RTOL[dtype_name]:g}: soft-capping or a logit scale?); kdbench makes "
+                         f"teacher logits from hidden states and needs a plain linear output head")
+
+
+def list_entries() -> list[Entry]:
+    root = cache_root()
+    if not root.is_dir():
+        return []
+    found = (Entry.open(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith("."))
+    return [e for e in found if e is not None]
+
+
+def clear(keys: Sequence[str] | None = None) -> list[tuple[str, int]]:
+    """Remove the named entries (all when ``keys`` is None); returns (key, bytes freed)."""
+    removed = []
+    for entry in list_entries():
+        if keys is None or entry.key in keys or any(entry.key.startswith(k) for k in keys):
+            with _lock(entry.key):
+                size = entry.size_bytes
+                shutil.rmtree(entry.path, ignore_errors=True)
+            (cache_root() / f"{entry.key}.lock").unlink(missing_ok=True)
+            removed.append((entry.key, size))
+    return removed

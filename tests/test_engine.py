@@ -1,0 +1,319 @@
+"""The engine: packed batches, the hidden-state training path, the start-up check, the train
+state, and fine-tuning on the same trainer. Tiny random Llama models with the real SmolLM2
+tokenizer (tests/tiny_models.py) and real chatterbot-corpus examples keep it to seconds."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import textwrap
+
+import pytest
+import torch
+
+from kdbench.data.batching import collate, encode
+from kdbench.engine import state as S
+from kdbench.engine.batches import PackedBatches, pack
+from kdbench.engine.check import FastPathMismatch, startup_check
+from kdbench.engine.forward import final_hidden, head_logits_check, output_head
+from kdbench.engine.teacher import LiveTeacher
+from kdbench.engine.trainer import TrainingDiverged, train
+from kdbench.registry import get_objective, list_objectives, load_plugin_file
+from kdbench.suites import TrainSpec
+
+try:
+    from tests.tiny_models import make_tiny_pair
+except ImportError:  # run from inside tests/
+    from tiny_models import make_tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SPEC = TrainSpec(steps=4, batch_size=4, max_prompt_tokens=48, max_tokens=64, warmup_steps=1, log_every=1,
+                 bf16_autocast=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from kdbench.data.micro import build_splits
+    from kdbench.models import load_causal_lm, load_tokenizer
+
+    teacher_path, student_path = make_tiny_pair(tmp_path_factory.mktemp("engine_models"))
+    tok = load_tokenizer(teacher_path)
+    train_split = build_splits(0.05, 0.12)["train"][:24]
+    enc = [(e.id, encode(tok, e.prompt, e.references[0], SPEC.max_prompt_tokens, SPEC.max_tokens, ""))
+           for e in train_split]
+    teacher = load_causal_lm(teacher_path).eval().requires_grad_(False)
+    student0 = load_causal_lm(student_path)
+    return {"tok": tok, "enc": enc, "teacher": teacher, "student0": student0, "teacher_path": teacher_path}
+
+
+def fresh(tiny):
+    return copy.deepcopy(tiny["student0"]).train()
+
+
+# --------------------------------------------------------------------------- packed batches
+
+
+def test_packed_hidden_states_equal_per_sequence_ones(tiny):
+    model = tiny["teacher"]
+    items = tiny["enc"][:5]
+    batch = pack([e for _, e in items], [i for i, _ in items])
+    packed = final_hidden(model, batch)
+    one_by_one = torch.cat([final_hidden(model, pack([e], [i])) for i, e in items])
+    torch.testing.assert_close(packed, one_by_one, rtol=1e-4, atol=1e-5)
+    # and the padded landed layout selects the same rows and labels
+    padded = collate([e for _, e in items], tiny["tok"].pad_token_id)
+    h = model.base_model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(h[padded["loss_mask"]], packed, rtol=1e-4, atol=1e-5)
+    assert torch.equal(padded["labels"][padded["loss_mask"]], batch.labels)
+    assert batch.n_tokens == int(padded["attention_mask"].sum())  # no padding in a packed batch
+
+
+def test_batch_order_is_fixed_per_seed_and_the_cursor_resumes(tiny):
+    enc = tiny["enc"]
+    a = PackedBatches(enc, 4, seed=3)
+    first = [next(a).example_ids for _ in range(8)]  # crosses an epoch (6 batches per epoch)
+    again = PackedBatches(enc, 4, seed=3)
+    assert [next(again).example_ids for _ in range(8)] == first
+    assert [next(PackedBatches(enc, 4, seed=4)).example_ids] != first[:1]
+    b = PackedBatches(enc, 4, seed=3)
+    for _ in range(5):
+        next(b)
+    cursor = b.state_dict()
+    c = PackedBatches(enc, 4, seed=3)
+    c.load_state_dict(cursor)
+    assert [next(c).example_ids for _ in range(3)] == first[5:8]
+    assert a.describe()["epoch0_order_sha256"] == again.describe()["epoch0_order_sha256"]
+    with pytest.raises(ValueError, match="does not belong"):
+        PackedBatches(enc, 4, seed=9).load_state_dict(cursor)
+    with pytest.raises(ValueError, match="unique"):
+        PackedBatches(enc + enc[:1], 4, seed=0)
+
+
+# --------------------------------------------------------------------------- fast path == dense path
+
+
+def _fast_and_dense(obj, h, w, th, tw, labels, chunk):
+    outs = []
+    for path in ("dense", "fast"):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if path == "dense":
+            loss = obj.compute(torch.nn.functional.linear(hh.float(), ww), None if th is None else
+                               torch.nn.functional.linear(th.float(), tw), None, labels).loss
+        else:
+            loss = obj.from_hidden(hh, ww, th, tw, labels=labels, chunk_size=chunk).loss
+        loss.backward()
+        outs.append((loss.detach(), hh.grad, ww.grad))
+    return outs
+
+
+@pytest.mark.parametrize("name", sorted(s.name for s in list_objectives(include_plugins=False)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_equals_dense_path_for_every_objective(name, dtype):
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 13, 8, 37
+    h = torch.randn(n, d, generator=g).to(dtype)
+    th = torch.randn(n, d, generator=g).to(dtype)
+    w, tw = torch.randn(v, d, generator=g) * 0.7, torch.randn(v, d, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    obj = get_objective(name)
+    (l0, gh0, gw0), (l1, gh1, gw1) = _fast_and_dense(obj, h, w, th, tw, labels, chunk=4)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert gh1.dtype == dtype  # gradients come back in the hidden states' dtype
+    # bf16 gradients: both paths round the same float32 gradient to bf16, one ulp apart at most
+    bf16 = dtype == torch.bfloat16
+    torch.testing.assert_close(gh1.float(), gh0.float(), rtol=2e-2 if bf16 else 1e-4, atol=2e-3 if bf16 else 1e-5)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6)
+
+
+def test_fast_path_for_a_plugin_objective(tmp_path):
+    path = tmp_path / "plug.py"
+    path.write_text(textwrap.dedent('''
+        from kdbench.registry import objective
+
+        @objective("plug_sq", behaviour="balanced", paper="test plug-in")
+        def plug_sq(s, t):
+            """Squared probability gap."""
+            return ((s.softmax(-1) - t.softmax(-1)) ** 2).sum(-1)
+    '''))
+    (spec,) = load_plugin_file(path)
+    g = torch.Generator().manual_seed(1)
+    h, th, w, tw = (torch.randn(9, 6, generator=g), torch.randn(9, 6, generator=g), torch.randn(21, 6, generator=g),
+                    torch.randn(21, 6, generator=g))
+    (l0, gh0, gw0), (l1, gh1, gw1) = _fast_and_dense(get_objective(spec), h, w, th, tw, None, chunk=2)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- the start-up check
+
+
+@pytest.mark.parametrize("name", ["kl", "csd", "csd_ts", "ce", "akl", "jsd"])
+def test_startup_check_passes_on_real_batches(tiny, name):
+    batch = next(PackedBatches(tiny["enc"], 4, 0))
+    res = startup_check(fresh(tiny), get_objective(name), batch, LiveTeacher(tiny["teacher"]), chunk_size=256)
+    assert res.passed and res.positions == batch.n_counted
+    assert res.value_rel_err < 1e-6 and max(res.grad_hidden_rel_err, res.grad_head_rel_err) < 1e-5
+    assert res.loss_fast == pytest.approx(res.loss_dense, rel=1e-6)
+
+
+def test_startup_check_refuses_an_objective_whose_rows_are_not_independent(tiny, tmp_path):
+    path = tmp_path / "coupled.py"
+    path.write_text(textwrap.dedent('''
+        from kdbench.registry import objective
+
+        @objective("row_coupled", behaviour="balanced", paper="test plug-in")
+        def row_coupled(s, t):
+            """Normalised by the rows it sees: chunking changes the value."""
+            per = (s.log_softmax(-1) - t.log_softmax(-1)).pow(2).sum(-1)
+            return per / per.detach().mean()
+    '''))
+    (spec,) = load_plugin_file(path)
+    batch = next(PackedBatches(tiny["enc"], 4, 0))
+    with pytest.raises(FastPathMismatch, match=r"refused objective row_coupled.*gives loss .*dense reference"):
+        startup_check(fresh(tiny), get_objective(spec), batch, LiveTeacher(tiny["teacher"]), chunk_size=256)
+
+
+def test_startup_check_refuses_a_wrong_fast_path(tiny, monkeypatch):
+    """A deliberately broken training path (positions shifted by one) is caught before training."""
+    from kdbench.engine import check as C
+
+    real = C.final_hidden
+
+    def shifted(model, batch):
+        h = real(model, batch)
+        return torch.roll(h, 1, 0)
+
+    monkeypatch.setattr(C, "final_hidden", shifted)
+    batch = next(PackedBatches(tiny["enc"], 4, 0))
+    with pytest.raises(FastPathMismatch, match="refused objective kl"):
+        startup_check(fresh(tiny), get_objective("kl"), batch, LiveTeacher(tiny["teacher"]), chunk_size=256)
+
+
+def test_head_check_catches_a_non_linear_head(tiny):
+    model = copy.deepcopy(tiny["teacher"])
+    batch = next(PackedBatches(tiny["enc"], 4, 0))
+    h = final_hidden(model, batch)
+    assert head_logits_check(model, batch, h)["rel_err"] < 1e-5
+    head = output_head(model)
+    model.lm_head = torch.nn.Sequential()  # a head that is not the weight's linear map
+    model.lm_head.weight = head.weight
+    model.get_output_embeddings = lambda: head
+    cap = 0.5 * float(torch.nn.functional.linear(h, head.weight).abs().max())
+    model.lm_head.forward = lambda x: cap * torch.tanh(head(x) / cap)  # soft-capping, as Gemma 2 does
+    assert head_logits_check(model, batch, h)["rel_err"] > 1e-2
+    model.lm_head.forward = lambda x: 1.05 * head(x)  # a logit scale
+    assert head_logits_check(model, batch, h)["rel_err"] > 1e-2
+
+
+# --------------------------------------------------------------------------- the loop and its state
+
+
+def _train(tiny, model, steps, state=None, batches=None, optimizer=None, objective="csd", **kw):
+    spec = dataclasses.replace(SPEC, steps=steps)
+    points = []
+    batches = batches or PackedBatches(tiny["enc"], 4, 0)
+    res = train(model=model, objective=get_objective(objective), batches=batches, teacher=LiveTeacher(tiny["teacher"]),
+                spec=spec, device=torch.device("cpu"), log=lambda s, p: points.append((s, p["loss"])), state=state,
+                optimizer=optimizer, progress=False, **kw)
+    return res, points
+
+
+def test_training_reduces_the_loss_and_counts_tokens(tiny):
+    model = fresh(tiny)
+    res, points = _train(tiny, model, 6)
+    assert [s for s, _ in points] == [1, 2, 3, 4, 5, 6]
+    assert points[-1][1] < points[0][1]
+    src = PackedBatches(tiny["enc"], 4, 0)
+    assert res.train_tokens == sum(next(src).n_tokens for _ in range(6)) and res.tokens_per_s > 0
+
+
+def test_saved_state_resumes_bit_identically(tiny, tmp_path):
+    """Train 4 steps straight vs 2 steps, save, restore into new objects, 2 more steps."""
+    from kdbench.engine.trainer import make_optimizer
+
+    torch.manual_seed(0)
+    straight = fresh(tiny)
+    _, full = _train(tiny, straight, 4)
+
+    torch.manual_seed(0)
+    first = fresh(tiny)
+    batches = PackedBatches(tiny["enc"], 4, 0)
+    opt = make_optimizer(first, SPEC, torch.device("cpu"))
+    saved = {}
+
+    def on_step(st, o):
+        if st.step == 2:
+            S.save(tmp_path / "state", st, first, o, batches)
+            saved["ok"] = True
+    _, part1 = _train(tiny, first, 4, batches=batches, optimizer=opt, on_step=on_step)
+    assert saved
+
+    second = fresh(tiny)
+    batches2 = PackedBatches(tiny["enc"], 4, 0)
+    opt2 = make_optimizer(second, SPEC, torch.device("cpu"))
+    restored, meta = S.load(tmp_path / "state", second, opt2, batches2)
+    assert restored.step == 2 and meta["batches"]["index"] == 2
+    _, part2 = _train(tiny, second, 4, state=restored, batches=batches2, optimizer=opt2)
+    assert [s for s, _ in part2] == [3, 4]  # no duplicate curve points
+    assert [loss for _, loss in part2] == [loss for _, loss in full[2:]]  # bit-identical on CPU
+    for (k, a), (_, b) in zip(straight.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_in_the_loss_or_the_gradient_stops_training(tiny, tmp_path):
+    path = tmp_path / "nan_grad.py"
+    path.write_text(textwrap.dedent('''
+        import torch
+        from kdbench.registry import objective
+
+        class _NanGrad(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return g * float("nan")
+
+        @objective("nan_grad", behaviour="balanced", paper="test plug-in")
+        def nan_grad(s, t):
+            """A finite loss whose gradient is NaN."""
+            return _NanGrad.apply((s.log_softmax(-1) - t.log_softmax(-1)).pow(2).sum(-1))
+    '''))
+    (spec,) = load_plugin_file(path)
+    with pytest.raises(TrainingDiverged, match="gradient norm is nan at step 1"):
+        _train(tiny, fresh(tiny), 2, objective=spec.name)
+
+
+def test_teacher_finetuning_runs_on_the_trainer_and_matches_a_plain_ce_loop(tiny):
+    """The trainer with `ce` (no teacher) is the landed fine-tuning: padded batches, full logits,
+    cross-entropy on the response tokens, the same AdamW and schedule."""
+    from kdbench.engine.state import lr_at
+
+    spec = dataclasses.replace(SPEC, steps=3)
+    torch.manual_seed(0)
+    model = fresh(tiny)
+    losses = []
+    train(model=model, objective=get_objective("ce"), batches=PackedBatches(tiny["enc"], 4, 0), teacher=None,
+          spec=spec, device=torch.device("cpu"), log=lambda s, p: losses.append(p["loss"]), progress=False)
+
+    torch.manual_seed(0)
+    ref = fresh(tiny)
+    opt = torch.optim.AdamW(ref.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    src = PackedBatches(tiny["enc"], 4, 0)
+    ref_losses = []
+    for step in range(3):
+        b = next(src).padded()
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step, spec)
+        logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        m = b["loss_mask"]
+        loss = torch.nn.functional.cross_entropy(logits[m].float(), b["labels"][m])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), spec.grad_clip)
+        opt.step()
+        ref_losses.append(loss.item())
+    assert losses == pytest.approx(ref_losses, rel=1e-4)
