@@ -480,7 +480,7 @@ def test_to_markdown(store):
     assert rows_["kl"][:5] == ["kl", "40.00 ± 1.48", "22.00 ± 1.48", "31.00 ± 1.48", "3"]
     assert rows_["kl"][6].startswith("64.0 [") and rows_["kl"][7:] == ["", "2"]
     assert "rougeL (higher is better)" in md and "paired bootstrap over prompts" in md
-    assert (f"∥1 {CSD_SS} ∥ rkl: same direction, gradient ×2.00 — under AdamW at most an effective learning-rate "
+    assert (f"∥1: {CSD_SS} ∥ rkl: same direction, gradient ×2.00 — under AdamW at most an effective learning-rate "
             f"factor. rkl − {CSD_SS} = -2.50 [") in md
     assert "The paired test separates them, so they are ranked apart." in md
     cost = R.to_markdown(R.leaderboard(engine, SUITE, "rougeL", [TEST]), include_cost=True)

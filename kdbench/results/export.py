@@ -47,7 +47,7 @@ def class_lines(classes: list[dict], decimals: int = 2) -> list[str]:
                             + ("separated)" if t.get("separated") else "not separated)"))
         tail = (" Not separated by the paired test: one shared rank." if c.get("shared_rank")
                 else " The paired test separates them, so they are ranked apart.") if c.get("tests") else ""
-        out.append(f"{c['label']} {c['reason']}." + (f" {'; '.join(verdicts)}." if verdicts else "") + tail)
+        out.append(f"{c['label']}: {c['reason']}." + (f" {'; '.join(verdicts)}." if verdicts else "") + tail)
     return out
 
 

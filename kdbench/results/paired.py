@@ -131,6 +131,7 @@ class PairedData:
         if "seeded" not in df:
             df["seeded"] = df.role == ROLE_DISTILLED
         df["seeded"] = df["seeded"].fillna(False).astype(bool)
+        seeds_of = {g: sorted(v.tolist()) for g, v in df.groupby("grp", sort=False)["tseed"].unique().items()}
         for task, t in df.groupby("task", sort=False):
             p_code, _ = pd.factorize(t.prompt_id, sort=True)
             k_code, _ = pd.factorize(t.sseed, sort=True)
@@ -140,7 +141,7 @@ class PairedData:
                 side = self.sides.get(grp)
                 seeded = bool(g.seeded.iloc[0])
                 if side is None:
-                    seeds = sorted(df[(df.grp == grp)].tseed.unique().tolist()) if seeded else [None]
+                    seeds = seeds_of[grp] if seeded else [None]
                     side = self.sides[grp] = Side(str(grp), str(role), seeded, seeds)
                 if not seeded:  # one observation: the mean over every run of the row
                     g = g.groupby(["p", "k"], as_index=False)["value"].mean().assign(s=0)
