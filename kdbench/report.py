@@ -114,8 +114,8 @@ def paired_lines(engine, run_id: int, refs: dict[str, int] | None = None) -> lis
                 data.sides[ROLE_STUDENT_INIT] = data.sides[sel[ROLE_STUDENT_INIT]]
                 b = data.band(me)
                 if b["mean"] == b["mean"]:
-                    out.append(f"  teacher − undistilled band recovered: {b['mean']:.1f} % [{b['lo']:.1f}, "
-                               f"{b['hi']:.1f}]")
+                    ci = f" [{b['lo']:.1f}, {b['hi']:.1f}]" if b["lo"] == b["lo"] else " (no CI: < 2 prompts)"
+                    out.append(f"  teacher − undistilled band recovered: {b['mean']:.1f} %{ci}")
             res = R.resolution(engine, run.suite, run.suite_version, task, metric)
             if res["value"] == res["value"]:
                 out.append(f"  smallest resolvable difference on this suite: {res['value']:.2f} (1.96 × pooled paired "
