@@ -14,9 +14,17 @@ Per-prompt sample scores: rougeL = metric value of the (run, task, seed) + SLOPE
 for prompt p = 0..19 (the mean over prompts is the metric value); on the exact-answer task
 micro/arith, accuracy is 100 for the first value/5 prompts and 0 otherwise (mean = the metric).
 
+Paired differences between two rows are therefore d(p) = ΔBASE + ΔSLOPE · (p - 9.5) on every seed (the seed
+offsets are common to all rows and cancel): SLOPE sets how well the paired test resolves each pair (csd(S,S) vs
+csd(T,S): ΔSLOPE 0.4, not separated; kl / rkl vs the best: separated).
+
 Besides the finished rows: one failed run (its own setting), one still-running kl run (with a bogus
 rougeL 99 that must not count), a kl run of the stale suite version "0" (rougeL 99), and one
-finished analysis run with a ``grad_similarity`` artifact.
+finished analysis run with a ``grad_similarity`` artifact (csd(S,S) ∥ rkl: cosine 1, gradient ×2).
+
+``build_paired_store`` writes a second, smaller store for the paired statistics: repeats (one config_hash,
+and config_hash NULL), a ``ce`` row, a pair Welch cannot separate but the paired test can, and an
+equivalence class the paired test cannot separate.
 
 ``big=True`` appends thousands of synthetic runs and hundreds of thousands of samples with bulk
 inserts (for scripts/bench_leaderboard.py).
@@ -78,7 +86,7 @@ BASE: dict[str, dict[str, dict[str, float]]] = {
 }
 SPREAD = {"rougeL": 1.0, "self_bleu": 1.0, "distinct_2": 0.01, "distinct_1": 0.01, "accuracy": 5.0,
           "mean_length": 1.0, "degenerate_frac": 0.01, "fkl_tok": 0.01, "rkl_tok": 0.01, "teacher_logprob": 0.01}
-SLOPE = {TEACHER: 0.0, STUDENT: 0.1, KL: 0.2, RKL: -0.2, CSD_SS: 0.0, CSD_TS: 0.1}
+SLOPE = {TEACHER: 0.0, STUDENT: 0.1, KL: 0.2, RKL: -0.2, CSD_SS: 0.4, CSD_TS: 0.0}
 COST = {  # (wall_time_s, train_tokens_per_s, peak_memory_mb) per training seed
     KL: {1: (100.0, 2000.0, 900.0), 2: (110.0, 2100.0, 910.0)},
     RKL: {1: (102.0, 1980.0, 905.0), 2: (108.0, 2020.0, 915.0)},
@@ -97,8 +105,8 @@ PROMPTS = [
 ]
 GRAD_NAMES = [KL, RKL, CSD_SS, CSD_TS]
 GRAD_COSINE = [[1.0, 0.2, 0.3, 0.6], [0.2, 1.0, 1.0, 0.7], [0.3, 1.0, 1.0, 0.75], [0.6, 0.7, 0.75, 1.0]]
-GRAD_NORM_RATIO = [[1.0, 0.8, 1.6, 1.1], [1.25, 1.0, 2.0, 1.4], [0.625, 0.5, 1.0, 0.7], [0.9, 0.7, 1.4, 1.0]]
 GRAD_NORMS = [1.1, 0.9, 1.8, 1.2]
+GRAD_NORM_RATIO = [[a / b for b in GRAD_NORMS] for a in GRAD_NORMS]  # ‖g_row‖ / ‖g_col‖, as kdbench.analyze
 
 
 def metric_value(row: str, task: str, metric: str, train_seed: int | None, sample_seed: int) -> float:
@@ -314,6 +322,79 @@ def build_versions_store(path_or_url: str | Path, standard: bool = True, standar
         w.finish(wall_time_s=100.0, selection_rule="last step" if distilled else None,
                  selected_step=3 if distilled else None)
         ids[(version, row)] = w.run_id
+    engine.dispose()
+    return ids
+
+
+# ---------------------------------------------------------------------------- the paired-statistics store
+
+CE = "ce"
+PAIRED_TASK = "chatterbot"
+PAIRED_SETTINGS = (CSD_SS, RKL, KL, CE)
+PAIRED_SEEDS = (0, 1)
+PAIRED_PROMPTS = 12
+# per-sample score(row, training seed, prompt p, sampling seed k)
+#   = PAIRED_BASE[row] + PROMPT_EFF(p) + SEED_EFF[k] + PAIRED_TRAIN[row][seed] + WIGGLE[row] * (-1)^p
+# PROMPT_EFF(p) = 2 (p - 5.5) and SEED_EFF are shared by every row: they cancel in paired differences
+# but inflate the per-seed spread that Welch sees. Means over the 12 prompts: WIGGLE and PROMPT_EFF vanish.
+PAIRED_BASE = {TEACHER: 40.0, STUDENT: 10.0, CSD_SS: 30.0, RKL: 29.9, KL: 29.5, CE: 25.0}
+SEED_EFF = {10: -3.0, 20: 0.0, 30: 3.0}
+PAIRED_TRAIN = {s: {0: 0.5, 1: -0.5} for s in PAIRED_SETTINGS}
+WIGGLE = {TEACHER: 0.0, STUDENT: 0.0, CSD_SS: 0.0, RKL: 1.5, KL: 0.2, CE: 0.0}
+# repeats: (setting, training seed) -> offsets of its runs (their mean is 0: the observation is unchanged)
+# csd(S,S) seed 0: two runs with one config_hash; ce seed 1: two runs with config_hash NULL (older rows)
+PAIRED_REPEATS = {(CSD_SS, 0): (-0.3, 0.3), (CE, 1): (-0.4, 0.4)}
+PAIRED_SELF_BLEU = {TEACHER: 30.0, STUDENT: 60.0, CSD_SS: 35.0, RKL: 36.0, KL: 40.0, CE: 45.0}
+PAIRED_GRAD_NAMES = [KL, RKL, CSD_SS, CE]
+PAIRED_GRAD_NORMS = [1.0, 0.5, 1.0, 0.8]
+# rkl ∥ csd(S,S) (cosine 0.99999 >= 0.9999, csd's gradient twice rkl's); kl-csd 0.9998 is just below the bar
+PAIRED_GRAD_COSINE = [[1.0, 0.9, 0.9998, 0.5], [0.9, 1.0, 0.99999, 0.5], [0.9998, 0.99999, 1.0, 0.5],
+                      [0.5, 0.5, 0.5, 1.0]]
+
+
+def paired_score(row: str, train_seed: int | None, p: int, k: int, offset: float = 0.0) -> float:
+    train = PAIRED_TRAIN[row][train_seed] if train_seed is not None and row in PAIRED_TRAIN else 0.0
+    return PAIRED_BASE[row] + 2.0 * (p - 5.5) + SEED_EFF[k] + train + WIGGLE[row] * (-1) ** p + offset
+
+
+def build_paired_store(path_or_url: str | Path) -> dict:
+    """A store made for the paired statistics (one task, ``chatterbot``, 12 prompts, sampling seeds
+    10/20/30, training seeds 0 and 1), see PAIRED_* above. Returns {row: [run ids]} and "analysis".
+
+    Expected by hand: means csd(S,S) 30.0, rkl 29.9, kl 29.5, ce 25.0 (the repeats average out; pooling
+    them as runs would give csd(S,S) 30.1667 and n 9); paired kl − csd(S,S) = −0.5 ± 0.2 on every prompt
+    (separated) while Welch on the per-seed values (std sqrt(7.5), n 6 each) gives p 0.76 (tied); paired
+    rkl − csd(S,S) = −0.1 ± 1.5 (not separated: one class, one rank); csd(S,S) recovers 20/30 = 66.67 % of
+    the teacher − student-init band, its paired CI [65.0, 68.33] (seed level: 20.5 or 19.5 out of 30)."""
+    engine = open_engine(str(path_or_url))
+    ids: dict = {}
+    plan = [(TEACHER, 0, 0.0), (STUDENT, 0, 0.0)]
+    for setting in PAIRED_SETTINGS:
+        for ts in PAIRED_SEEDS:
+            plan += [(setting, ts, off) for off in PAIRED_REPEATS.get((setting, ts), (0.0,))]
+    for row, ts, off in plan:
+        ref = row in (TEACHER, STUDENT)
+        w = RunWriter.start(engine, role=row if ref else "distilled", suite=SUITE, suite_version=VERSION, seed=ts,
+                            config={"suite_version": VERSION, "seed": ts, "reference_fingerprint": "fp-paired"},
+                            provenance=PROVENANCE, objective=None if ref else row.split("(")[0], setting=row,
+                            params={})
+        scores = {k: [paired_score(row, None if ref else ts, p, k, off) for p in range(PAIRED_PROMPTS)]
+                  for k in SAMPLE_SEEDS}
+        w.metrics([(PAIRED_TASK, "rougeL", sum(v) / len(v), k) for k, v in scores.items()]
+                  + [(PAIRED_TASK, "self_bleu", PAIRED_SELF_BLEU[row] + SAMPLE_OFF[k], k) for k in SAMPLE_SEEDS])
+        w.samples({"task": PAIRED_TASK, "prompt_id": f"q{p:02d}", "seed": k, "prompt": f"Prompt {p}?",
+                   "output": f"{row} {ts} q{p:02d} {k}", "reference": [f"Answer {p}."],
+                   "scores": {"rougeL": scores[k][p], "length": 3}} for k in SAMPLE_SEEDS for p in range(PAIRED_PROMPTS))
+        null_hash = (row, ts) == (CE, 1)
+        w.finish(wall_time_s=50.0, config_hash=None if null_hash else f"h-{row}-{ts}")
+        ids.setdefault(row, []).append(w.run_id)
+    w = RunWriter.start(engine, role="analysis", suite=SUITE, suite_version=VERSION, seed=0, config={},
+                        provenance=PROVENANCE, setting="analysis")
+    w.artifact("grad_similarity", {"names": PAIRED_GRAD_NAMES, "cosine": PAIRED_GRAD_COSINE,
+                                   "norm_ratio": [[a / b for b in PAIRED_GRAD_NORMS] for a in PAIRED_GRAD_NORMS],
+                                   "grad_norms": PAIRED_GRAD_NORMS, "positions": 64})
+    w.finish()
+    ids["analysis"] = w.run_id
     engine.dispose()
     return ids
 

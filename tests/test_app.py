@@ -1,7 +1,8 @@
 """The Streamlit leaderboard app, headless (streamlit.testing AppTest), on the fixture store.
 
 Expected numbers: see tests/fixtures_store.py and the derivations in tests/test_results.py
-(kl on micro/test: mean 22, ± 1.484126; csd(T,S) best on the average, csd(S,S) ≈ best).
+(kl on micro/test: mean 22, ± 1.484126; csd(T,S) best on the average, csd(S,S) ≈ best by the paired test),
+and on the paired store (build_paired_store: repeats, an equivalence class sharing rank 1, a ce row).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 try:
-    from tests.fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, KL, QUICK, RKL, TEST,
-                                      build_fixture_store, build_versions_store)
+    from tests.fixtures_store import (ARITH, CE, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, KL, QUICK, RKL, TEST,
+                                      build_fixture_store, build_paired_store, build_versions_store)
 except ImportError:  # tests/ itself on sys.path
-    from fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, KL, QUICK, RKL, TEST,
-                                build_fixture_store, build_versions_store)
+    from fixtures_store import (ARITH, CE, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, KL, QUICK, RKL, TEST,
+                                build_fixture_store, build_paired_store, build_versions_store)
 
 from kdbench.store import RunWriter, open_engine
 
@@ -92,17 +93,26 @@ def test_leaderboard_page(ids):
     assert (kl["Wall time (s)"], kl["Train tok/s"], kl["Peak mem (MB)"]) == (105.0, 2050.0, 905.0)
     assert row(df, CSD_TS)["vs best"] == "★ best" and row(df, CSD_SS)["vs best"] == "≈ best"
     assert row(df, "teacher")[TEST] == 30.0 and row(df, "student-init")[TEST] == 10.0
-    # failed run reported (count + reason), running run mentioned, identity note shown
+    # paired columns: Δ vs best with its CI, p, the gradient class, the band, seeds and repeats
+    assert row(df, KL)["Δ vs best"] == pytest.approx(-2.25) and row(df, KL)["Δ CI"].startswith("[-2.")
+    assert row(df, CSD_SS)["p vs best"] > 0.05 and row(df, KL)["p vs best"] < 0.01
+    assert (row(df, CSD_SS)["Class"], row(df, RKL)["Class"], row(df, KL)["Class"]) == ("∥1", "∥1", "")
+    assert row(df, CSD_TS)["Band %"] == pytest.approx(73.0) and (kl["Seeds"], kl["Repeats"]) == (2, 0)
+    # failed run reported (count + reason), running run mentioned, equivalence class and resolution shown
     assert any("1 failed run(s)" in w.value for w in at.warning)
     failed = at.expander[-1]
     assert FAIL_REASON in set(failed.dataframe[0].value.error)
     captions = " ".join(c.value for c in at.caption)
     assert "1 run(s) of this suite still running" in captions
-    assert "same gradient direction as rkl" in captions
+    assert (f"Equivalence class ∥1: {CSD_SS} ∥ rkl: same direction, gradient ×2.00 — under AdamW at most an "
+            "effective learning-rate factor") in captions and "ranked apart" in captions
+    assert "Smallest resolvable difference in rougeL on the mean over 2 tasks: " in captions
+    assert "paired bootstrap on the per-sample `rougeL` scores" in captions
     # downloads and the paper-style table
     assert [b.label for b in at.get("download_button")] == ["Download Markdown", "Download CSV"]
     md = at.code[0].value
-    assert f"| {CSD_TS} | **42.00 ± 1.48** | 24.50 ± 1.48 | **33.25 ± 1.48** | 1 |" in md
+    assert f"| {CSD_TS} | **42.00 ± 1.48** | 24.50 ± 1.48 | **33.25 ± 1.48** | 1 | best |" in md
+    assert "Smallest resolvable difference" in md
 
 
 def test_leaderboard_selectors(ids):
@@ -215,9 +225,13 @@ def test_compare_page(ids):
     df = table(at, "Δ (A − B)").set_index("Task")
     arith = df.loc[ARITH]
     assert (arith.A, arith.B, arith["Δ (A − B)"]) == (40.0, 38.0, 2.0)
-    assert arith["Δ CI low"] == pytest.approx(0.1807320, abs=1e-6) and arith.Better == "A (kl)"
-    assert df.loc[TEST]["Δ (A − B)"] == -1.0 and df.loc[TEST].Better.startswith("≈")
-    assert df.loc["Average"]["Δ (A − B)"] == pytest.approx(0.5)
+    # paired: 2 ± 1.96 · 0.516 (Welch said 2 ± 1.82)
+    assert arith["Δ CI low"] == pytest.approx(0.99, abs=0.08) and arith.Better == "A (kl)"
+    assert (arith.Test, arith.Prompts, arith["Training seeds"]) == ("paired bootstrap", 20, 2)
+    assert arith["Resolvable Δ"] > 0
+    assert df.loc[TEST]["Δ (A − B)"] == pytest.approx(-1.0)
+    assert df.loc["Average"]["Δ (A − B)"] == pytest.approx(0.5) and df.loc["Average"].Better.startswith("≈")
+    assert any("Resolvable Δ: the smallest difference this suite version resolves" in c.value for c in at.caption)
     at.selectbox(key="cmp_task").select(TEST).run()
     heads = [m.value for m in at.markdown if m.value.startswith("**p")]
     assert heads[0] == "**p00** · A 20.10 · B 24.90 · Δ -4.80"
@@ -228,7 +242,49 @@ def test_compare_page(ids):
     at.selectbox(key="cmp_a").select(f"run:{ids[KL][0]}").run()
     at.selectbox(key="cmp_b").select(f"run:{ids['teacher']}").run()
     df = table(at, "Δ (A − B)").set_index("Task")
-    assert df.loc[TEST]["Δ (A − B)"] == -9.0 and df.loc[TEST].Better.startswith("B")
+    assert df.loc[TEST]["Δ (A − B)"] == pytest.approx(-9.0) and df.loc[TEST].Better.startswith("B")
+    assert df.loc[TEST]["Training seeds"] == 1
+    assert any("One training seed: the paired test compares these trained models" in c.value for c in at.caption)
+    assert not at.exception
+
+
+@pytest.fixture
+def paired_ids(tmp_path_factory, monkeypatch):
+    path = tmp_path_factory.mktemp("pairedapp") / "runs.db"
+    ids = build_paired_store(path)
+    monkeypatch.setenv("KDBENCH_DB", str(path))
+    return ids
+
+
+def test_paired_store_pages(paired_ids):
+    at = start()
+    df = table(at, "Setting", "Rank")
+    assert list(df.Setting) == ["teacher", "student-init", CSD_SS, RKL, KL, CE]
+    # csd(S,S) ∥ rkl not separated by the paired test: one class, one rank; kl separated (Welch would tie it)
+    assert [row(df, s)["Rank"] for s in (CSD_SS, RKL, KL, CE)] == [1, 1, 3, 4]
+    assert [row(df, s)["vs best"] for s in (CSD_SS, RKL, KL)] == ["★ best", "≈ best", ""]
+    assert (row(df, CSD_SS)["Class"], row(df, RKL)["Class"]) == ("∥1", "∥1")
+    assert (row(df, CSD_SS)["Seeds"], row(df, CSD_SS)["Repeats"], row(df, CE)["Repeats"]) == (2, 1, 1)
+    assert row(df, CSD_SS)["vs ce"] == "better (+5.00)" and row(df, CE)["vs ce"] == "(baseline)"
+    assert row(df, CSD_SS)["Band %"] == pytest.approx(200 / 3) and row(df, CSD_SS)["Band CI"] == "[65.0, 68.3]"
+    captions = " ".join(c.value for c in at.caption)
+    assert "Not separated by the paired test: one shared rank." in captions
+    # the run picker marks repeats; run detail says which runs are one experiment, and the class
+    at = start("Run detail")
+    labels = at.selectbox(key="rd_run").options  # formatted labels
+    assert sum("×2 (repeats)" in x for x in labels) == 4  # csd(S,S) seed 0 and ce seed 1, two runs each
+    at.selectbox(key="rd_run").select(paired_ids[CSD_SS][0]).run()
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith(f"Repeats: runs #{paired_ids[CSD_SS][0]}, #{paired_ids[CSD_SS][1]} are one experiment")
+               for c in captions)
+    assert any(c.startswith(f"Gradient class ∥1: {CSD_SS} ∥ rkl") for c in captions)
+    # compare: kl vs csd(S,S) is separated by the paired test
+    at = start("Compare")
+    at.selectbox(key="cmp_a").select(KL).run()
+    at.selectbox(key="cmp_b").select(CSD_SS).run()
+    r = table(at, "Δ (A − B)").iloc[0]
+    assert r["Δ (A − B)"] == pytest.approx(-0.5) and r.Better == f"B ({CSD_SS})" and r.Test == "paired bootstrap"
+    assert (r["Δ CI low"], r["Δ CI high"]) == (pytest.approx(-0.6), pytest.approx(-0.4))
     assert not at.exception
 
 
@@ -241,7 +297,8 @@ def test_objectives_page(ids):
     assert "csd_ts = csd(w1=T,w2=S)" in csd_aliases.split(", ") and "{" not in csd_aliases
     spec = json.dumps(charts(at)[0])
     assert "cosine" in spec
-    assert any("move the student the same way" in c.value and RKL in c.value for c in at.caption)
+    assert any(c.value.startswith(f"Equivalence class ∥1: {CSD_SS} ∥ rkl: same direction, gradient ×2.00")
+               for c in at.caption)
     at.radio(key="obj_matrix").set_value("norm_ratio").run()
     assert "norm ratio" in json.dumps(charts(at)[0])
 

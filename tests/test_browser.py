@@ -119,7 +119,11 @@ def test_leaderboard_in_chromium(server, tmp_path):
             page.get_by_text("Paper-style table (Markdown)").click()
             code = page.locator("[data-testid=stCode]").first
             code.wait_for(state="visible")
-            assert "| kl | 40.00 ± 1.48 | 22.00 ± 1.48 | 31.00 ± 1.48 | 3 |" in code.text_content()
+            md = code.text_content()
+            assert "| kl | 40.00 ± 1.48 | 22.00 ± 1.48 | 31.00 ± 1.48 | 3 | -2.25 [" in md
+            assert "Smallest resolvable difference in rougeL" in md
+            # the equivalence class note under the table
+            assert page.get_by_text(f"Equivalence class ∥1: {CSD_SS} ∥ rkl: same direction").first.is_visible()
             page.screenshot(path=str(tmp_path / "leaderboard.png"), full_page=True)
 
             # switch the metric: self_bleu is lower-is-better, kl moves to the top

@@ -8,6 +8,13 @@ A distilled setting on one task has per-seed values base + {-2,-1,0,0,1,2}·spre
 A reference row has base + {-1,0,1}·spread: std = spread, n = 3, half-width = t(2)/sqrt(3)·spread
 = 2.4841377·spread.
 Welch between two distilled settings: se = sqrt(2/6 + 2/6) = 0.8164966, df = 10.
+
+Paired differences (row A − row B, per training seed, prompt p = 0..19 and sampling seed): the training- and
+sampling-seed offsets are common to every row, so they cancel and
+    d_task(p) = (BASE_A − BASE_B) + (SLOPE_A − SLOPE_B) · (p − 9.5)         on every seed.
+The per-prompt spread is |ΔSLOPE| · sd(p) with sd(p) = sqrt(35), so the closed-form paired SE on one task is
+|ΔSLOPE| · sqrt(35/20) = |ΔSLOPE| · 1.3228757, on the mean of the two tasks half of sqrt(2) times that; the
+bootstrap SE is sqrt(19/20) = 0.9746794 times the closed form (plug-in variance).
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import pandas as pd
 import pytest
 
 try:
-    from tests.fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, QUICK, RKL,
-                                      SUITE, TEST, build_fixture_store, build_versions_store)
+    from tests.fixtures_store import (ARITH, CE, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL,
+                                      PAIRED_TASK, QUICK, RKL, SUITE, TEST, build_fixture_store, build_paired_store,
+                                      build_versions_store)
 except ImportError:  # tests/ itself on sys.path
-    from fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, QUICK, RKL, SUITE,
-                                TEST, build_fixture_store, build_versions_store)
+    from fixtures_store import (ARITH, CE, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, PAIRED_TASK,
+                                QUICK, RKL, SUITE, TEST, build_fixture_store, build_paired_store, build_versions_store)
 
 from kdbench import results as R
 from kdbench.store import RunWriter, open_engine
@@ -33,6 +41,10 @@ H6 = 1.4841263  # CI half-width, distilled setting, spread 1
 H3 = 2.4841377  # CI half-width, reference row, spread 1
 SE = 0.8164966  # Welch standard error between two distilled settings, spread 1
 T10 = 2.2281389
+Z = 1.959964
+PLUG_IN = math.sqrt(19 / 20)  # bootstrap SE / closed-form SE over 20 prompts
+SD_P = math.sqrt(35 / 20)  # per unit slope difference: closed-form paired SE on one task
+P_FLOOR = 2 / 2001  # the smallest p of 2000 bootstrap replicates
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +54,19 @@ def store(tmp_path_factory):
     engine = open_engine(str(path), readonly=True)
     yield engine, ids, path
     engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def paired_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("paired") / "runs.db"
+    ids = build_paired_store(path)
+    engine = open_engine(str(path), readonly=True)
+    yield engine, ids
+    engine.dispose()
+
+
+def normal_p(z: float) -> float:
+    return math.erfc(abs(z) / math.sqrt(2))
 
 
 def row(df: pd.DataFrame, setting: str) -> pd.Series:
@@ -194,11 +219,31 @@ def test_leaderboard_rougeL_all_tasks(store):
     assert pd.isna(t["rank"]) and not t.tied_with_best
     assert row(lb, "student-init")[TEST] == 10.0
     assert [int(row(lb, s)["rank"]) for s in (CSD_TS, CSD_SS, KL, RKL)] == [1, 2, 3, 4]
-    # Welch vs the best (33.25): csd(S,S) Δ0.25 → p 0.766 (tied); kl Δ2.25 → p 0.0203; rkl Δ2.75 → p 0.0071
+    # paired vs the best (33.25), the mean of the two tasks: csd(S,S) d = -0.25 + 0.4(p - 9.5) on both tasks
+    # (closed-form SE 0.4 · 1.3228757 / sqrt(2) = 0.3741657) → z 0.67, tied; kl and rkl: ΔSLOPE ±0.2 → SE 0.187,
+    # Δ -2.25 / -2.75: every replicate below 0 → p at the floor 2/2001
     assert [bool(row(lb, s).tied_with_best) for s in (CSD_TS, CSD_SS, KL, RKL)] == [True, True, False, False]
-    assert row(lb, CSD_SS).p_vs_best == pytest.approx(0.7657434, abs=1e-6)
-    assert row(lb, KL).p_vs_best == pytest.approx(0.0202799, abs=1e-6)
-    assert row(lb, RKL).p_vs_best == pytest.approx(0.0071454, abs=1e-6)
+    ss = row(lb, CSD_SS)
+    se = 0.4 * SD_P / math.sqrt(2) * PLUG_IN
+    assert ss.delta_vs_best == pytest.approx(-0.25) and ss.test_vs_best == "paired bootstrap"
+    assert ss.p_vs_best == pytest.approx(normal_p(0.25 / se), abs=0.03)
+    assert (ss.delta_vs_best_lo, ss.delta_vs_best_hi) == (pytest.approx(-0.25 - Z * se, abs=0.06),
+                                                         pytest.approx(-0.25 + Z * se, abs=0.06))
+    assert row(lb, KL).p_vs_best == pytest.approx(P_FLOOR) and row(lb, RKL).p_vs_best == pytest.approx(P_FLOOR)
+    assert row(lb, KL).delta_vs_best == pytest.approx(-2.25) and row(lb, RKL).delta_vs_best == pytest.approx(-2.75)
+    assert row(lb, CSD_TS).test_vs_best == "best" and pd.isna(row(lb, CSD_TS).p_vs_best)
+    # Welch on the pooled per-seed values would have said p 0.766 / 0.0203 / 0.0071
+    assert R.welch(33.0, math.sqrt(2), 6, 33.25, math.sqrt(2), 6)[0] == pytest.approx(0.7657434, abs=1e-6)
+    # the gradient class csd(S,S) ∥ rkl is shown, but the paired test separates them: ranked apart
+    assert (ss.equiv_class, row(lb, RKL).equiv_class, row(lb, KL).equiv_class) == ("∥1", "∥1", "")
+    (c,) = lb.attrs["classes"]
+    assert c["members"] == [CSD_SS, RKL] and not c["shared_rank"] and c["tests"][0]["separated"]
+    assert c["tests"][0]["mean"] == pytest.approx(-2.5)
+    # share of the teacher − undistilled band (40 − 15 on average): csd(T,S) (33.25 − 15) / 25 = 73 %
+    assert row(lb, CSD_TS).band_recovered == pytest.approx(73.0) and row(lb, KL).band_recovered == pytest.approx(64.0)
+    assert row(lb, CSD_TS).band_lo < 73.0 < row(lb, CSD_TS).band_hi
+    assert lb.attrs["score"] == "rougeL" and lb.attrs["ce"] is None and set(lb.vs_ce) == {""}
+    assert (kl.repeats, t.repeats) == (0, 0)
     # cost: means over the two training-seed runs
     assert (kl.wall_time_s, kl.train_tokens_per_s, kl.peak_memory_mb) == (105.0, 2050.0, 905.0)
     assert row(lb, CSD_SS).wall_time_s == 125.0
@@ -209,15 +254,18 @@ def test_leaderboard_single_task_and_direction(store):
     engine, _, _ = store
     lb = R.leaderboard(engine, SUITE, "rougeL", [TEST])
     assert R.AVERAGE not in lb.columns and lb.attrs["rank_by"] == TEST
-    # micro/test: csd(S,S) 25, csd(T,S) 24.5 (Δ0.5, tied), rkl 23 (Δ2: t = 2.449, p = 0.0343), kl 22
+    # micro/test: csd(S,S) 25, csd(T,S) 24.5 (d = -0.5 - 0.4(p - 9.5): SE 0.529, z 0.97, tied), rkl 23
+    # (d = -2 - 0.6(p - 9.5): SE 0.794, z 2.6, separated), kl 22
     assert [int(row(lb, s)["rank"]) for s in (CSD_SS, CSD_TS, RKL, KL)] == [1, 2, 3, 4]
     assert bool(row(lb, CSD_TS).tied_with_best) and not bool(row(lb, RKL).tied_with_best)
-    assert row(lb, RKL).p_vs_best == pytest.approx(0.0342877, abs=1e-6)
+    assert row(lb, CSD_TS).p_vs_best == pytest.approx(normal_p(0.5 / (0.4 * SD_P * PLUG_IN)), abs=0.03)
+    assert row(lb, RKL).p_vs_best == pytest.approx(normal_p(2.0 / (0.6 * SD_P * PLUG_IN)), abs=0.01)
 
-    sb = R.leaderboard(engine, SUITE, "self_bleu", [TEST])  # lower is better
-    assert sb.attrs["lower_is_better"] is True
+    sb = R.leaderboard(engine, SUITE, "self_bleu", [TEST])  # lower is better; no per-sample score: Welch
+    assert sb.attrs["lower_is_better"] is True and sb.attrs["score"] is None
     assert [int(row(sb, s)["rank"]) for s in (KL, CSD_TS, RKL, CSD_SS)] == [1, 2, 3, 4]
     assert list(sb.tied_with_best[sb.role == "distilled"]) == [True, False, False, False]
+    assert set(sb.test_vs_best[sb.role == "distilled"]) == {"best", "welch"}
 
     acc = R.leaderboard(engine, SUITE, "accuracy")  # exists on micro/arith only
     assert acc.attrs["tasks"] == [ARITH] and TEST not in acc.columns
@@ -321,24 +369,52 @@ def test_compare_settings(store):
     engine, _, _ = store
     c = R.compare(engine, SUITE, KL, RKL, "rougeL").set_index("task")
     assert list(c.index) == [ARITH, TEST, R.AVERAGE]
-    a = c.loc[ARITH]  # 40 vs 38: Δ2, half-width t(10)·se = 1.8192680, t = 2.449 → p 0.0343
-    assert (a.mean_a, a.mean_b, a.delta) == (40.0, 38.0, 2.0)
-    assert a.delta_lo == pytest.approx(2 - T10 * SE, abs=1e-6) and a.delta_hi == pytest.approx(2 + T10 * SE, abs=1e-6)
-    assert a.p_value == pytest.approx(0.0342877, abs=1e-6) and a.better == "a"
-    t = c.loc[TEST]  # 22 vs 23: p 0.249 → not distinguishable
-    assert t.delta == -1.0 and t.better == "≈"
-    assert c.loc[R.AVERAGE].delta == pytest.approx(0.5)
-    sb = R.compare(engine, SUITE, KL, RKL, "self_bleu", [TEST]).iloc[0]  # 30 vs 45, lower is better
-    assert sb.delta == -15.0 and sb.better == "a"
+    se = 0.4 * SD_P * PLUG_IN  # kl − rkl: ΔSLOPE 0.4 on both tasks
+    a = c.loc[ARITH]  # 40 vs 38: d = 2 + 0.4(p - 9.5) → paired CI 2 ± 1.96 · 0.516; Welch had 2 ± 1.82
+    assert (a.mean_a, a.mean_b, a.delta, a.test) == (40.0, 38.0, 2.0, "paired bootstrap")
+    assert a.delta_lo == pytest.approx(2 - Z * se, abs=0.08) and a.delta_hi == pytest.approx(2 + Z * se, abs=0.08)
+    assert a.p_value == pytest.approx(P_FLOOR) and a.better == "a"
+    assert (a.n_prompts, a.n_train_seeds) == (20, 2)
+    t = c.loc[TEST]  # 22 vs 23: z = 1.94 — Welch said p 0.249, the paired test p ≈ 0.05
+    assert t.delta == pytest.approx(-1.0) and t.p_value == pytest.approx(normal_p(1.0 / se), abs=0.03)
+    avg = c.loc[R.AVERAGE]  # d = 0.5 + 0.4(p - 9.5) on both tasks: SE halves by sqrt(2)
+    assert avg.delta == pytest.approx(0.5) and avg.n_prompts == 40
+    assert avg.p_value == pytest.approx(normal_p(0.5 / (se / math.sqrt(2))), abs=0.03) and avg.better == "≈"
+    sb = R.compare(engine, SUITE, KL, RKL, "self_bleu", [TEST]).iloc[0]  # 30 vs 45, lower is better: Welch
+    assert sb.delta == -15.0 and sb.better == "a" and sb.test == "welch" and sb.n_prompts == 0
 
 
 def test_compare_run_against_reference(store):
     engine, ids, _ = store
     c = R.compare(engine, SUITE, f"run:{ids[KL][0]}", "teacher", "rougeL", [TEST]).iloc[0]
-    # run: 20, 21, 22 (mean 21, sd 1); teacher 29, 30, 31: se = sqrt(2/3), Welch df = 4
+    # run: 20, 21, 22 (mean 21); teacher 29, 30, 31; paired: d = -9 + 0.2(p - 9.5) on every sampling seed
     assert (c.mean_a, c.mean_b, c.n_a, c.n_b, c.delta) == (21.0, 30.0, 3, 3, -9.0)
-    assert c.delta_lo == pytest.approx(-9 - 2.7764451 * math.sqrt(2 / 3), abs=1e-6)
-    assert c.better == "b"
+    se = 0.2 * SD_P * PLUG_IN
+    assert c.delta_lo == pytest.approx(-9 - Z * se, abs=0.05) and c.delta_hi == pytest.approx(-9 + Z * se, abs=0.05)
+    assert c.better == "b" and (c.n_prompts, c.n_train_seeds) == (20, 1)
+
+
+def test_paired_difference_and_resolution(store):
+    engine, ids, _ = store
+    r = R.paired_difference(engine, SUITE, "1", CSD_SS, CSD_TS, TEST, "rougeL")
+    assert r["mean"] == pytest.approx(0.5) and r["score"] == "rougeL" and r["tasks"] == [TEST]
+    assert r["se"] == pytest.approx(0.4 * SD_P * PLUG_IN, rel=0.06) and r["better"] == "≈" and r["defined"]
+    assert (r["n_prompts"], r["n_train_seeds"], r["n_cells"], r["train_seeds"]) == (20, 2, 120, [1, 2])
+    both = R.paired_difference(engine, SUITE, None, CSD_SS, CSD_TS, None, "rougeL")  # every task: their mean
+    assert both["mean"] == pytest.approx(-0.25) and both["tasks"] == [ARITH, TEST]
+    acc = R.paired_difference(engine, SUITE, "1", "teacher", "student-init", ARITH, "accuracy")
+    assert acc["mean"] == pytest.approx(40.0) and acc["better"] == "a" and acc["n_train_seeds"] == 1
+    none = R.paired_difference(engine, SUITE, "1", KL, RKL, TEST, "self_bleu")  # no per-sample score
+    assert not none["defined"] and none["reason"] == "no aligned per-sample scores"
+    assert R.score_key("mean_length") == "length" and R.score_key("degenerate_frac_sampled") == "degenerate_sampled"
+    # resolution on micro/test: 6 pairs of distilled settings, ΔSLOPE .4 .2 .2 .6 .2 .4 → mean ΔSLOPE² = 0.8/6
+    res = R.resolution(engine, SUITE, "1", TEST, "rougeL")
+    assert (res["n_pairs"], res["basis"], res["n_prompts"], res["n_train_seeds"]) == (
+        6, "pairs of distilled settings", 20, 2)
+    assert res["value"] == pytest.approx(Z * SD_P * PLUG_IN * math.sqrt(0.8 / 6), rel=0.05)
+    assert len(res["pairs"]) == 6 and set(res["pairs"].columns) >= {"a", "b", "se"}
+    assert math.isnan(R.resolution(engine, SUITE, "1", TEST, "self_bleu")["value"])
+    assert "csd" not in R.describe_difference(r) and R.describe_difference(r).startswith("+0.50 [")
 
 
 def test_prompts_differing_most(store):
@@ -376,25 +452,166 @@ def test_grad_similarity(store):
     assert g["run_id"] == ids["analysis"] and g["names"][2] == CSD_SS
     long = R.grad_similarity_long(g)
     assert len(long) == 16
-    r = long[(long.row == RKL) & (long.col == CSD_SS)].iloc[0]
-    assert (r.cosine, r.norm_ratio) == (1.0, 2.0)
+    r = long[(long.row == CSD_SS) & (long.col == RKL)].iloc[0]
+    assert (r.cosine, r.norm_ratio) == (1.0, 2.0)  # ‖g_csd(S,S)‖ = 1.8 = 2 × ‖g_rkl‖
+    (c,) = R.gradient_classes(engine, SUITE)
+    assert c["members"] == [CSD_SS, RKL] and c["run_id"] == ids["analysis"]
+    assert c["reason"] == (f"{CSD_SS} ∥ {RKL}: same direction, gradient ×2.00 — under AdamW at most an effective "
+                           "learning-rate factor")
     assert R.grad_similarity(engine, "other-suite") is None
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def test_to_markdown(store):
     engine, _, _ = store
     md = R.to_markdown(R.leaderboard(engine, SUITE, "rougeL"))
     lines = md.splitlines()
-    assert lines[0] == f"| Setting | {ARITH} | {TEST} | Avg. | Rank |"
-    assert "| *teacher* | 50.00 ± 2.48 | 30.00 ± 2.48 | 40.00 ± 2.48 |  |" in lines
-    assert f"| {CSD_TS} | **42.00 ± 1.48** | 24.50 ± 1.48 | **33.25 ± 1.48** | 1 |" in lines
-    assert f"| {CSD_SS} ≈ | 41.00 ± 1.48 | **25.00 ± 1.48** | 33.00 ± 1.48 | 2 |" in lines
-    assert "| kl | 40.00 ± 1.48 | 22.00 ± 1.48 | 31.00 ± 1.48 | 3 |" in lines
-    assert "rougeL (higher is better)" in md
+    assert lines[0] == (f"| Setting | {ARITH} | {TEST} | Avg. | Rank | Δ vs best [95% CI] | Band % [95% CI] | Class "
+                        "| Seeds |")
+    assert "| *teacher* | 50.00 ± 2.48 | 30.00 ± 2.48 | 40.00 ± 2.48 |  |  |  |  | 1 |" in lines
+    rows_ = {cells(x)[0]: cells(x) for x in lines[2:8]}
+    assert rows_[CSD_TS][:7] == [CSD_TS, "**42.00 ± 1.48**", "24.50 ± 1.48", "**33.25 ± 1.48**", "1", "best",
+                                 rows_[CSD_TS][6]] and rows_[CSD_TS][6].startswith("73.0 [")
+    assert rows_[f"{CSD_SS} ≈"][:5] == [f"{CSD_SS} ≈", "41.00 ± 1.48", "**25.00 ± 1.48**", "33.00 ± 1.48", "2"]
+    assert rows_[f"{CSD_SS} ≈"][5].startswith("-0.25 [") and rows_[f"{CSD_SS} ≈"][7:] == ["∥1", "2"]
+    assert rows_["kl"][:5] == ["kl", "40.00 ± 1.48", "22.00 ± 1.48", "31.00 ± 1.48", "3"]
+    assert rows_["kl"][6].startswith("64.0 [") and rows_["kl"][7:] == ["", "2"]
+    assert "rougeL (higher is better)" in md and "paired bootstrap over prompts" in md
+    assert (f"∥1: {CSD_SS} ∥ rkl: same direction, gradient ×2.00 — under AdamW at most an effective learning-rate "
+            f"factor. rkl − {CSD_SS} = -2.50 [") in md
+    assert "The paired test separates them, so they are ranked apart." in md
     cost = R.to_markdown(R.leaderboard(engine, SUITE, "rougeL", [TEST]), include_cost=True)
-    assert "| kl | 22.00 ± 1.48 | 4 | 105.0 | 2050 | 905 |" in cost.splitlines()
+    kl = [cells(x) for x in cost.splitlines() if x.startswith("| kl |")][0]
+    assert kl[:3] == ["kl", "22.00 ± 1.48", "4"] and kl[-4:] == ["2", "105.0", "2050", "905"]
     plain = R.to_markdown(pd.DataFrame({"a": [1.234], "b": ["x|y"]}))
     assert plain.splitlines() == ["| a | b |", "| --- | --- |", "| 1.23 | x\\|y |"]
+
+
+# ---------------------------------------------------------------------------- the paired store
+# (tests/fixtures_store.py build_paired_store: values and expectations derived in its docstring)
+
+
+def test_repeats_are_one_observation(paired_store):
+    engine, ids = paired_store
+    lb = R.leaderboard(engine, SUITE, "rougeL")
+    csd, ce = row(lb, CSD_SS), row(lb, CE)
+    # csd(S,S) seed 0 has two runs (one config_hash): averaged to 30.5, seed 1 29.5 → 30.0 (pooling the three
+    # runs would give (30.2 + 30.8 + 29.5) / 3 = 30.1667 and 9 per-seed values)
+    assert csd[PAIRED_TASK] == pytest.approx(30.0) and csd[R.stat_col(PAIRED_TASK, "n")] == 6
+    assert (csd.n_runs, csd.repeats) == (2, 1)
+    assert csd[R.stat_col(PAIRED_TASK, "std")] == pytest.approx(math.sqrt(7.5))
+    # ce seed 1: two runs with config_hash NULL, matched by setting + suite version + seed
+    assert ce[PAIRED_TASK] == pytest.approx(25.0) and (ce.n_runs, ce.repeats) == (2, 1)
+    assert (row(lb, KL).n_runs, row(lb, KL).repeats) == (2, 0)
+    runs = R.list_runs(engine, SUITE).set_index("run_id")
+    assert [runs.loc[i].repeats for i in ids[CSD_SS]] == [2, 2, 1]
+    assert [runs.loc[i].repeats for i in ids[CE]] == [1, 2, 2] and pd.isna(runs.loc[ids[CE][1]].config_hash)
+    assert R.repeats_of(engine, ids[CSD_SS][1]) == ids[CSD_SS][:2] and R.repeats_of(engine, ids[KL][0]) == [ids[KL][0]]
+    settings = R.list_settings(engine, SUITE).set_index("setting")
+    assert (settings.loc[CSD_SS].n_runs, settings.loc[CSD_SS].repeats) == (2, 1)
+    # the paired test sees one observation per training seed too: 2 seeds × 12 prompts × 3 sampling seeds
+    r = R.paired_difference(engine, SUITE, "1", CSD_SS, KL, PAIRED_TASK, "rougeL")
+    assert (r["n_train_seeds"], r["n_prompts"], r["n_cells"]) == (2, 12, 72) and r["mean"] == pytest.approx(0.5)
+
+
+def test_paired_separates_what_welch_cannot(paired_store):
+    engine, _ = paired_store
+    lb = R.leaderboard(engine, SUITE, "rougeL")
+    kl, best = row(lb, KL), row(lb, CSD_SS)
+    # Welch on the per-seed values: 29.5 vs 30.0, std sqrt(7.5) each, n 6 → p 0.758: tied
+    welch_p = R.welch(kl[PAIRED_TASK], kl[R.stat_col(PAIRED_TASK, "std")], 6,
+                      best[PAIRED_TASK], best[R.stat_col(PAIRED_TASK, "std")], 6)[0]
+    assert welch_p == pytest.approx(0.7583315, abs=1e-6)  # t = 0.5 / sqrt(2 · 7.5 / 6) = 0.316, df 10
+    # paired: kl − csd(S,S) = -0.5 ± 0.2 on every prompt → separated, CI [-0.6, -0.4] (4 of 12 prompts ≥ …)
+    assert not kl.tied_with_best and kl.test_vs_best == "paired bootstrap"
+    assert kl.p_vs_best == pytest.approx(P_FLOOR) and kl.delta_vs_best == pytest.approx(-0.5)
+    assert (kl.delta_vs_best_lo, kl.delta_vs_best_hi) == (pytest.approx(-0.6), pytest.approx(-0.4))
+    # and the other way round on self_bleu (no per-sample score): Welch decides, as before
+    sb = R.leaderboard(engine, SUITE, "self_bleu")
+    assert set(sb.test_vs_best[sb.role == "distilled"]) == {"best", "welch"}
+
+
+def test_equivalence_class_shares_a_rank(paired_store):
+    engine, ids = paired_store
+    lb = R.leaderboard(engine, SUITE, "rougeL")
+    assert list(lb.setting) == ["teacher", "student-init", CSD_SS, RKL, KL, CE]
+    # rkl ∥ csd(S,S) (cosine 0.99999); rkl − csd(S,S) = -0.1 ± 1.5 → not separated: both rank 1
+    assert [int(row(lb, s)["rank"]) for s in (CSD_SS, RKL, KL, CE)] == [1, 1, 3, 4]
+    assert (row(lb, CSD_SS).equiv_class, row(lb, RKL).equiv_class, row(lb, KL).equiv_class) == ("∥1", "∥1", "")
+    assert bool(row(lb, RKL).tied_with_best) and row(lb, RKL).p_vs_best > 0.5
+    assert (row(lb, RKL).delta_vs_best_lo, row(lb, RKL).delta_vs_best_hi) == (pytest.approx(-0.85),
+                                                                            pytest.approx(0.65))
+    (c,) = lb.attrs["classes"]
+    assert c["shared_rank"] and c["members"] == [CSD_SS, RKL] and c["run_id"] == ids["analysis"]
+    assert c["reason"] == (f"{CSD_SS} ∥ rkl: same direction, gradient ×2.00 — under AdamW at most an effective "
+                           "learning-rate factor")
+    # kl − csd(S,S) has cosine 0.9998 < 0.9999: no class
+    assert all(KL not in k["members"] for k in R.gradient_classes(engine, SUITE))
+
+
+def test_band_and_ce(paired_store):
+    engine, _ = paired_store
+    lb = R.leaderboard(engine, SUITE, "rougeL")
+    csd = row(lb, CSD_SS)
+    # (30.5 − 10, 29.5 − 10) out of 40 − 10 on seeds 0, 1; prompts and sampling seeds cancel
+    assert (csd.band_recovered, csd.band_lo, csd.band_hi) == (pytest.approx(200 / 3), pytest.approx(65.0),
+                                                              pytest.approx(205 / 3))
+    b = R.band_recovered(engine, SUITE, "1", CSD_SS, PAIRED_TASK, "rougeL")
+    assert (b["mean"], b["lo"], b["hi"]) == (pytest.approx(200 / 3), pytest.approx(65.0), pytest.approx(205 / 3))
+    assert row(lb, CE).band_recovered == pytest.approx(50.0)
+    # distillation vs fine-tuning on the data (ce): every setting better, ce itself the baseline
+    assert lb.attrs["ce"] == CE
+    assert [row(lb, s).vs_ce for s in (CSD_SS, RKL, KL, CE)] == ["better", "better", "better", "ce"]
+    assert (csd.delta_vs_ce, csd.delta_vs_ce_lo, csd.delta_vs_ce_hi) == pytest.approx((5.0, 5.0, 5.0))
+    assert row(lb, KL).p_vs_ce == pytest.approx(P_FLOOR)
+    # teacher − student-init: a reference pair is paired too (one observation each)
+    r = R.paired_difference(engine, SUITE, "1", "teacher", "student-init", PAIRED_TASK, "rougeL")
+    assert (r["mean"], r["lo"], r["hi"], r["n_train_seeds"]) == (pytest.approx(30.0), pytest.approx(30.0),
+                                                                  pytest.approx(30.0), 1)
+    # a setting vs a reference row: the reference is paired with every training seed of the setting
+    r = R.paired_difference(engine, SUITE, "1", CSD_SS, "teacher", PAIRED_TASK, "rougeL")
+    assert (r["mean"], r["lo"], r["hi"], r["n_train_seeds"]) == (pytest.approx(-10.0), pytest.approx(-10.5),
+                                                                  pytest.approx(-9.5), 2)
+
+
+def test_readme_markdown(paired_store):
+    engine, _ = paired_store
+    md = R.leaderboard_markdown(engine, SUITE, "rougeL")
+    lines = md.splitlines()
+    assert lines[0] == ("| Setting | chatterbot | Rank | Δ vs best [95% CI] | vs ce [95% CI] | Band % [95% CI] | "
+                        "Class | Seeds |")
+    rows_ = {cells(x)[0]: cells(x) for x in lines[2:8]}
+    assert rows_[CSD_SS] == [CSD_SS, "**30.00 ± 2.87**", "1", "best", "better +5.00 [+5.00, +5.00]",
+                             "66.7 [65.0, 68.3]", "∥1", "2 (+1 repeat)"]
+    assert rows_["rkl ≈"][:5] == ["rkl ≈", "29.90 ± 2.87", "1", "-0.10 [-0.85, +0.65]", "better +4.90 [+4.15, +5.65]"]
+    assert rows_["kl"][:5] == ["kl", "29.50 ± 2.87", "3", "-0.50 [-0.60, -0.40]", "better +4.50 [+4.40, +4.60]"]
+    assert rows_["ce"] == ["ce", "25.00 ± 2.87", "4", "-5.00 [-5.00, -5.00]", "(fine-tuning baseline)",
+                           "50.0 [48.3, 51.7]", "", "2 (+1 repeat)"]
+    assert "Smallest resolvable difference in rougeL on chatterbot: " in md and "over 6 pairs of distilled" in md
+    assert "Not separated by the paired test: one shared rank." in md
+
+
+def test_show_prints_paired_comparisons(paired_store):
+    from kdbench.report import describe_run
+
+    engine, ids = paired_store
+    out = describe_run(engine, ids[CSD_SS][0])
+    assert (f"gradient class: {CSD_SS} ∥ rkl: same direction, gradient ×2.00 — under AdamW at most an effective "
+            f"learning-rate factor (analysis run {ids['analysis']})") in out
+    assert f"repeats: runs #{ids[CSD_SS][0]}, #{ids[CSD_SS][1]} are one experiment (config_hash h-csd(tau=1.0,w1)" in out
+    # this run (seed 0, offset -0.3): 30.2 vs teacher 40 and student-init 10, on every prompt and sampling seed
+    assert (f"  vs teacher (run {ids['teacher'][0]}): -9.80 [-9.80, -9.80], p ≤ 0.001 (paired, 12 prompts × 1 "
+            "training seed)") in out
+    assert f"  vs student-init (run {ids['student-init'][0]}): +20.20 [+20.20, +20.20]" in out
+    assert "  teacher − undistilled band recovered: 67.3 % [67.3, 67.3]" in out
+    assert "  smallest resolvable difference on this suite: " in out
+    kl = describe_run(engine, ids[KL][0])
+    assert "gradient class" not in kl and "repeats:" not in kl and "vs teacher" in kl
+    assert "vs teacher" not in describe_run(engine, ids["teacher"][0])
+    assert "run " in describe_run(engine, ids["analysis"])
 
 
 def test_queries_never_write(store):

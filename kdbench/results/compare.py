@@ -1,5 +1,6 @@
-"""Two leaderboard rows (settings, reference roles or single runs) side by side: per-task deltas with a
-Welch interval, and the prompts where their per-sample scores differ most."""
+"""Two leaderboard rows (settings, reference roles or single runs) side by side: per-task deltas with the
+paired-bootstrap interval (Welch where a metric has no per-sample scores), and the prompts where their
+per-sample scores differ most."""
 
 from __future__ import annotations
 
@@ -12,46 +13,59 @@ from sqlalchemy.engine import Engine
 
 from kdbench.results.detail import references
 from kdbench.results.leaderboard import leaderboard_long
+from kdbench.results.paired import PairedData
 from kdbench.results.queries import finished_in, frame, list_tasks, resolve_version, selector_condition
 from kdbench.results.stats import ALPHA, AVERAGE, lower_is_better, welch
 from kdbench.store import Run, Sample
 
 _COMPARE_COLUMNS = ["task", "mean_a", "ci95_a", "n_a", "mean_b", "ci95_b", "n_b", "delta", "delta_lo", "delta_hi",
-                    "p_value", "better"]
+                    "p_value", "better", "test", "n_prompts", "n_train_seeds"]
 
 
 def compare(engine: Engine, suite: str, setting_a: str, setting_b: str, metric: str,
             tasks: Sequence[str] | None = None, suite_version: str | None = None) -> pd.DataFrame:
     """Per-task comparison of two leaderboard rows (a setting, ``teacher`` / ``student-init``, or
-    ``run:<id>``): mean_a, ci95_a, n_a, mean_b, ci95_b, n_b, delta = mean_a - mean_b with a Welch CI
-    (delta_lo, delta_hi) and p_value, and ``better`` ('a', 'b' or '≈' when p >= 0.05 or undefined),
-    honouring the metric's direction. An ``average`` row follows when several tasks are compared."""
+    ``run:<id>``): mean_a, ci95_a, n_a, mean_b, ci95_b, n_b (each side's leaderboard statistics), then the
+    difference a − b: delta with its 95 % CI (delta_lo, delta_hi) and p_value from the **paired bootstrap**
+    over prompts (and training seeds) of :func:`kdbench.results.paired.paired_difference` — test
+    'paired bootstrap', n_prompts and n_train_seeds aligned — or, for a metric without per-sample scores or
+    rows without aligned scores, from Welch's test on the per-seed values (test 'welch', counts 0);
+    ``better`` is 'a', 'b' or '≈' (not separated at p < 0.05, or undefined), honouring the metric's
+    direction. An ``average`` row (the mean over the tasks) follows when several tasks are compared."""
     version = resolve_version(engine, suite, suite_version)
     if tasks is None:
         tasks = list_tasks(engine, suite, version, metric=metric)
+    tasks = list(tasks)
     sides = []
     for sel in (setting_a, setting_b):
         st = leaderboard_long(engine, suite, metric, tasks, version, row_filter=selector_condition(sel))
         # a run selector may span one group; a setting exactly one
         sides.append(st.groupby("task").first() if not st.empty else st.set_index("task"))
     a, b = sides
-    keys = [k for k in list(tasks) + [AVERAGE] if k in a.index and k in b.index]
+    keys = [k for k in tasks + [AVERAGE] if k in a.index and k in b.index]
     lower = lower_is_better(metric)
+    paired = PairedData(engine, suite, version, metric, tasks, selectors=[setting_a, setting_b])
     out = []
     for k in keys:
         ra, rb = a.loc[k], b.loc[k]
         ma, mb = float(ra["mean"]), float(rb["mean"])
-        delta = ma - mb
-        p, half, _ = welch(ma, float(ra["std"]), float(ra["n"]), mb, float(rb["std"]), float(rb["n"]))
+        r = paired.test(setting_a, setting_b, tasks if k == AVERAGE else [k])
+        if r["defined"]:
+            delta, lo, hi, p, test = r["mean"], r["lo"], r["hi"], r["p"], "paired bootstrap"
+            n_prompts, n_seeds = r["n_prompts"], r["n_train_seeds"]
+        else:
+            delta = ma - mb
+            p, half, _ = welch(ma, float(ra["std"]), float(ra["n"]), mb, float(rb["std"]), float(rb["n"]))
+            lo, hi, test, n_prompts, n_seeds = delta - half, delta + half, "welch", 0, 0
         if math.isnan(p) or p >= ALPHA:
             better = "≈"
         else:
             better = "a" if (delta < 0) == lower else "b"
         out.append((k, ma, float(ra["ci95"]), int(ra["n"]), mb, float(rb["ci95"]), int(rb["n"]), delta,
-                    delta - half, delta + half, p, better))
+                    lo, hi, p, better, test, n_prompts, n_seeds))
     df = pd.DataFrame(out, columns=_COMPARE_COLUMNS)
     df.attrs.update(dict(suite=suite, suite_version=version, metric=metric, a=setting_a, b=setting_b,
-                         lower_is_better=lower))
+                         lower_is_better=lower, score=paired.score))
     return df
 
 

@@ -19,8 +19,9 @@ from kdbench.store import ROLE_TEACHER, CurvePoint, Metric, Run, Sample
 def run_summary(engine: Engine, run_id: int) -> pd.DataFrame:
     """Per (task, metric) of one run over its sampling seeds: mean, std, ci_lo, ci_hi (95 %, Student-t),
     n_seeds (1 for a seed-free metric, whose std and CI are then NaN)."""
-    values = (select(literal("run").label("grp"), literal("run").label("role"), Metric.run_id.label("run_id"),
-                     (Metric.task + literal("\x1f") + Metric.metric).label("key"), Metric.value.label("value"))
+    values = (select(literal("run").label("grp"), literal("run").label("role"), Metric.run_id.label("obs"),
+                     (Metric.task + literal("\x1f") + Metric.metric).label("key"), Metric.seed.label("sseed"),
+                     Metric.value.label("value"))
               .where(Metric.run_id == int(run_id)))
     st = stats_from_values(engine, values)
     cols = ["task", "metric", "mean", "std", "ci_lo", "ci_hi", "n_seeds"]

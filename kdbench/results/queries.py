@@ -194,26 +194,51 @@ def list_metrics(engine: Engine, suite: str, task: str | None = None, suite_vers
 
 
 def list_settings(engine: Engine, suite: str, suite_version: str | None = None) -> pd.DataFrame:
-    """Leaderboard rows available (finished runs): setting label, role, objective, n_runs."""
+    """Leaderboard rows available (finished runs): setting label, role, objective, n_runs (distinct training
+    seeds: repeats of one seed count once), repeats (finished runs beyond one per training seed)."""
     version = resolve_version(engine, suite, suite_version)
     g = group_label().label("setting")
-    stmt = (select(g, Run.role, func.min(Run.objective).label("objective"), func.count(Run.id).label("n_runs"))
+    stmt = (select(g, Run.role, func.min(Run.objective).label("objective"),
+                   func.count(func.distinct(Run.seed)).label("n_runs"), func.count(Run.id).label("n_all"))
             .where(finished_in(suite, version)).group_by(g, Run.role).order_by(Run.role.desc(), g))
-    return order_rows(frame(engine, stmt))
+    df = frame(engine, stmt)
+    df["repeats"] = (df.pop("n_all") - df.n_runs).astype("int64")
+    return order_rows(df)
 
 
 def list_runs(engine: Engine, suite: str | None = None, status: str | None = None,
               roles: Iterable[str] | None = None) -> pd.DataFrame:
-    """Runs (newest first) for pickers: id, role, setting, objective, suite, version, seed, status, ..."""
-    stmt = select(Run.id.label("run_id"), Run.role, Run.setting, Run.objective, Run.suite, Run.suite_version,
-                  Run.seed, Run.status, Run.created_at, Run.finished_at, Run.wall_time_s, Run.error)
+    """Runs (newest first) for pickers: id, role, setting, objective, suite, version, seed, status, ...,
+    config_hash, and ``repeats``: the number of finished runs of the same experiment (same config_hash;
+    where it is NULL, same row label, suite, suite version and training seed), 0 where none finished."""
+    cols = [Run.id.label("run_id"), Run.role, Run.setting, Run.objective, Run.suite, Run.suite_version,
+            Run.seed, Run.status, Run.created_at, Run.finished_at, Run.wall_time_s, Run.error, Run.config_hash]
+    stmt = select(*cols)
     if suite is not None:
         stmt = stmt.where(Run.suite == suite)
     if status is not None:
         stmt = stmt.where(Run.status == status)
     if roles is not None:
         stmt = stmt.where(Run.role.in_(list(roles)))
-    return frame(engine, stmt.order_by(Run.id.desc()))
+    df = frame(engine, stmt.order_by(Run.id.desc()))
+    keys = ["config_hash", "role", "setting", "suite", "suite_version", "seed"]
+    fin = frame(engine, select(*[getattr(Run, k) for k in keys]).where(Run.status == FINISHED), keys)
+    count: dict[str, int] = {}
+    for r in fin.itertuples(index=False):
+        k = experiment_key(*r)
+        count[k] = count.get(k, 0) + 1
+    df["repeats"] = [count.get(experiment_key(*r), 0) for r in df[keys].itertuples(index=False)]
+    return df
+
+
+def experiment_key(config_hash, role, setting, suite, suite_version, seed) -> str:
+    """Identity of an experiment: ``runs.config_hash``; where it is NULL (older rows) the row label
+    (setting, or the role of a reference row), suite, suite version and training seed. Finished runs with
+    one key are repeats of one experiment."""
+    if isinstance(config_hash, str) and config_hash:
+        return f"hash:{config_hash}"
+    label = setting if role == ROLE_DISTILLED and isinstance(setting, str) else role
+    return f"row:{label}|{suite}|{suite_version}|{seed}"
 
 
 def failed_runs(engine: Engine, suite: str | None = None, suite_version: str | None = None) -> pd.DataFrame:

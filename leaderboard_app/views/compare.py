@@ -1,4 +1,5 @@
-"""Compare two settings (or two runs): per-task deltas with Welch CIs, and the prompts that differ most."""
+"""Compare two settings (or two runs): per-task paired differences with their CIs and the suite's smallest
+resolvable difference, and the prompts that differ most."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ def _options(ctx: common.Ctx, suite: str, version: str, by_run: bool) -> dict[st
         runs = ctx.q("list_runs", suite, "finished")
         runs = runs[(runs.suite_version == version) & (runs.role != "analysis")]
         return {f"run:{r.run_id}": f"#{r.run_id} · {r.setting if isinstance(r.setting, str) else r.role} · "
-                f"seed {r.seed}" for r in runs.itertuples()}
+                f"seed {r.seed}" + (f" · ×{r.repeats}" if r.repeats > 1 else "") for r in runs.itertuples()}
     settings = ctx.q("list_settings", suite, version)
     return {s: common.setting_label(s) for s in settings.setting}
+
+
+def tasks_of(cmp: pd.DataFrame) -> list[str]:
+    return [t for t in cmp.task if t != R.AVERAGE]
 
 
 def render(ctx: common.Ctx) -> None:
@@ -51,19 +56,38 @@ def render(ctx: common.Ctx) -> None:
     if cmp.empty:
         st.info(f"{opts[a]} and {opts[b]} share no task with {metric}.")
         return
-    verdict = {"a": f"A ({opts[a]})", "b": f"B ({opts[b]})", "≈": "≈ (not distinguishable)"}
+    verdict = {"a": f"A ({opts[a]})", "b": f"B ({opts[b]})", "≈": "≈ (not separated)"}
+    res = {k: (ctx.q("resolution", suite, version, list(tasks_of(cmp)) if k == R.AVERAGE else k, metric)
+               if cmp.attrs.get("score") else None) for k in cmp.task}
     shown = pd.DataFrame({
         "Task": cmp.task.replace({R.AVERAGE: "Average"}),
         "A": cmp.mean_a, "A ±": cmp.ci95_a, "B": cmp.mean_b, "B ±": cmp.ci95_b,
         "Δ (A − B)": cmp.delta, "Δ CI low": cmp.delta_lo, "Δ CI high": cmp.delta_hi,
-        "p (Welch)": cmp.p_value, "Better": cmp.better.map(verdict),
+        "p": cmp.p_value, "Test": cmp.test, "Prompts": cmp.n_prompts, "Training seeds": cmp.n_train_seeds,
+        "Resolvable Δ": [res[k]["value"] if res[k] else float("nan") for k in cmp.task],
+        "Better": cmp.better.map(verdict),
     })
     st.dataframe(shown, hide_index=True, width="stretch", placeholder="–", key="cmp_table",
                  column_config={k: st.column_config.NumberColumn(format="%.3f")
-                                for k in ("A", "A ±", "B", "B ±", "Δ (A − B)", "Δ CI low", "Δ CI high")}
-                 | {"p (Welch)": st.column_config.NumberColumn(format="%.4f")})
-    st.caption(f"{common.metric_help(metric)}. Δ CI: 95 % Welch interval from the per-seed values of each side; "
-               "Better: which side wins where the Welch t-test rejects equality at p < 0.05.")
+                                for k in ("A", "A ±", "B", "B ±", "Δ (A − B)", "Δ CI low", "Δ CI high",
+                                          "Resolvable Δ")}
+                 | {"p": st.column_config.NumberColumn(format="%.4f")})
+    st.caption(f"{common.metric_help(metric)}. Δ, its 95 % CI and p: the paired bootstrap on the per-sample scores "
+               "(both rows answer the same prompts with the same sampling seeds: differences aligned per training "
+               "seed, prompt and sampling seed; prompts resampled with their seeds, training seeds too when there "
+               "are several; 2000 replicates) — Welch's t-test on the per-seed values where the metric has no "
+               "per-sample scores. Better: the side that wins where p < 0.05. A ±, B ±: each row's own 95 % "
+               "Student-t half-width.")
+    first = next((r for r in res.values() if r), None)
+    if first is not None:
+        st.caption("Resolvable Δ: the smallest difference this suite version resolves on that task — 1.96 × the "
+                   f"pooled standard error of a paired difference over the {first['basis']} "
+                   f"({first['n_pairs']} pairs). Smaller differences are not separated.")
+    single = [k for k in cmp.task if cmp.set_index("task").loc[k, "test"] == "paired bootstrap"
+              and cmp.set_index("task").loc[k, "n_train_seeds"] == 1]
+    if single:
+        st.caption("One training seed: the paired test compares these trained models on this suite's prompts; it "
+                   "does not cover training-seed noise (run more seeds for claims about the objectives).")
 
     st.subheader("Prompts where they differ most")
     tasks = ctx.q("list_tasks", suite, version)

@@ -99,9 +99,14 @@ def _heatmap(data: dict) -> None:
                                               color=alt.condition(dark, alt.value("white"), alt.value("black")))
     st.altair_chart((rect + text).properties(height=max(300, 60 * len(names) + 60), title=title), width="stretch")
     st.caption(f"From analysis run #{data['run_id']} (suite {data['suite']}).")
-    same = [(r.row, r.col, r.cosine, r.norm_ratio) for r in long.itertuples()
-            if r.row < r.col and r.cosine is not None and r.cosine > 0.99]
-    for a, b, cos, ratio in same:
-        st.caption(f"{a} and {b} move the student the same way (cosine {cos:.3f}"
-                   + (f", norm ratio {ratio:.2f}" if ratio is not None and ratio == ratio else "")
-                   + "): their leaderboard differences come from step size and numerics, not direction.")
+    classes = R.equivalence_classes(data)
+    for c in classes:
+        st.caption(f"Equivalence class {c['label']}: {c['reason']}. The leaderboard ranks its members together "
+                   "unless the paired test separates them.")
+    in_class = {frozenset(p[:2]) for c in classes for p in c["pairs"]}
+    near = [(r.row, r.col, r.cosine) for r in long.itertuples()
+            if r.row < r.col and r.cosine is not None and r.cosine == r.cosine and 0.99 <= r.cosine
+            and frozenset((r.row, r.col)) not in in_class]
+    for a, b, cos in near:
+        st.caption(f"{a} and {b} are nearly parallel (cosine {cos:.4f} < {R.PARALLEL_COSINE}): not an equivalence "
+                   "class, but their updates point almost the same way.")

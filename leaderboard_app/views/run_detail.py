@@ -7,6 +7,7 @@ import math
 import altair as alt
 import streamlit as st
 
+from kdbench import results as R
 from leaderboard_app import common
 
 PAGE_SIZE = 10
@@ -15,7 +16,8 @@ STEP = alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1))
 
 def _run_label(r) -> str:
     name = r.setting if isinstance(r.setting, str) else r.role
-    return f"#{r.run_id} · {name} · seed {r.seed} · {r.status} · {r.suite} v{r.suite_version}"
+    reps = f" · ×{r.repeats} (repeats)" if r.repeats > 1 else ""
+    return f"#{r.run_id} · {name} · seed {r.seed} · {r.status} · {r.suite} v{r.suite_version}{reps}"
 
 
 def render(ctx: common.Ctx) -> None:
@@ -40,6 +42,15 @@ def render(ctx: common.Ctx) -> None:
     st.caption(f"role {d['role']} · suite {d['suite']} v{d['suite_version']} · training seed {d['seed']} · "
                f"status {d['status']} · created {common.when(d['created_at'])} · "
                f"finished {common.when(d['finished_at'])}")
+    reps = ctx.q("repeats_of", run_id)
+    if len(reps) > 1:
+        st.caption(f"Repeats: runs {', '.join(f'#{i}' for i in reps)} are one experiment (same "
+                   + ("config_hash" if d.get("config_hash") else "setting, suite version and training seed")
+                   + "): the leaderboard averages them into one observation for this training seed.")
+    if d["role"] == "distilled" and d["setting"]:
+        c = R.class_of(ctx.q("gradient_classes", d["suite"]), d["setting"])
+        if c is not None:
+            st.caption(f"Gradient class {c['label']}: {c['reason']} (analysis run #{c['run_id']}).")
     if d["status"] == "failed":
         st.error(f"This run failed: {d['error']}")
     elif d["status"] == "running":
