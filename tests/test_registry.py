@@ -157,7 +157,7 @@ def test_list_objectives_metadata():
         assert spec.behaviour in BEHAVIOURS
         assert spec.formula and spec.summary and spec.paper
         assert isinstance(spec.version, int) and spec.version >= 1
-        assert spec.source.startswith("objectives.")
+        assert spec.source.startswith("kdbench.objectives.")
         assert all(isinstance(p, ParamSpec) for p in spec.params)
     assert specs["ce"].needs_teacher is False and specs["ce"].needs_labels is True
     assert specs["ce"].behaviour == "supervised"
@@ -169,7 +169,7 @@ def test_list_objectives_metadata():
 
 
 def test_discovery_is_lazy():
-    code = "import sys, kdbench.registry; print(any(m == 'objectives' or m.startswith('objectives.') for m in sys.modules))"
+    code = "import sys, kdbench.registry; print(any(m == 'kdbench.objectives' or m.startswith('kdbench.objectives.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
