@@ -534,6 +534,7 @@ def backup_sqlite(path: Path, version: int) -> Path:
         dst = sqlite3.connect(str(dest))
         try:
             src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal / -shm beside it
         finally:
             dst.close()
     except sqlite3.Error as exc:
