@@ -43,7 +43,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from kdbench.store import Run, _retry_busy, delete_run_rows, in_transaction, utcnow
+from kdbench.store import Run, _retry_busy, delete_run_rows, in_transaction, utcnow, writing
 
 DEFAULT_INTERVAL_S = 30.0
 STALE_FACTOR = 10
@@ -190,7 +190,7 @@ class Heartbeat:
 
     def _write(self, **fields: Any) -> None:
         def attempt():
-            with self.engine.begin() as conn:
+            with writing(self.engine).begin() as conn:
                 conn.execute(update(Run.__table__).where(Run.id == self.run_id).values(**fields))
 
         _retry_busy(attempt, budget_s=max(1.0, min(self.interval_s, 10.0)))

@@ -10,8 +10,8 @@ store is created and stamped, an older kdbench store is backed up and migrated i
 newer one, a foreign database or a damaged store is refused with one line (:class:`StoreError`).
 
 Writers open one short transaction per event (run start, curve point, results, finish). On
-SQLite every transaction of a writing engine starts with ``BEGIN IMMEDIATE`` (the write lock
-is taken up front, so a read-then-write never fails half-way), the busy timeout makes
+SQLite each of these starts with ``BEGIN IMMEDIATE`` (:func:`writing`: the write lock is taken
+up front, so a read-then-write never fails half-way; plain reads stay deferred), the busy timeout makes
 concurrent writers wait, and a busy/locked error that still escapes is retried with
 exponential backoff and jitter (:func:`in_transaction`).
 """
@@ -68,6 +68,7 @@ STATUSES = ("running", "finished", "failed", "interrupted")
 BUSY_TIMEOUT_MS = 30_000       # SQLite waits this long for a lock before reporting "database is locked"
 RETRY_BUDGET_S = 120.0         # then in_transaction retries, with backoff, for at most this long in all
 SQLITE_MAX_INT = 2**63 - 1
+IMMEDIATE_OPTION = "kdbench_immediate"
 
 
 class StoreError(UserError):
@@ -323,13 +324,20 @@ def _make_sqlite_engine(loc: Location, *, readonly: bool) -> Engine:
     def _on_connect(dbapi_conn, _record):
         _sqlite_connect_pragmas(dbapi_conn, readonly=readonly)
 
-    begin = "BEGIN" if readonly else "BEGIN IMMEDIATE"
-
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        conn.exec_driver_sql(begin)
+        # kdbench's own write transactions take the write lock up front (BEGIN IMMEDIATE), so a
+        # read-then-write can never fail half-way on a concurrent commit; everything else is a
+        # plain deferred transaction (readers never block each other or a writer).
+        immediate = not readonly and conn.get_execution_options().get(IMMEDIATE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def writing(engine: Engine) -> Engine:
+    """The engine for one of kdbench's write transactions (SQLite: ``BEGIN IMMEDIATE``)."""
+    return engine.execution_options(**{IMMEDIATE_OPTION: True})
 
 
 def _make_other_engine(loc: Location, *, readonly: bool) -> Engine:
@@ -492,7 +500,7 @@ def prepare_schema(engine: Engine, loc: Location, *, readonly: bool) -> None:
         return
 
     def attempt():
-        with engine.connect() as conn:  # SQLite: BEGIN IMMEDIATE at the first statement
+        with writing(engine).connect() as conn:  # SQLite: BEGIN IMMEDIATE at the first statement
             state = read_schema_state(conn, display)
             if state.version is None:
                 Base.metadata.create_all(conn)
@@ -629,8 +637,10 @@ def _retry_busy(fn: Callable[[], T], *, budget_s: float = RETRY_BUDGET_S) -> T:
 
 def in_transaction(engine: Engine, fn: Callable[[Session], T]) -> T:
     """``fn(session)`` in one short transaction, committed; retried as a whole on busy/locked errors."""
+    bound = writing(engine)
+
     def attempt():
-        with Session(engine, expire_on_commit=False) as s:
+        with Session(bound, expire_on_commit=False) as s:
             with s.begin():
                 return fn(s)
     return _retry_busy(attempt)
