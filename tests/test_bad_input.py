@@ -534,3 +534,32 @@ def test_a_response_that_cannot_fit_any_token_is_an_error(world):
     tok = load_tokenizer(world["teacher"])
     with pytest.raises(ValueError, match="no response token"):
         encode(tok, "word " * 500, "An answer.", max_prompt_tokens=64, max_tokens=64)
+
+
+@pytest.mark.xfail(strict=True, reason="ENGINE: data/batching.batches loops forever (no batch, epoch after epoch) "
+                   "when the training set is smaller than one batch; it must raise an error naming the sizes (or "
+                   "yield a short batch), and the runner should refuse such a split before RunWriter.start")
+def test_a_training_set_smaller_than_a_batch_is_an_error_not_a_hang(monkeypatch):
+    import random as _random
+
+    from kdbench.data import batching
+
+    epochs = []
+
+    class CountingRandom(_random.Random):  # batches() seeds one Random per epoch
+        def __init__(self, seed):
+            epochs.append(seed)
+            if len(epochs) > 1000:
+                raise AssertionError("batches() went through 1000 epochs without yielding a batch")
+            super().__init__(seed)
+
+    monkeypatch.setattr(batching, "random", type("R", (), {"Random": CountingRandom}))
+    enc = [batching.Encoded([1, 2, 3, 4], 2) for _ in range(7)]
+    try:
+        batch = next(batching.batches(enc, 8, 0, 0))
+    except AssertionError:
+        raise
+    except Exception as exc:  # a clear error is a fix too
+        assert "batch" in str(exc)
+    else:
+        assert batch["input_ids"].shape[0] == 7
