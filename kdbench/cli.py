@@ -4,19 +4,71 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
+import warnings
 
-from kdbench.errors import RunFailed, UserError
+from kdbench.errors import KdbenchWarning, RunFailed, UserError
 
 EXIT_USAGE = 2
 EXIT_RUN_FAILED = 1
 
+SEED_MAX = 2**32 - 1        # numpy / torch generators take 32-bit seeds
+COUNT_MAX = 10**9           # steps, prompts, documents, batches: anything larger is a typo
+RUN_ID_MAX = 2**63 - 1      # SQLite INTEGER
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own mistakes: one line, exit 2
-        raise UserError(message)
+        # "argument --steps: --steps must be ..." -> "--steps must be ..."
+        m = re.match(r"argument ([^:]+): (.*)$", message, re.S)
+        if m and m.group(2).startswith(m.group(1).split("/")[0]):
+            message = m.group(2)
+        raise UserError(" ".join(message.split()))
+
+
+def _int_in(flag: str, lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi], checked before anything is opened."""
+    def parse(text: str) -> int:
+        t = text.strip().replace("_", "")
+        if not re.fullmatch(r"[+-]?\d+", t):
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}")
+        v = int(t)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least {lo}, got {text}" if hi >= COUNT_MAX else
+                                             f"{flag} must be in [{lo}, {hi}], got {text}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"{flag} must be at most {hi}, got {text}" if lo > 0 else
+                                             f"{flag} must be in [{lo}, {hi}], got {text}")
+        return v
+    parse.__name__ = flag
+    return parse
+
+
+def _nonempty(flag: str):
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty")
+        return text
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid choices: cpu, cuda, cuda:N")
+    return text.strip()
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stale-after must be a number of seconds, got {text!r}") from None
+    if not (v > 0 and v < 10**9):
+        raise argparse.ArgumentTypeError(f"--stale-after must be a positive number of seconds, got {text}")
+    return v
 
 
 def parse_params(pairs: list[str] | None) -> dict[str, str]:
@@ -26,6 +78,8 @@ def parse_params(pairs: list[str] | None) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise UserError(f"malformed --param {pair!r}; expected key=value, e.g. --param tau=1.5")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+            raise UserError(f"malformed --param {pair!r}: {key.strip()!r} is not a parameter name")
         if key.strip() in params:
             raise UserError(f"--param {key.strip()!r} given twice")
         params[key.strip()] = value.strip()
@@ -49,12 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrained student folder or hub id instead of the pair's (same vocabulary as the teacher)")
     r.add_argument("--data-dir", default=None, metavar="PATH", help="data root for the paper suites, laid out like "
                    "../shared/data (default: $KDBENCH_DATA_DIR, else the hub)")
-    r.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    r.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the suite's budget)")
-    r.add_argument("--eval-limit", type=int, default=None, help="test prompts to evaluate (default: the suite's)")
-    r.add_argument("--db", default=None, help="run store: path or SQLAlchemy URL (default: $KDBENCH_DB or runs.db)")
+    r.add_argument("--seed", type=_int_in("--seed", 0, SEED_MAX), default=0, help="training seed (default 0)")
+    r.add_argument("--steps", type=_int_in("--steps", 1, COUNT_MAX), default=None,
+                   help="optimiser steps (default: the suite's budget)")
+    r.add_argument("--eval-limit", type=_int_in("--eval-limit", 1, COUNT_MAX), default=None,
+                   help="test prompts to evaluate (default: the suite's)")
+    r.add_argument("--db", type=_nonempty("--db"), default=None,
+                   help="run store: path or SQLAlchemy URL (default: $KDBENCH_DB or runs.db)")
     r.add_argument("--param", action="append", metavar="KEY=VALUE", help="objective parameter (repeatable)")
-    r.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    r.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     r.add_argument("--no-save", action="store_true", help="do not keep the distilled student's weights")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--teacher-source", choices=("cache", "live"), default="cache",
@@ -65,23 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="objectives with their parameters, and suites")
 
     s = sub.add_parser("show", help="a recorded run: configuration, provenance, metrics")
-    s.add_argument("run_id", type=int)
-    s.add_argument("--db", default=None)
+    s.add_argument("run_id", type=_int_in("run_id", 1, RUN_ID_MAX))
+    s.add_argument("--db", type=_nonempty("--db"), default=None)
 
     a = sub.add_parser("analyze", help="gradient similarity between objectives on one batch of a suite")
     a.add_argument("--objectives", nargs="+", default=None, metavar="SETTING",
                    help="objective names or settings, e.g. kl rkl csd_ss 'csd(tau=1.5)' (default: a standard set)")
     a.add_argument("--suite", default="micro")
-    a.add_argument("--batches", type=int, default=1, help="training batches to average over (default 1)")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--db", default=None)
+    a.add_argument("--batches", type=_int_in("--batches", 1, COUNT_MAX), default=1,
+                   help="training batches to average over (default 1)")
+    a.add_argument("--seed", type=_int_in("--seed", 0, SEED_MAX), default=0)
+    a.add_argument("--db", type=_nonempty("--db"), default=None)
 
     e = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a distilled student and store the results")
-    e.add_argument("run_id", type=int)
+    e.add_argument("run_id", type=_int_in("run_id", 1, RUN_ID_MAX))
     e.add_argument("--lm-eval", dest="lm_eval", required=True, metavar="TASKS", help="comma-separated lm-eval tasks")
     e.add_argument("--include-path", default=None, help="folder of extra lm-eval YAML tasks")
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--db", default=None)
+    e.add_argument("--limit", type=_int_in("--limit", 1, COUNT_MAX), default=None)
+    e.add_argument("--db", type=_nonempty("--db"), default=None)
 
     c = sub.add_parser("cache", help="list or clear the teacher cache (the teacher's hidden states on disk)")
     csub = c.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
@@ -90,8 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("keys", nargs="*", metavar="KEY", help="key prefixes (default: every entry)")
 
     lb = sub.add_parser("leaderboard", help="start the Streamlit leaderboard on the store")
-    lb.add_argument("--db", default=None)
-    lb.add_argument("--port", type=int, default=8501)
+    lb.add_argument("--db", type=_nonempty("--db"), default=None)
+    lb.add_argument("--port", type=_int_in("--port", 1, 65535), default=8501)
+
+    g = sub.add_parser("gc", help="runs whose process is gone: list them; mark them interrupted or delete them")
+    g.add_argument("--db", type=_nonempty("--db"), default=None)
+    act = g.add_mutually_exclusive_group()
+    act.add_argument("--mark", action="store_true", help="record them as interrupted")
+    act.add_argument("--delete", action="store_true",
+                     help="delete them with all their rows (metrics, curves, samples, artifacts)")
+    g.add_argument("--yes", action="store_true", help="do not ask before --delete")
+    g.add_argument("--stale-after", type=_seconds, default=None, metavar="SECONDS",
+                   help="a heartbeat older than this means the process is gone (default: 10 x the 30 s interval)")
     return p
 
 
@@ -128,13 +196,62 @@ def cmd_list(_args) -> int:
 
 
 def cmd_show(args) -> int:
+    from kdbench.lifecycle import liveness
     from kdbench.report import describe_run
-    from kdbench.store import get_run, open_engine
+    from kdbench.store import display_name, get_run, open_engine, require_schema
 
     engine = open_engine(args.db, readonly=True)
-    if get_run(engine, args.run_id) is None:
-        raise UserError(f"no run {args.run_id} in the store")
-    print(describe_run(engine, args.run_id))
+    require_schema(engine)
+    run = get_run(engine, args.run_id)
+    if run is None:
+        raise UserError(f"no run {args.run_id} in the store {display_name(engine)}")
+    text = describe_run(engine, args.run_id)
+    status, why = liveness(run)
+    if status != run.status:  # a "running" row whose process is gone: show what it really is
+        text = re.sub(r"^status: .*$", f"status: {status} (recorded {run.status}; {why})", text, count=1, flags=re.M)
+    print(text)
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from kdbench.lifecycle import DEFAULT_STALE_AFTER_S, delete_orphans, find_orphans, mark_interrupted
+    from kdbench.store import display_name, open_engine, require_schema
+
+    kw = {"stale_after_s": args.stale_after or DEFAULT_STALE_AFTER_S}
+    ro = open_engine(args.db, readonly=True)  # never creates a store, and refuses a foreign or newer one
+    require_schema(ro)
+    where = display_name(ro)
+    orphans = find_orphans(ro, **kw)
+    ro.dispose()
+    stale = [o for o in orphans if o.stale]
+    if not orphans:
+        print(f"[kdbench] no interrupted runs in {where}")
+        return 0
+    print(f"{'run':>5}  {'recorded':11}  {'role':12}  {'setting':28}  {'suite':22}  {'host:pid':22}  why")
+    for o in orphans:
+        who = f"{o.host}:{o.pid}" if o.host or o.pid else "-"
+        suite = f"{o.suite} v{o.suite_version}"
+        print(f"{o.run_id:>5}  {o.recorded:11}  {o.role:12}  {(o.setting or '-')[:28]:28}  {suite[:22]:22}  "
+              f"{who[:22]:22}  {o.reason}")
+    n_rec = len(orphans) - len(stale)
+    print(f"[kdbench] {len(stale)} running run(s) whose process is gone, {n_rec} recorded interrupted, in {where}")
+    if args.mark:
+        engine = open_engine(args.db)
+        done = mark_interrupted(engine, [o.run_id for o in stale], **kw)
+        print(f"[kdbench] marked {len(done)} run(s) interrupted: {', '.join(map(str, done)) or '-'}")
+    elif args.delete:
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise UserError(f"--delete removes {len(orphans)} run(s) and all their rows; add --yes to confirm")
+            answer = input(f"delete {len(orphans)} run(s) and all their rows? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("[kdbench] nothing deleted")
+                return 0
+        engine = open_engine(args.db)
+        done = delete_orphans(engine, orphans, **kw)
+        print(f"[kdbench] deleted {len(done)} run(s) with their rows: {', '.join(map(str, done)) or '-'}")
+    elif orphans:
+        print("[kdbench] kdbench gc --mark records them as interrupted; kdbench gc --delete --yes deletes them")
     return 0
 
 
@@ -186,13 +303,33 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from kdbench.store import display_name, get_run, open_engine, require_schema
+
+    # Everything checkable is checked on a read-only engine first: a missing store is never
+    # created, a foreign / newer / damaged one never touched, and a bad run id costs nothing.
+    ro = open_engine(args.db, readonly=True)
+    try:
+        require_schema(ro)
+        run = get_run(ro, args.run_id)
+        if run is None:
+            raise UserError(f"no run {args.run_id} in the store {display_name(ro)}")
+        if run.status != "finished" or not run.checkpoint_path or not (Path(run.checkpoint_path) / "config.json").exists():
+            raise UserError(f"run {args.run_id} has no saved student (status {run.status}; runs with --no-save keep none)")
+    finally:
+        ro.dispose()
+    if not [t for t in args.lm_eval.split(",") if t.strip()]:
+        raise UserError("--lm-eval needs at least one task name")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise UserError(f"--include-path {args.include_path}: no such folder")
     from kdbench.lmeval import eval_run
 
     return eval_run(args)
 
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "analyze": cmd_analyze, "eval": cmd_eval,
-            "cache": cmd_cache, "leaderboard": cmd_leaderboard}
+            "cache": cmd_cache, "leaderboard": cmd_leaderboard, "gc": cmd_gc}
 
 
 def _terminate(_signum, _frame):
@@ -200,14 +337,37 @@ def _terminate(_signum, _frame):
     raise KeyboardInterrupt
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, KdbenchWarning):
+        print(f"kdbench: warning: {_one_line(message)}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"kdbench: error: {exc}", file=sys.stderr)
+        print(f"kdbench: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except SQLAlchemyError as exc:  # a store that broke after it was opened (corrupt pages, lost server)
+        orig = getattr(exc, "orig", None) or exc
+        print(f"kdbench: error: run store: {_one_line(orig)}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailed as exc:
         print(f"kdbench: {exc}", file=sys.stderr)
@@ -215,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdbench: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

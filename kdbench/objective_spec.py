@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kdbench.errors import UserError, did_you_mean
 
-BUILTIN_PACKAGE = "objectives"
+BUILTIN_PACKAGE = "kdbench.objectives"
 PARAM_TYPES = ("float", "int", "bool", "str", "choice")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 

@@ -1,6 +1,6 @@
 """The objectives registry: one decorator to declare an objective, one call to get it.
 
-Declaring (one short file in ``objectives/``, or a plugin)::
+Declaring (one short file in ``kdbench/objectives/``, or a plugin)::
 
     from kdbench.registry import objective, Param
 
@@ -26,9 +26,13 @@ Using::
     out = obj.compute(student_logits, teacher_logits, mask)   # ObjectiveOutput(loss, terms)
     obj.setting   # 'csd(tau=1.5,w1=S,w2=S)'
 
-Discovery is lazy (first lookup): every module of the top-level ``objectives`` package, the
-``kdbench.objectives`` entry-point group, and files named as ``path/to/file.py:name``
-(:func:`load_plugin_file`).
+Discovery is lazy (first lookup): every module of the built-in ``kdbench.objectives`` package
+(inside kdbench, so an ``objectives/`` folder in the working directory can never shadow it),
+then only what the user names: the ``kdbench.objectives`` entry-point group, the folders of
+``$KDBENCH_PLUGIN_PATH`` and files named as ``path/to/file.py:name`` (:func:`load_plugin_file`).
+A plug-in that fails to load (import error, syntax error, bad or duplicate declaration) is
+skipped with one :class:`~kdbench.errors.KdbenchWarning` naming it; asking for it by name
+raises that failure as an :class:`ObjectiveError`.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from kdbench.errors import did_you_mean
+from kdbench.errors import KdbenchWarning, did_you_mean
 
 # Declarations (objective_spec) and the callable objective (objective) live in their own modules;
 # every name stays importable from here, where objective files and callers have always taken them.
@@ -71,6 +75,7 @@ __all__ = [
     "format_setting",
     "get_objective",
     "list_objectives",
+    "broken_plugins",
     "load_plugin_file",
     "loss_from_hidden",
     "objective",
@@ -168,6 +173,9 @@ class _State:
         self.specs: dict[str, ObjectiveSpec] = {}
         self.aliases: dict[str, str] = {}
         self.discovered = False
+        # plug-ins that failed to load: their name (entry-point name / file stem) -> one-line reason
+        self.broken: dict[str, str] = {}
+        self.warned: set[str] = set()
 
 
 _state = _State()
@@ -233,63 +241,104 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
     return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ObjectiveError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _guarded(key: str, label: str, load: Callable[[], Any]) -> None:
+    """Load one plug-in; on any failure undo what it registered and remember it as broken."""
+    with _lock:
+        specs, aliases = dict(_state.specs), dict(_state.aliases)
+        try:
+            found = load()
+            if isinstance(found, list) and not found:
+                raise ObjectiveError("it declares no objective (use @objective(...))")
+        except Exception as exc:  # a broken third-party plug-in must not take the others down
+            _state.specs, _state.aliases = specs, aliases
+            reason = _one_line(exc)
+            _state.broken[key] = (f"objective plug-in {label} failed to load: {reason}" if label.startswith("entry")
+                                  else f"{reason} ({label})")
+
+
 def _discover() -> None:
     if _state.discovered:
         return
     with _lock:
         if _state.discovered:
             return
+        dirs = plugin_dirs()  # a bad $KDBENCH_PLUGIN_PATH is an error before anything loads
+        _state.broken = {}
         package = importlib.import_module(BUILTIN_PACKAGE)
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
             if info.name.startswith("_"):
                 continue
             module = importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
-            _register_object(module)
+            _register_object(module)  # a broken built-in is our bug: let it raise
         for ep in _entry_points():
-            try:
-                loaded = ep.load()
-            except ObjectiveError as exc:  # a bad declaration (e.g. a duplicate name) is an error
-                raise ObjectiveError(f"entry point {ep.name!r} ({ep.value}): {exc}") from None
-            except Exception as exc:  # a broken third-party plugin must not hide the others
-                warnings.warn(
-                    f"kdbench: objective plugin entry point {ep.name!r} ({ep.value}) failed to load: "
-                    f"{type(exc).__name__}: {exc}",
-                    stacklevel=2,
-                )
-                continue
-            try:
-                _register_object(loaded)
-            except ObjectiveError as exc:
-                raise ObjectiveError(f"entry point {ep.name!r} ({ep.value}): {exc}") from None
+            _guarded(ep.name, f"entry point {ep.name!r} ({ep.value})", lambda ep=ep: _register_object(ep.load()))
+        for folder in dirs:
+            for path in sorted(folder.glob("*.py")):
+                if not path.name.startswith("_"):
+                    _guarded(path.stem, f"from ${PLUGIN_PATH_VAR}", lambda path=path: _load_file(path))
         _state.discovered = True
-    for folder in plugin_dirs():
-        for path in sorted(folder.glob("*.py")):
-            if not path.name.startswith("_"):
-                load_plugin_file(path)
 
 
 def plugin_dirs() -> list[Path]:
     """Folders named in ``$KDBENCH_PLUGIN_PATH`` (os.pathsep-separated): every ``*.py`` in them
-    is loaded at discovery, so dropping a file there is enough to add an objective."""
+    (not starting with ``_``) is loaded at discovery, so dropping a file there is enough to add an
+    objective. A named folder that does not exist is an error (a typo must not pass silently)."""
     raw = os.environ.get(PLUGIN_PATH_VAR, "")
-    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip() and Path(p).expanduser().is_dir()]
+    out = []
+    for part in raw.split(os.pathsep):
+        if not part.strip():
+            continue
+        p = Path(part.strip()).expanduser()
+        if not p.is_dir():
+            why = "is not a directory" if p.exists() else "does not exist"
+            raise ObjectiveError(f"${PLUGIN_PATH_VAR} names {str(p)!r}, which {why}")
+        out.append(p)
+    return out
+
+
+def broken_plugins() -> dict[str, str]:
+    """Plug-ins that failed to load at discovery: name -> one-line reason (they are skipped)."""
+    _discover()
+    return dict(_state.broken)
+
+
+def _warn_broken(skip: tuple[str, ...] = ()) -> None:
+    """One warning per broken plug-in and process (the CLI prints ``kdbench: warning: ...``)."""
+    for key, message in sorted(_state.broken.items()):
+        if key in skip or key in _state.warned:
+            continue
+        _state.warned.add(key)
+        warnings.warn(message + "; skipped", KdbenchWarning, stacklevel=3)
 
 
 def refresh() -> None:
     """Forget what was discovered and look again (new entry points, tests)."""
     with _lock:
         _state.discovered = False
+        _state.warned = set()
         _discover()
 
 
 def load_plugin_file(path: str | Path) -> list[ObjectiveSpec]:
     """Import a Python file (once per process) and register the objectives it declares."""
+    _discover()
+    return _load_file(path)
+
+
+def _load_file(path: str | Path) -> list[ObjectiveSpec]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ObjectiveError(f"objective plugin file not found: {str(path)!r}")
+        why = "is a directory, not a file" if p.is_dir() else "not found"
+        raise ObjectiveError(f"objective plugin file {why}: {str(path)!r}")
     p = p.resolve()
     key = str(p)
-    _discover()
     with _lock:
         module = _plugin_modules.get(key)
         if module is None:
@@ -301,14 +350,15 @@ def load_plugin_file(path: str | Path) -> list[ObjectiveSpec]:
             module = importlib.util.module_from_spec(spec)
             module.__kdbench_plugin_path__ = key
             sys.modules[modname] = module
+            specs, aliases = dict(_state.specs), dict(_state.aliases)
             try:
                 spec.loader.exec_module(module)
-            except ObjectiveError:
+            except BaseException as exc:
                 sys.modules.pop(modname, None)
-                raise
-            except Exception as exc:
-                sys.modules.pop(modname, None)
-                raise ObjectiveError(f"objective plugin file {key!r} failed to import: {type(exc).__name__}: {exc}") from exc
+                _state.specs, _state.aliases = specs, aliases  # nothing half-registered stays
+                if not isinstance(exc, Exception):
+                    raise
+                raise ObjectiveError(f"objective plugin file {key!r} failed to import: {_one_line(exc)}") from None
             _plugin_modules[key] = module
         found = _register_object(module)
     if not found:
@@ -319,6 +369,7 @@ def load_plugin_file(path: str | Path) -> list[ObjectiveSpec]:
 def list_objectives(*, include_plugins: bool = True) -> list[ObjectiveSpec]:
     """All registered objectives, sorted by name (``include_plugins=False``: built-ins only)."""
     _discover()
+    _warn_broken()
     specs = sorted(_state.specs.values(), key=lambda s: s.name)
     if not include_plugins:
         specs = [s for s in specs if s.builtin]
@@ -341,7 +392,12 @@ def _resolve_name(name: str) -> tuple[ObjectiveSpec, dict[str, Any], str | None]
     if name in st.aliases:
         spec = st.specs[st.aliases[name]]
         return spec, dict(spec.aliases[name]), name
-    raise ObjectiveError(did_you_mean(name, _all_names(), what="objective"))
+    if name in st.broken:  # the objective asked for is the plug-in that failed: say why
+        raise ObjectiveError(st.broken[name])
+    message = did_you_mean(name, _all_names(), what="objective")
+    if st.broken:
+        message += "; plug-ins that failed to load: " + ", ".join(sorted(st.broken))
+    raise ObjectiveError(message)
 
 
 def get_objective(name: "str | ObjectiveSpec | Objective", /, **params: Any) -> "Objective":
@@ -384,6 +440,7 @@ def get_objective(name: "str | ObjectiveSpec | Objective", /, **params: Any) -> 
         spec, fixed, alias = _resolve_name(text)
         params = {**setting_params, **params}
     resolved = resolve_params(spec, params, fixed=fixed, alias=alias)
+    _warn_broken()  # the command goes on without them: say so once
     return Objective(spec, resolved)
 
 

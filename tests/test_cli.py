@@ -6,14 +6,20 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from kdbench.store import ROLE_DISTILLED, RunWriter, open_engine
 
 
-def kdbench(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kdbench(*args, cwd=None, env=None):
+    # this checkout first on the path (a worktree must not run another checkout's installed kdbench)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "kdbench", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=120)
 
@@ -77,3 +83,27 @@ def test_list_shows_objectives_and_suites():
     assert res.returncode == 0
     for name in ("csd", "kl", "rkl", "dld", "csd_ts", "micro"):
         assert name in res.stdout
+
+
+def test_a_broken_plugin_is_one_warning_and_the_others_still_work(tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "broken.py").write_text("def oops(:\n")
+    (plugins / "fine.py").write_text(
+        "from kdbench.registry import objective\n\n"
+        "@objective('fineplug', behaviour='balanced', paper='-')\n"
+        "def fineplug(s, t):\n    \"\"\"A fine plug-in.\"\"\"\n    return (s - t).pow(2).mean(-1)\n")
+    env = {"KDBENCH_PLUGIN_PATH": str(plugins)}
+    res = kdbench("list", env=env)
+    assert res.returncode == 0 and "fineplug" in res.stdout and "csd" in res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdbench: warning:") and "broken.py" in lines[0], res.stderr
+    assert "SyntaxError" in lines[0] and "Traceback" not in res.stderr
+    # a run of another objective resolves it (and stops later, at the unknown suite): warning + error
+    res = kdbench("run", "--objective", "csd", "--suite", "mikro", "--db", str(tmp_path / "x.db"), env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 2 and "broken.py" in lines[0] and "unknown suite 'mikro'" in lines[1]
+    # asking for the broken one: one line naming the file and the failure
+    res = kdbench("run", "--objective", "broken", "--db", str(tmp_path / "x.db"), env=env)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "broken.py" in res.stderr
+    assert "SyntaxError" in res.stderr and not (tmp_path / "x.db").exists()

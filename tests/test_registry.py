@@ -13,7 +13,7 @@ import torch
 
 from kdbench import registry
 from kdbench.catalogue import format_catalogue, main as catalogue_main, render_objectives_md
-from kdbench.errors import UserError
+from kdbench.errors import KdbenchWarning, UserError
 from kdbench.registry import (
     BEHAVIOURS,
     ObjectiveError,
@@ -157,7 +157,7 @@ def test_list_objectives_metadata():
         assert spec.behaviour in BEHAVIOURS
         assert spec.formula and spec.summary and spec.paper
         assert isinstance(spec.version, int) and spec.version >= 1
-        assert spec.source.startswith("objectives.")
+        assert spec.source.startswith("kdbench.objectives.")
         assert all(isinstance(p, ParamSpec) for p in spec.params)
     assert specs["ce"].needs_teacher is False and specs["ce"].needs_labels is True
     assert specs["ce"].behaviour == "supervised"
@@ -169,7 +169,7 @@ def test_list_objectives_metadata():
 
 
 def test_discovery_is_lazy():
-    code = "import sys, kdbench.registry; print(any(m == 'objectives' or m.startswith('objectives.') for m in sys.modules))"
+    code = "import sys, kdbench.registry; print(any(m == 'kdbench.objectives' or m.startswith('kdbench.objectives.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -255,13 +255,105 @@ def test_entry_point_plugins(fresh_registry, tmp_path, monkeypatch):
     assert registry._state.specs["epmod"].source == "kdb_ep_module"
 
 
-def test_duplicate_entry_point_is_a_clear_error(fresh_registry, tmp_path, monkeypatch):
+def test_duplicate_entry_point_is_reported_and_skipped(fresh_registry, tmp_path, monkeypatch):
     write_plugin(tmp_path, "kdb_ep_dup.py", "rkl")
     monkeypatch.syspath_prepend(str(tmp_path))
     eps = [importlib.metadata.EntryPoint(name="dup", value="kdb_ep_dup", group="kdbench.objectives")]
     monkeypatch.setattr(registry, "_entry_points", lambda: eps)
-    with pytest.raises(ValueError, match="'rkl' is declared twice"):
+    with pytest.warns(KdbenchWarning, match="'dup'.*'rkl' is declared twice"):
+        names = [s.name for s in list_objectives()]
+    assert "rkl" in names and registry._state.specs["rkl"].source == "kdbench.objectives.rkl"
+    with pytest.raises(ObjectiveError, match=r"entry point 'dup' \(kdb_ep_dup\) failed to load.*declared twice"):
+        get_objective("dup")
+
+
+def _warnings_of(fn):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [str(w.message) for w in caught if issubclass(w.category, KdbenchWarning)]
+
+
+def test_broken_plugins_in_the_plugin_path_are_skipped_by_name(fresh_registry, tmp_path, monkeypatch):
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    write_plugin(folder, "good.py", "goodobj")
+    (folder / "syntax.py").write_text("def oops(:\n")
+    (folder / "importerr.py").write_text("import kdbench_no_such_module_xyz\n")
+    (folder / "nothing.py").write_text("x = 1\n")
+    (folder / "badecl.py").write_text(textwrap.dedent('''
+        from kdbench.registry import objective
+
+        @objective("fine_first", behaviour="balanced", paper="-")
+        def fine_first(s, t):
+            """Registered before the bad one: must be rolled back."""
+            return (s - t).pow(2).mean(-1)
+
+        @objective("badecl", behaviour="greedy", paper="-")
+        def badecl(s, t):
+            return s.sum(-1)
+    '''))
+    write_plugin(folder, "dupkl.py", "kl")
+    (folder / "_private.py").write_text("raise RuntimeError('never imported')\n")
+    monkeypatch.setenv("KDBENCH_PLUGIN_PATH", str(folder))
+    specs, warned = _warnings_of(list_objectives)
+    names = {s.name for s in specs}
+    assert "goodobj" in names and "csd" in names and "fine_first" not in names
+    assert registry._state.specs["kl"].source == "kdbench.objectives.kl"
+    assert len(warned) == 5 and all(w.count("\n") == 0 for w in warned)
+    joined = " | ".join(warned)
+    for stem, why in [("syntax", "SyntaxError"), ("importerr", "ModuleNotFoundError"), ("nothing", "no objective"),
+                      ("badecl", "behaviour"), ("dupkl", "declared twice")]:
+        assert any(f"{stem}.py" in w and why in w for w in warned), (stem, joined)
+    # a command that does not use them goes on: one warning each per process, never twice
+    obj, again = _warnings_of(lambda: get_objective("csd"))
+    assert obj.name == "csd" and again == []
+    # asking for a broken one: its failure, naming the file
+    with pytest.raises(ObjectiveError, match=r"syntax\.py.*SyntaxError"):
+        get_objective("syntax")
+    with pytest.raises(ObjectiveError, match="plug-ins that failed to load: badecl, dupkl, importerr, nothing, syntax"):
+        get_objective("nosuchobjective")
+    with pytest.raises(ObjectiveError, match=r"importerr\.py.*failed to import.*kdbench_no_such_module_xyz"):
+        get_objective(f"{folder / 'importerr.py'}:x")
+
+
+@pytest.mark.parametrize("value, why", [("/nonexistent-kdbench-plugins", "does not exist"), ("FILE", "is not a directory")])
+def test_bad_plugin_path_is_an_error(fresh_registry, tmp_path, monkeypatch, value, why):
+    if value == "FILE":
+        value = str(tmp_path / "afile.py")
+        Path(value).write_text("x = 1\n")
+    monkeypatch.setenv("KDBENCH_PLUGIN_PATH", f"{value}{__import__('os').pathsep}")
+    with pytest.raises(ObjectiveError, match=f"KDBENCH_PLUGIN_PATH names .*{why}"):
         list_objectives()
+
+
+def test_case_only_differences_get_a_hint():
+    for wrong, right in [("KL", "kl"), ("CSD", "csd"), ("Csd_Ts", "csd_ts"), ("TVD", "tvd")]:
+        with pytest.raises(ObjectiveError) as err:
+            get_objective(wrong)
+        assert f"did you mean {right!r}?" in str(err.value)
+        assert valid_choices(str(err.value))[0] == right
+
+
+def test_a_local_objectives_folder_never_runs(tmp_path):
+    """`kdbench list` from a folder with its own objectives/ package must not import it."""
+    import os
+
+    marker = tmp_path / "EXECUTED"
+    pkg = tmp_path / "objectives"
+    pkg.mkdir()
+    code = f"open({str(marker)!r}, 'w').write('x')\nraise SystemExit('local objectives package was imported')\n"
+    (pkg / "__init__.py").write_text(code)
+    (pkg / "kl.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("KDBENCH_PLUGIN_PATH", None)
+    res = subprocess.run([sys.executable, "-m", "kdbench", "list"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "csd" in res.stdout and "kl" in res.stdout
+    assert not marker.exists()
 
 
 def test_decorator_validation(fresh_registry):

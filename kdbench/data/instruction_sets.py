@@ -53,7 +53,7 @@ def load_minillm_jsonl(
     records, source = _read_records(path, split, hub_kwargs)
     out: list[Example] = []
     for i, r in enumerate(records):
-        _require(r, ("instruction", "output"), source, i)
+        _require(r, ("instruction", "output"), source, i, records)
         refs = _as_list(r["output"])
         if min_ref_words is not None and (not refs or max(_n_words(x) for x in refs) < min_ref_words):
             continue
@@ -92,7 +92,7 @@ def load_dolly_hf(
     records, source = _read_records(path_or_name, split, hub_kwargs)
     out: list[Example] = []
     for i, r in enumerate(records):
-        _require(r, ("instruction", "context", "response"), source, i)
+        _require(r, ("instruction", "context", "response"), source, i, records)
         ref = r["response"]
         if min_ref_words is not None and _n_words(ref) < min_ref_words:
             continue
@@ -123,7 +123,7 @@ def load_vicuna(
     records, source = _read_records(path_or_name, split, hub_kwargs)
     out: list[Example] = []
     for i, r in enumerate(records):
-        _require(r, ("question_id", "text"), source, i)
+        _require(r, ("question_id", "text"), source, i, records)
         refs: list[str] = []
         for k in ("reference", "answer", "output"):
             if r.get(k):
@@ -154,7 +154,7 @@ def load_self_instruct_user_oriented(
     records, source = _read_records(path, "train", {})
     out: list[Example] = []
     for i, r in enumerate(records):
-        _require(r, ("id", "instruction", "instances"), source, i)
+        _require(r, ("id", "instruction", "instances"), source, i, records)
         insts = r["instances"]
         for k, inst in enumerate(insts):
             inp = inst.get("input") or ""
@@ -190,7 +190,7 @@ def load_alpaca_eval(
     records, source = _read_records(path_or_name, split, hub_kwargs)
     out: list[Example] = []
     for i, r in enumerate(records):
-        _require(r, ("instruction",), source, i)
+        _require(r, ("instruction",), source, i, records)
         if subset is not None and r.get("dataset") != subset:
             continue
         out.append(Example(

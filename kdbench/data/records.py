@@ -55,13 +55,39 @@ def _is_local(path_or_name: str | os.PathLike) -> bool:
     return Path(path_or_name).exists()
 
 
+class Records(list):
+    """Records read from a local file, with where each came from: ``lines[i]`` is the 1-based line
+    of record ``i`` (JSONL: its line; JSON array: where the array starts) and ``path`` the file."""
+
+    def __init__(self, items=(), lines=(), path=None):
+        super().__init__(items)
+        self.lines = list(lines)
+        self.path = path
+
+    def where(self, i: int) -> str:
+        line = self.lines[i] if 0 <= i < len(self.lines) else None
+        return f"{self.path}:{line}" if line is not None else f"{self.path} record {i}"
+
+
 def _read_local(path: Path) -> list[dict]:
+    """Every record of a JSONL file or a JSON array (``{"data": [...]}`` containers too).
+
+    Faults name the file and the line: a line that is not JSON, a record that is not an object,
+    an empty file (no records at all)."""
     if path.is_dir():
         raise ValueError(f"{path} is a directory; pass the data file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     stripped = text.lstrip()
+    if not stripped:
+        raise ValueError(f"{path} is empty (no records)")
     if path.suffix == ".json" or stripped.startswith("["):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
         if isinstance(data, dict):
             # {"data": [...]} / {"instances": [...]} containers
             for key in ("data", "instances", "examples"):
@@ -70,15 +96,27 @@ def _read_local(path: Path) -> list[dict]:
                     break
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON array of records")
-        return data
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+        first_line = text[: len(text) - len(stripped)].count("\n") + 1
+        records = Records(data, [None] * len(data), path)
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}: record {i} (array from line {first_line}) is a "
+                                 f"{type(rec).__name__}, not a JSON object")
+    else:
+        records = Records(path=path)
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: a {type(rec).__name__}, not a JSON object")
+            records.append(rec)
+            records.lines.append(lineno)
+    if not records:
+        raise ValueError(f"{path} is empty (no records)")
     return records
 
 
@@ -93,10 +131,18 @@ def _read_records(path_or_name: str | os.PathLike, split: str, hub_kwargs: dict)
     return [dict(r) for r in ds], f"hub:{path_or_name}[{split}]"
 
 
-def _require(rec: dict, keys: Iterable[str], source: str, i: int) -> None:
+def _require(rec: dict, keys: Iterable[str], source: str, i: int, records: list | None = None) -> None:
+    """Every field in ``keys`` is present and not null; the error names the file, the line (when
+    the records came from a local file) and the fields."""
+    where = records.where(i) if isinstance(records, Records) else f"{source} record {i}"
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: a {type(rec).__name__}, not a record (JSON object)")
     missing = [k for k in keys if k not in rec]
     if missing:
-        raise ValueError(f"{source} record {i}: missing field(s) {missing}; has {sorted(rec)}")
+        raise ValueError(f"{where}: missing field(s) {', '.join(map(repr, missing))}; has {sorted(rec)}")
+    null = [k for k in keys if rec[k] is None]
+    if null:
+        raise ValueError(f"{where}: field(s) {', '.join(map(repr, null))} are null")
 
 
 def _as_list(x: Any) -> list[str]:

@@ -128,6 +128,8 @@ def load(key: str, root: Path | None) -> tuple[list, dict]:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot load data source {key!r} from {where.get('path') or 'hub ' + src.hub}: {first}"
                         + ("; pass --data-dir" if "hub" in where else "")) from None
+    if not examples:
+        raise UserError(f"data source {key!r} ({where.get('path') or 'hub ' + src.hub}) has no examples")
     return examples, {**where, "n": len(examples)}
 
 

@@ -53,10 +53,11 @@ def load_gsm8k(
         records, source = [dict(r) for r in ds], f"hub:{hub_name}/{hub_config}[{split_name}]"
     out: list[Example] = []
     for i, r in enumerate(records):
-        _require(r, ("question", "answer"), source, i)
+        _require(r, ("question", "answer"), source, i, records)
         gold = extract_final_number(r["answer"])
         if gold is None:
-            raise ValueError(f"{source} record {i}: answer has no final number")
+            where = records.where(i) if hasattr(records, "where") else f"{source} record {i}"
+            raise ValueError(f"{where}: answer has no final number (#### N)")
         out.append(Example(id=f"{task}-{split_name}:{i}", prompt=r["question"].strip(), references=[r["answer"]],
                            task=task, meta={"gold": gold, "source": source, "index": i}))
     return _limit(out, limit)
@@ -86,13 +87,13 @@ def load_dialogsum(
     out: list[Example] = []
     by_dialogue: dict[str, Example] = {}
     for i, r in enumerate(records):
-        _require(r, ("dialogue",), source, i)
+        _require(r, ("dialogue",), source, i, records)
         if "summary1" in r:
             ks = sorted((k for k in r if k.startswith("summary") and k[7:].isdigit()), key=lambda k: int(k[7:]))
             refs = [r[k] for k in ks]
             topics = [r.get(f"topic{k[7:]}") for k in ks]
         else:
-            _require(r, ("summary",), source, i)
+            _require(r, ("summary",), source, i, records)
             refs, topics = [r["summary"]], [r.get("topic")]
         dialogue = r["dialogue"]
         prev = by_dialogue.get(dialogue)
@@ -149,6 +150,8 @@ def load_multi30k(
             t_lines.pop()
         if len(s_lines) != len(t_lines):
             raise ValueError(f"{ps} has {len(s_lines)} lines but {pt} has {len(t_lines)}")
+        if not s_lines:
+            raise ValueError(f"{ps} is empty (no sentences)")
         pairs, source, split_name = list(zip(s_lines, t_lines)), str(dir), fname
     else:
         records, source = _read_records(dir, split, hub_kwargs)
@@ -156,7 +159,7 @@ def load_multi30k(
         for i, r in enumerate(records):
             if "translation" in r:  # WMT-style {"translation": {"en": ..., "de": ...}}
                 r = r["translation"]
-            _require(r, (src, tgt), source, i)
+            _require(r, (src, tgt), source, i, records)
             pairs.append((r[src], r[tgt]))
         split_name = split
     out = [

@@ -1,0 +1,330 @@
+"""Run lifecycle: a heartbeat for live runs, the *effective* status of a run, and garbage collection.
+
+A run row says ``running`` from :meth:`RunWriter.start` until ``finish`` / ``fail`` /
+``interrupt``. A process that dies without reaching one of them (SIGKILL, OOM killer, power
+loss, a closed laptop) leaves ``running`` behind forever; :func:`effective_status` tells such a
+run from a live one, and ``kdbench gc`` cleans them up.
+
+Live runs prove they are alive with a :class:`Heartbeat`::
+
+    with Heartbeat(engine, writer.run_id, interval_s=30):
+        ...train, evaluate...
+
+It records ``host``, ``pid`` and ``heartbeat_at`` in the run row when it starts and refreshes
+``heartbeat_at`` every ``interval_s`` seconds from a daemon thread (each beat its own short,
+retried transaction; a failed beat is reported once on stderr and never disturbs the run).
+
+:func:`effective_status` is a pure function of the row, ``now`` and a ``pid_alive`` check:
+
+* not ``running``: the recorded status;
+* ``running``, recorded on this host with a PID: ``interrupted`` as soon as that process is gone
+  (or is a zombie), or when its heartbeat is older than ``stale_after_s`` (the PID was reused,
+  or the process is hung);
+* ``running`` on another host, or without host/PID: ``interrupted`` once the last sign of life
+  (``heartbeat_at``, else ``created_at``) is older than ``stale_after_s``
+  (default ``STALE_FACTOR`` × ``DEFAULT_INTERVAL_S`` = 300 s).
+
+So a run is never shown ``running`` (or ``finished``) once its process is gone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from kdbench.store import Run, _retry_busy, delete_run_rows, in_transaction, utcnow, writing
+
+DEFAULT_INTERVAL_S = 30.0
+STALE_FACTOR = 10
+DEFAULT_STALE_AFTER_S = STALE_FACTOR * DEFAULT_INTERVAL_S
+
+RUNNING, INTERRUPTED = "running", "interrupted"
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists on this machine and is not a zombie (killed, not yet reaped)."""
+    if pid is None or isinstance(pid, bool):
+        return False
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OverflowError, OSError):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+    except (OSError, IndexError):
+        pass  # no /proc (macOS): os.kill's answer stands
+    return True
+
+
+# ---------------------------------------------------------------------------- effective status
+
+
+def _field(run: Any, name: str) -> Any:
+    value = run.get(name) if isinstance(run, dict) or hasattr(run, "keys") else getattr(run, name, None)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if value is not None and value != value:  # NaT
+        return None
+    return value
+
+
+def _as_naive_utc(value: Any) -> dt.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if not isinstance(value, dt.datetime):
+        return None
+    if hasattr(value, "to_pydatetime"):  # pandas Timestamp
+        value = value.to_pydatetime()
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def liveness(
+    run: Any,
+    now: dt.datetime | None = None,
+    *,
+    pid_alive: Callable[[int], bool] = pid_alive,
+    host: str | None = None,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+) -> tuple[str, str]:
+    """``(effective status, why)`` for a run row (ORM object or mapping); see the module docstring."""
+    status = _field(run, "status")
+    if status != RUNNING:
+        return status, f"recorded {status}"
+    now = _as_naive_utc(now) or utcnow()
+    host = this_host() if host is None else host
+    run_host, pid = _field(run, "host"), _field(run, "pid")
+    beat = _as_naive_utc(_field(run, "heartbeat_at"))
+    last = beat or _as_naive_utc(_field(run, "created_at"))
+    age = None if last is None else (now - last).total_seconds()
+    stale = age is not None and age > stale_after_s
+    if run_host is not None and pid is not None and run_host == host:
+        if not pid_alive(int(pid)):
+            return INTERRUPTED, f"process {pid} on {run_host} is gone"
+        if beat is not None and stale:
+            return INTERRUPTED, (f"process {pid} exists but the last heartbeat is {age:.0f}s old "
+                                 f"(PID reused or process hung)")
+        return RUNNING, f"process {pid} on {run_host} is alive"
+    if stale:
+        what = "heartbeat" if beat is not None else "sign of life (no heartbeat recorded)"
+        where = f" on {run_host}" if run_host else ""
+        return INTERRUPTED, f"last {what}{where} {age:.0f}s ago (> {stale_after_s:.0f}s)"
+    return RUNNING, ("heartbeat " + (f"{age:.0f}s ago" if age is not None else "unknown"))
+
+
+def effective_status(
+    run: Any,
+    now: dt.datetime | None = None,
+    *,
+    pid_alive: Callable[[int], bool] = pid_alive,
+    host: str | None = None,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+) -> str:
+    """The status to show: the recorded one, except that a ``running`` run whose process is gone
+    is ``interrupted``. Pure: depends only on the row, ``now`` (naive UTC, default: the current
+    time), ``pid_alive`` and ``host`` (default: this machine's name)."""
+    return liveness(run, now, pid_alive=pid_alive, host=host, stale_after_s=stale_after_s)[0]
+
+
+# ---------------------------------------------------------------------------- heartbeat
+
+
+class Heartbeat:
+    """Proof of life for a run: ``with Heartbeat(engine, run_id, interval_s=30): ...``.
+
+    ``start()`` writes host, PID and ``heartbeat_at`` synchronously (so the row identifies its
+    process before any work starts), then a daemon thread refreshes ``heartbeat_at`` every
+    ``interval_s`` seconds. ``stop()`` ends the thread promptly (it waits on an event, not a
+    sleep) and joins it. The status is never touched here: the runner finishes, fails or
+    interrupts the run itself.
+    """
+
+    def __init__(self, engine: Engine, run_id: int, interval_s: float = DEFAULT_INTERVAL_S, *,
+                 host: str | None = None, pid: int | None = None):
+        if not interval_s > 0:
+            raise ValueError("interval_s must be positive")
+        self.engine = engine
+        self.run_id = int(run_id)
+        self.interval_s = float(interval_s)
+        self.host = host or this_host()
+        self.pid = os.getpid() if pid is None else int(pid)
+        self.beats = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def _write(self, **fields: Any) -> None:
+        def attempt():
+            with writing(self.engine).begin() as conn:
+                conn.execute(update(Run.__table__).where(Run.id == self.run_id).values(**fields))
+
+        _retry_busy(attempt, budget_s=max(1.0, min(self.interval_s, 10.0)))
+
+    def beat(self) -> None:
+        """One heartbeat now (the thread calls this every ``interval_s``)."""
+        self._write(heartbeat_at=utcnow())
+        self.beats += 1
+
+    def start(self) -> "Heartbeat":
+        if self._thread is not None:
+            return self
+        self._write(host=self.host, pid=self.pid, heartbeat_at=utcnow())
+        self.beats += 1
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"kdbench-heartbeat-{self.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.beat()
+            except Exception as exc:  # a lost beat must never take the run down
+                self.failures += 1
+                if not self._warned:
+                    self._warned = True
+                    print(f"kdbench: warning: heartbeat of run {self.run_id} failed: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+
+    def stop(self, timeout: float | None = 15.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> "Heartbeat":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------- gc
+
+
+@dataclass
+class Orphan:
+    """A run ``kdbench gc`` would act on: a ``running`` row whose process is gone (``stale``), or
+    one already recorded ``interrupted``."""
+
+    run_id: int
+    recorded: str
+    reason: str
+    role: str
+    setting: str | None
+    suite: str
+    suite_version: str
+    host: str | None
+    pid: int | None
+    heartbeat_at: dt.datetime | None
+    created_at: dt.datetime | None
+    state_path: str | None
+
+    @property
+    def stale(self) -> bool:
+        return self.recorded == RUNNING
+
+
+def _orphan(run: Run, reason: str) -> Orphan:
+    return Orphan(run.id, run.status, reason, run.role, run.setting, run.suite, run.suite_version, run.host,
+                  run.pid, run.heartbeat_at, run.created_at, run.state_path)
+
+
+def find_orphans(engine: Engine, now: dt.datetime | None = None, *, include_recorded: bool = True,
+                 **kw: Any) -> list[Orphan]:
+    """Running rows whose process is gone, and (``include_recorded``) rows recorded ``interrupted``."""
+    statuses = [RUNNING, INTERRUPTED] if include_recorded else [RUNNING]
+    now = now or utcnow()
+    with Session(engine) as s:
+        runs = list(s.scalars(select(Run).where(Run.status.in_(statuses)).order_by(Run.id)))
+        out = []
+        for run in runs:
+            status, why = liveness(run, now, **kw)
+            if run.status == INTERRUPTED:
+                out.append(_orphan(run, run.error or "recorded interrupted"))
+            elif status == INTERRUPTED:
+                out.append(_orphan(run, why))
+        return out
+
+
+def mark_interrupted(engine: Engine, run_ids: Iterable[int] | None = None, now: dt.datetime | None = None,
+                     **kw: Any) -> list[int]:
+    """Record ``interrupted`` for running rows whose process is gone (``run_ids``: only these).
+    Liveness is re-checked inside the write transaction, so a run that beat meanwhile is left alone."""
+    wanted = None if run_ids is None else {int(i) for i in run_ids}
+    now = now or utcnow()
+
+    def write(s: Session) -> list[int]:
+        done = []
+        for run in s.scalars(select(Run).where(Run.status == RUNNING).order_by(Run.id)):
+            if wanted is not None and run.id not in wanted:
+                continue
+            status, why = liveness(run, now, **kw)
+            if status == INTERRUPTED:
+                run.status = INTERRUPTED
+                run.finished_at = run.heartbeat_at or now
+                run.error = f"interrupted: {why} (marked by kdbench gc at {now:%Y-%m-%d %H:%M:%S} UTC)"[:4000]
+                done.append(run.id)
+        return done
+
+    return in_transaction(engine, write)
+
+
+def delete_orphans(engine: Engine, orphans: Iterable[Orphan], now: dt.datetime | None = None,
+                   **kw: Any) -> list[int]:
+    """Delete these runs with all their rows (metrics, curves, samples, artifacts) in one
+    transaction, each only if it is still an orphan (re-checked inside the transaction)."""
+    listed = {o.run_id for o in orphans}
+    now = now or utcnow()
+
+    def write(s: Session) -> list[int]:
+        if not listed:
+            return []
+        gone = []
+        for run in s.scalars(select(Run).where(Run.id.in_(sorted(listed)))):
+            if run.status == INTERRUPTED or (run.status == RUNNING and liveness(run, now, **kw)[0] == INTERRUPTED):
+                gone.append(run.id)
+        s.expunge_all()
+        delete_run_rows(s, gone)
+        return sorted(gone)
+
+    return in_transaction(engine, write)

@@ -1,0 +1,565 @@
+"""The bad-input corpus: every mistake a user can make at the command line is one clear line on
+stderr (``kdbench: error: ...``), exit code 2, no traceback, and nothing created or changed.
+
+Each case runs the real CLI entry point, ``kdbench.cli.main([...])``, in this process (fresh
+objective registry, environment and working directory per case; stderr captured); a
+representative subset also runs as a real ``python -m kdbench`` process. Cases that need a
+model use the tiny random Llama pair of tests/tiny_models.py; data cases point ``--data-dir``
+at small folders in the layout of ../shared/data with one fault each. After every case the
+stores' bytes and row counts are compared with what they were, and no file may have appeared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kdbench import registry
+from kdbench.cli import main
+from kdbench.store import RunWriter, open_engine
+
+try:
+    from tests.tiny_models import make_tiny_pair
+except ImportError:  # run from inside tests/
+    from tiny_models import make_tiny_pair
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV.pop("KDBENCH_DB", None)
+ENV.pop("KDBENCH_PLUGIN_PATH", None)
+ENV.pop("KDBENCH_DATA_DIR", None)
+
+
+# ---------------------------------------------------------------------------- the world
+
+
+def _store(path: Path, runs: int = 1) -> Path:
+    engine = open_engine(str(path))
+    for i in range(runs):
+        w = RunWriter.start(engine, role="distilled", suite="micro", suite_version="1", seed=i, config={},
+                            provenance={}, objective="kl", params={}, setting="kl")
+        w.metrics([("chatterbot", "rougeL", 12.5, 10)])
+        w.finish()
+    engine.dispose()
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    return path
+
+
+def _sql(path: Path, *statements: str) -> None:
+    con = sqlite3.connect(path)
+    for s in statements:
+        con.execute(s)
+    con.commit()
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+
+
+def _jsonl(path: Path, rows, *, raw: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if raw is not None:
+        path.write_text(raw, encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+GSM_TRAIN = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 9)]
+GSM_TEST = [{"question": f"What is {i} times 3?", "answer": f"{i} * 3 = {3 * i}\n#### {3 * i}"} for i in range(1, 5)]
+MINILLM = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"Word {i} is here, as you asked."}
+           for i in range(6)]
+
+
+def _gsm8k(root: Path, *, train=None, test=None, train_raw=None, test_raw=None, skip_test=False) -> Path:
+    _jsonl(root / "gsm8k" / "train.jsonl", train if train is not None else GSM_TRAIN, raw=train_raw)
+    if not skip_test:
+        _jsonl(root / "gsm8k" / "test.jsonl", test if test is not None else GSM_TEST, raw=test_raw)
+    return root
+
+
+def _instruct(root: Path, **override) -> Path:
+    files = {"dolly/dev.jsonl": MINILLM, "dolly/valid.jsonl": MINILLM, "self_instruct/minillm/valid.jsonl": MINILLM,
+             "vicuna/minillm/valid.jsonl": MINILLM, "sni/minillm/valid.jsonl": MINILLM,
+             "unni/minillm/11_/valid.jsonl": MINILLM}
+    for rel, rows in files.items():
+        if rel in override:
+            value = override[rel]
+            if value is None:
+                continue
+            if isinstance(value, str):
+                _jsonl(root / rel, None, raw=value)
+            else:
+                _jsonl(root / rel, value)
+        else:
+            _jsonl(root / rel, [{**r, "instruction": f"{r['instruction']} ({rel})"} for r in rows])
+    for rel, value in override.items():
+        if rel not in files and value is not None:
+            p = root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(value, encoding="utf-8")
+    return root
+
+
+def _multi30k(root: Path, *, test_de: str | None = None, test_en: str | None = None) -> Path:
+    d = root / "translation" / "multi30k"
+    d.mkdir(parents=True, exist_ok=True)
+    en = [f"A dog runs number {i}." for i in range(8)]
+    de = [f"Ein Hund rennt Nummer {i}." for i in range(8)]
+    for split in ("train", "val", "test_2016_flickr"):
+        (d / f"{split}.en").write_text("\n".join(en) + "\n", encoding="utf-8")
+        (d / f"{split}.de").write_text("\n".join(de) + "\n", encoding="utf-8")
+    if test_de is not None:
+        (d / "test_2016_flickr.de").write_text(test_de, encoding="utf-8")
+    if test_en is not None:
+        (d / "test_2016_flickr.en").write_text(test_en, encoding="utf-8")
+    return root
+
+
+PLUGIN = '''
+from kdbench.registry import objective
+
+
+@objective("{name}", behaviour="balanced", paper="a test plugin")
+def {name}(s, t):
+    """Squared error of logits (test plugin).
+
+    L = mean_v (s - t)^2
+    """
+    return (s - t).pow(2).mean(-1)
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = tmp_path_factory.mktemp("badinput")
+    stores = w / "stores"
+    stores.mkdir()
+    good = _store(stores / "good.db", runs=2)
+    (stores / "corrupt.db").write_bytes(os.urandom(8192))
+    (stores / "textfile.db").write_text("this is not a database\n" * 50)
+    data = good.read_bytes()
+    (stores / "truncated.db").write_bytes(data[: len(data) // 2])
+    (stores / "header_only.db").write_bytes(data[:100])
+    (stores / "empty.db").write_bytes(b"")
+    (stores / "dir.db").mkdir()
+    _sql(stores / "foreign.db", "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", "INSERT INTO users VALUES (1, 'x')")
+    _sql(stores / "runs_no_version.db", "CREATE TABLE runs (id INTEGER PRIMARY KEY)",
+         "CREATE TABLE kdbench_meta (key TEXT PRIMARY KEY, value TEXT)")
+    _sql(_store(stores / "newer.db"), "UPDATE kdbench_meta SET value = '999' WHERE key = 'schema_version'")
+    _sql(_store(stores / "bad_version.db"), "UPDATE kdbench_meta SET value = 'two' WHERE key = 'schema_version'")
+    _sql(_store(stores / "damaged.db"), "ALTER TABLE runs DROP COLUMN pid")
+    _sql(_store(stores / "no_curves.db"), "DROP TABLE curves")
+
+    plugins = w / "plugins"
+    plugins.mkdir()
+    (plugins / "good.py").write_text(textwrap.dedent(PLUGIN.format(name="goodplug")))
+    (plugins / "syntax.py").write_text("def oops(:\n    pass\n")
+    (plugins / "raises.py").write_text("raise RuntimeError('plug-in exploded at import')\n")
+    (plugins / "importerr.py").write_text("import kdbench_module_that_does_not_exist\n")
+    (plugins / "noobj.py").write_text("x = 1\n")
+    (plugins / "dup.py").write_text(textwrap.dedent(PLUGIN.format(name="kl")))
+    (plugins / "two.py").write_text(textwrap.dedent(PLUGIN.format(name="twoa") + PLUGIN.format(name="twob")))
+    (plugins / "badbehaviour.py").write_text(textwrap.dedent('''
+        from kdbench.registry import objective
+        @objective("badbeh", behaviour="greedy", paper="-")
+        def badbeh(s, t):
+            return s.sum(-1)
+    '''))
+    (plugins / "folder.py").mkdir()
+    pdir = w / "plugin_path"
+    pdir.mkdir()
+    (pdir / "syntaxobj.py").write_text("def oops(:\n")
+    (pdir / "fine.py").write_text(textwrap.dedent(PLUGIN.format(name="fineplug")))
+
+    models = w / "models"
+    teacher, student = make_tiny_pair(models)
+    from kdbench.models import load_tokenizer
+
+    other = load_tokenizer(student)
+    other.add_tokens(["<kdbench-extra-token>"])
+    other_dir = models / "student_other_vocab"
+    import shutil
+
+    shutil.copytree(student, other_dir)
+    other.save_pretrained(other_dir)
+    no_tok = models / "student_no_tokenizer"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text("{}")
+
+    d = w / "data"
+    _gsm8k(d / "ok")
+    _gsm8k(d / "gsm_bad_json", test_raw=json.dumps(GSM_TEST[0]) + "\n" + json.dumps(GSM_TEST[1]) + "\n{oops\n")
+    _gsm8k(d / "gsm_empty", test_raw="")
+    _gsm8k(d / "gsm_blank", test_raw="\n   \n\n")
+    _gsm8k(d / "gsm_missing_field", train=[GSM_TRAIN[0], {"question": "no answer here"}, *GSM_TRAIN[2:]])
+    _gsm8k(d / "gsm_null_field", train=[GSM_TRAIN[0], GSM_TRAIN[1], {"question": None, "answer": "#### 1"}])
+    _gsm8k(d / "gsm_not_object", test_raw=json.dumps(GSM_TEST[0]) + "\n[1, 2, 3]\n")
+    _gsm8k(d / "gsm_no_number", test=[GSM_TEST[0], {"question": "q?", "answer": "no number at all"}])
+    _gsm8k(d / "gsm_missing_test", skip_test=True)
+    _gsm8k(d / "gsm_bad_utf8")
+    (d / "gsm_bad_utf8" / "gsm8k" / "test.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    _gsm8k(d / "gsm_test_is_dir", skip_test=True)
+    (d / "gsm_test_is_dir" / "gsm8k" / "test.jsonl").mkdir()
+    (d / "a_file").write_text("not a folder")
+    _instruct(d / "instruct_missing_instruction",
+              **{"dolly/valid.jsonl": [MINILLM[0], MINILLM[1], {"input": "", "output": "answer without a question"}]})
+    _instruct(d / "instruct_bad_json_array",
+              **{"vicuna/minillm/valid.jsonl": None, "alpaca_eval/alpaca_eval.json": '[\n  {"instruction": "a"},\n  {oops}\n]'})
+    _instruct(d / "instruct_empty_sni", **{"sni/minillm/valid.jsonl": ""})
+    dialogsum = d / "dialogsum_missing_dialogue" / "dialogsum"
+    _jsonl(dialogsum / "dialogsum.train.jsonl", [{"fname": f"t{i}", "dialogue": f"#A#: hi {i}", "summary": "A greets."}
+                                                  for i in range(6)])
+    _jsonl(dialogsum / "dialogsum.dev.jsonl", [{"fname": f"d{i}", "dialogue": f"#B#: yo {i}", "summary": "B greets."}
+                                                for i in range(6)])
+    _jsonl(dialogsum / "dialogsum.test.jsonl", [{"fname": "x1", "summary1": "no dialogue", "summary2": "s",
+                                                  "summary3": "s"}])
+    _multi30k(d / "mt_mismatch", test_de="Ein Satz.\n")
+    _multi30k(d / "mt_empty", test_de="", test_en="")
+
+    scratch = w / "cwd"
+    scratch.mkdir()
+    return {"root": w, "stores": stores, "good": good, "plugins": plugins, "pdir": pdir, "teacher": teacher,
+            "student": student, "other_vocab": other_dir, "no_tok": no_tok, "data": d, "cwd": scratch}
+
+
+# ---------------------------------------------------------------------------- the corpus
+
+
+@dataclass
+class Case:
+    id: str
+    args: list
+    expect: str                       # a substring of the error line
+    env: dict = field(default_factory=dict)
+    subprocess: bool = False          # also run as a real process
+    xfail: str | None = None          # "ENGINE: <the change needed>"
+
+
+def tiny(world_suite: str, data: str, *extra: str, student: str = "{student}") -> list:
+    return ["run", "--objective", "csd", "--suite", world_suite, "--teacher", "{teacher}", "--teacher-finetuned",
+            "--student", student, "--data-dir", "{data}/" + data, "--steps", "1", "--eval-limit", "1",
+            "--no-save", "--no-progress", "--db", "{good}", *extra]
+
+
+RUN = ["run", "--objective"]
+G = ["--db", "{good}"]
+
+CASES = [
+    # ---- objective names and parameters
+    Case("objective-typo", RUN + ["csdd", *G], "unknown objective 'csdd' (did you mean 'csd'?)"),
+    Case("objective-case", RUN + ["KL", *G], "did you mean 'kl'?"),
+    Case("objective-case-alias", RUN + ["CSD_TS", *G], "did you mean 'csd_ts'?"),
+    Case("objective-empty", RUN + ["", *G], "unknown objective ''"),
+    Case("objective-setting-unclosed", RUN + ["csd(tau", *G], "cannot read objective setting"),
+    Case("objective-setting-no-value", RUN + ["csd(tau=)", *G], "expects a float"),
+    Case("objective-setting-twice", RUN + ["csd(tau=1.5)", "--param", "tau=2", *G], "given both"),
+    Case("objective-py-without-name", RUN + ["{plugins}/good.py", *G], "to use an objective from a file, name it"),
+    Case("param-no-equals", RUN + ["csd", "--param", "tau", *G], "malformed --param 'tau'"),
+    Case("param-no-key", RUN + ["csd", "--param", "=1.5", *G], "malformed --param '=1.5'"),
+    Case("param-no-value", RUN + ["csd", "--param", "tau=", *G], "malformed --param 'tau='"),
+    Case("param-bad-key", RUN + ["csd", "--param", "1tau=2", *G], "is not a parameter name"),
+    Case("param-duplicate", RUN + ["csd", "--param", "tau=1", "--param", "tau=2", *G], "--param 'tau' given twice"),
+    Case("param-unknown", RUN + ["csd", "--param", "tauu=1.5", *G], "tauu"),
+    Case("param-wrong-type", RUN + ["csd", "--param", "tau=hot", *G], "expects a float"),
+    Case("param-zero", RUN + ["csd", "--param", "tau=0", *G], "must be in (0.0, inf)"),
+    Case("param-negative", RUN + ["csd", "--param", "tau=-1", *G], "must be in (0.0, inf)"),
+    Case("param-nan", RUN + ["csd", "--param", "tau=nan", *G], "finite"),
+    Case("param-inf", RUN + ["csd", "--param", "tau=inf", *G], "finite"),
+    Case("param-overflow", RUN + ["csd", "--param", "tau=1e400", *G], "finite"),
+    Case("param-bad-choice", RUN + ["csd", "--param", "w1=X", *G], "w1"),
+    Case("param-choice-typo", RUN + ["dld", "--param", "norm=meen", *G], "mean"),
+    Case("param-out-of-range", RUN + ["jsd", "--param", "beta=1.5", *G], "must be in [0.0, 1.0]"),
+    Case("param-not-taken", RUN + ["kl", "--param", "tau=2", *G], "takes no parameters"),
+    Case("param-alias-conflict", RUN + ["csd_ts", "--param", "w1=S", *G], "fixes w1=T"),
+    # ---- numbers
+    Case("seed-negative", RUN + ["csd", "--seed", "-1", *G], "--seed must be at least 0", subprocess=True),
+    Case("seed-1e23", RUN + ["csd", "--seed", str(10**23), *G], "--seed must be in [0, 4294967295]"),
+    Case("seed-2-63", RUN + ["csd", "--seed", str(2**63), *G], "--seed must be in [0, 4294967295]"),
+    Case("seed-2-32", RUN + ["csd", "--seed", str(2**32), *G], "--seed must be in [0, 4294967295]"),
+    Case("seed-float", RUN + ["csd", "--seed", "1.5", *G], "--seed must be an integer"),
+    Case("seed-word", RUN + ["csd", "--seed", "abc", *G], "--seed must be an integer"),
+    Case("steps-zero", RUN + ["csd", "--steps", "0", *G], "--steps must be at least 1"),
+    Case("steps-negative", RUN + ["csd", "--steps", "-3", *G], "--steps must be at least 1"),
+    Case("steps-huge", RUN + ["csd", "--steps", str(10**12), *G], "--steps must be at most"),
+    Case("steps-word", RUN + ["csd", "--steps", "many", *G], "--steps must be an integer"),
+    Case("eval-limit-zero", RUN + ["csd", "--eval-limit", "0", *G], "--eval-limit must be at least 1"),
+    Case("analyze-batches-zero", ["analyze", "--batches", "0", *G], "--batches must be at least 1"),
+    Case("analyze-seed-negative", ["analyze", "--seed", "-2", *G], "--seed must be at least 0"),
+    Case("analyze-bad-objective", ["analyze", "--objectives", "kl", "nope", *G], "unknown objective 'nope'"),
+    Case("leaderboard-port-zero", ["leaderboard", "--port", "0", *G], "--port must be in [1, 65535]"),
+    Case("leaderboard-port-huge", ["leaderboard", "--port", "70000", *G], "--port must be at most 65535"),
+    Case("gc-stale-negative", ["gc", "--stale-after", "-5", *G], "--stale-after must be a positive"),
+    Case("gc-mark-and-delete", ["gc", "--mark", "--delete", *G], "not allowed with"),
+    # ---- suites, pairs, devices, models
+    Case("suite-typo", RUN + ["csd", "--suite", "mikro", *G], "unknown suite 'mikro'"),
+    Case("suite-empty", RUN + ["csd", "--suite", "", *G], "unknown suite ''"),
+    Case("pair-unknown", RUN + ["csd", "--pair", "nope", *G], "unknown pair for suite micro 'nope'"),
+    Case("device-unknown", RUN + ["csd", "--device", "tpu", *G], "unknown device 'tpu'"),
+    Case("device-malformed", RUN + ["csd", "--device", "cuda:x", *G], "unknown device 'cuda:x'"),
+    Case("data-dir-on-embedded-suite", RUN + ["csd", "--data-dir", "{data}/ok", *G], "has embedded data"),
+    Case("teacher-finetuned-alone", RUN + ["csd", "--teacher-finetuned", *G], "--teacher-finetuned needs --teacher"),
+    Case("teacher-missing-folder", RUN + ["csd", "--teacher", "/nonexistent/teacher", *G], "no such model folder"),
+    Case("student-missing-folder", RUN + ["csd", "--student", "./no-such-student", *G], "no such model folder"),
+    # ---- the command line itself
+    Case("no-command", [], "the following arguments are required: command"),
+    Case("unknown-command", ["frobnicate"], "invalid choice: 'frobnicate'"),
+    Case("run-without-objective", ["run", *G], "--objective"),
+    Case("unknown-flag", RUN + ["csd", "--bogus", *G], "unrecognized arguments: --bogus"),
+    Case("db-empty-string", ["show", "1", "--db", ""], "--db must not be empty"),
+    Case("show-id-word", ["show", "abc", *G], "run_id must be an integer"),
+    Case("show-id-zero", ["show", "0", *G], "run_id must be at least 1"),
+    Case("show-id-negative", ["show", "-5", *G], "run_id must be at least 1"),
+    Case("show-id-2-63", ["show", str(2**63), *G], "run_id must be at most 9223372036854775807"),
+    Case("show-id-huge", ["show", str(10**30), *G], "run_id must be at most"),
+    Case("show-id-absent", ["show", "999", *G], "no run 999 in the store"),
+    Case("eval-limit-zero-eval", ["eval", "1", "--lm-eval", "x", "--limit", "0", *G], "--limit must be at least 1"),
+    Case("eval-absent-run", ["eval", "999", "--lm-eval", "x", *G], "no run 999 in the store"),
+    Case("eval-no-saved-student", ["eval", "1", "--lm-eval", "x", *G], "has no saved student"),
+    # ---- stores
+    Case("show-missing-store", ["show", "1", "--db", "{stores}/missing.db"], "no run store at"),
+    Case("show-missing-store-url", ["show", "1", "--db", "sqlite:///{stores}/missing.db"], "no run store at"),
+    Case("show-missing-store-pysqlite", ["show", "1", "--db", "sqlite+pysqlite:///{stores}/missing.db?timeout=3"],
+         "no run store at"),
+    Case("show-missing-store-env", ["show", "1"], "no run store at", env={"KDBENCH_DB": "{stores}/from_env.db"}),
+    Case("eval-missing-store", ["eval", "1", "--lm-eval", "x", "--db", "{stores}/MISSING.db"], "no run store at",
+         subprocess=True),
+    Case("gc-missing-store", ["gc", "--mark", "--db", "{stores}/missing.db"], "no run store at"),
+    Case("show-directory", ["show", "1", "--db", "{stores}/dir.db"], "is a directory"),
+    Case("run-directory", RUN + ["kl", "--db", "{stores}/dir.db"], "is a directory"),
+    Case("show-corrupt", ["show", "1", "--db", "{stores}/corrupt.db"], "is not a SQLite database", subprocess=True),
+    Case("show-corrupt-pysqlite", ["show", "1", "--db", "sqlite+pysqlite:///{stores}/corrupt.db"],
+         "is not a SQLite database"),
+    Case("run-corrupt", RUN + ["kl", "--db", "{stores}/corrupt.db"], "is not a SQLite database"),
+    Case("gc-text-file", ["gc", "--db", "{stores}/textfile.db"], "is not a SQLite database"),
+    Case("show-truncated", ["show", "1", "--db", "{stores}/truncated.db"], "is truncated"),
+    Case("run-truncated", RUN + ["kl", "--db", "{stores}/truncated.db"], "is truncated"),
+    Case("show-header-only", ["show", "1", "--db", "{stores}/header_only.db"], "truncated"),
+    Case("show-empty-file", ["show", "1", "--db", "{stores}/empty.db"], "is empty (no kdbench tables)"),
+    Case("eval-empty-file", ["eval", "1", "--lm-eval", "x", "--db", "{stores}/empty.db"], "is empty"),
+    Case("show-foreign", ["show", "1", "--db", "{stores}/foreign.db"], "is not a kdbench run store"),
+    Case("run-foreign", RUN + ["kl", "--db", "{stores}/foreign.db"], "is not a kdbench run store"),
+    Case("gc-delete-foreign", ["gc", "--delete", "--yes", "--db", "{stores}/foreign.db"], "is not a kdbench run store"),
+    Case("run-runs-without-version", RUN + ["kl", "--db", "{stores}/runs_no_version.db"], "has no schema_version"),
+    Case("show-newer", ["show", "1", "--db", "{stores}/newer.db"],
+         "has schema 999; this kdbench reads schema 2 — upgrade kdbench"),
+    Case("run-newer", RUN + ["kl", "--db", "{stores}/newer.db"], "has schema 999", subprocess=True),
+    Case("eval-newer", ["eval", "1", "--lm-eval", "x", "--db", "{stores}/newer.db"], "has schema 999"),
+    Case("analyze-newer", ["analyze", "--db", "{stores}/newer.db"], "has schema 999"),
+    Case("gc-newer", ["gc", "--mark", "--db", "sqlite:///{stores}/newer.db"], "has schema 999"),
+    Case("run-bad-version", RUN + ["kl", "--db", "{stores}/bad_version.db"], "unreadable schema_version"),
+    Case("show-damaged-column", ["show", "1", "--db", "{stores}/damaged.db"], "table runs has no column(s) pid"),
+    Case("run-damaged-table", RUN + ["kl", "--db", "{stores}/no_curves.db"], "table curves is missing"),
+    Case("run-no-such-dir", RUN + ["kl", "--db", "/nonexistent-kdbench-dir/runs.db"], "does not exist"),
+    Case("run-parent-is-file", RUN + ["kl", "--db", "{stores}/empty.db/runs.db"], "is not a directory"),
+    Case("run-unwritable-dir", RUN + ["kl", "--db", "/proc/kdbench-runs.db"], "cannot write run store"),
+    Case("run-bad-url", RUN + ["kl", "--db", "nonsense://somewhere"], "cannot open run store"),
+    Case("run-bad-sqlite-driver", RUN + ["kl", "--db", "sqlite+nosuchdriver:///{stores}/x.db"], "is not supported"),
+    Case("run-missing-driver", RUN + ["kl", "--db", "postgresql://user@127.0.0.1:1/kdbench"], "run store"),
+    # ---- plug-ins
+    Case("plugin-missing-file", RUN + ["{plugins}/missing.py:x", *G], "objective plugin file not found"),
+    Case("plugin-is-directory", RUN + ["{plugins}/folder.py:x", *G], "is a directory"),
+    Case("plugin-syntax-error", RUN + ["{plugins}/syntax.py:oops", *G], "SyntaxError", subprocess=True),
+    Case("plugin-raises", RUN + ["{plugins}/raises.py:x", *G], "RuntimeError: plug-in exploded at import"),
+    Case("plugin-import-error", RUN + ["{plugins}/importerr.py:x", *G], "ModuleNotFoundError"),
+    Case("plugin-no-objective", RUN + ["{plugins}/noobj.py:x", *G], "declares no objective"),
+    Case("plugin-duplicate-name", RUN + ["{plugins}/dup.py:kl", *G], "'kl' is declared twice"),
+    Case("plugin-bad-declaration", RUN + ["{plugins}/badbehaviour.py:badbeh", *G], "behaviour"),
+    Case("plugin-two-unnamed", RUN + ["{plugins}/two.py:", *G], "declares 2 objectives; name one"),
+    Case("plugin-wrong-name", RUN + ["{plugins}/good.py:goodplu", *G], "did you mean 'goodplug'?"),
+    Case("plugin-path-missing-run", RUN + ["csd", *G], "$KDBENCH_PLUGIN_PATH names '/nonexistent-kdbench-plugins'",
+         env={"KDBENCH_PLUGIN_PATH": "/nonexistent-kdbench-plugins"}),
+    Case("plugin-path-missing-list", ["list"], "which does not exist",
+         env={"KDBENCH_PLUGIN_PATH": "/nonexistent-kdbench-plugins"}),
+    Case("plugin-path-is-file", ["list"], "is not a directory", env={"KDBENCH_PLUGIN_PATH": "{plugins}/good.py"}),
+    Case("plugin-path-broken-asked-for", RUN + ["syntaxobj", *G], "syntaxobj.py' failed to import: SyntaxError",
+         env={"KDBENCH_PLUGIN_PATH": "{pdir}"}),
+    # ---- data (paper suites, tiny models, --data-dir with one fault each)
+    Case("data-malformed-jsonl", tiny("paper-task-gsm8k", "gsm_bad_json"), "gsm8k/test.jsonl:3: not JSON",
+         subprocess=True),
+    Case("data-empty-file", tiny("paper-task-gsm8k", "gsm_empty"), "gsm8k/test.jsonl is empty"),
+    Case("data-blank-file", tiny("paper-task-gsm8k", "gsm_blank"), "gsm8k/test.jsonl is empty"),
+    Case("data-missing-field", tiny("paper-task-gsm8k", "gsm_missing_field"),
+         "gsm8k/train.jsonl:2: missing field(s) 'answer'"),
+    Case("data-null-field", tiny("paper-task-gsm8k", "gsm_null_field"), "gsm8k/train.jsonl:3: field(s) 'question' are null"),
+    Case("data-not-an-object", tiny("paper-task-gsm8k", "gsm_not_object"), "gsm8k/test.jsonl:2: a list, not a JSON object"),
+    Case("data-no-final-number", tiny("paper-task-gsm8k", "gsm_no_number"), "test.jsonl:2: answer has no final number"),
+    Case("data-bad-utf8", tiny("paper-task-gsm8k", "gsm_bad_utf8"), "test.jsonl: not UTF-8"),
+    Case("data-missing-file", tiny("paper-task-gsm8k", "gsm_missing_test"), "data not found in the data directory"),
+    Case("data-file-is-dir", tiny("paper-task-gsm8k", "gsm_test_is_dir"), "is a directory"),
+    Case("data-dir-missing", tiny("paper-task-gsm8k", "no_such_root"), "does not exist"),
+    Case("data-dir-is-file", tiny("paper-task-gsm8k", "a_file"), "does not exist"),
+    Case("data-instruct-missing-instruction", tiny("paper-instruct", "instruct_missing_instruction"),
+         "dolly/valid.jsonl:3: missing field(s) 'instruction'"),
+    Case("data-json-array-malformed", tiny("paper-instruct", "instruct_bad_json_array"), "alpaca_eval.json:3: not JSON"),
+    Case("data-instruct-empty-set", tiny("paper-instruct", "instruct_empty_sni"), "sni/minillm/valid.jsonl is empty"),
+    Case("data-dialogsum-missing-dialogue", tiny("paper-task-dialogsum", "dialogsum_missing_dialogue"),
+         "dialogsum.test.jsonl:1: missing field(s) 'dialogue'"),
+    Case("data-multi30k-line-mismatch", tiny("paper-task-translation", "mt_mismatch"), "has 8 lines but"),
+    Case("data-multi30k-empty-split", tiny("paper-task-translation", "mt_empty"), "is empty (no sentences)"),
+    # ---- models: refused after they load, before anything is trained or written
+    Case("vocab-mismatch", tiny("paper-task-gsm8k", "ok", student="{other_vocab}"), "different vocabularies"),
+    Case("student-without-tokenizer", tiny("paper-task-gsm8k", "ok", student="{no_tok}"),
+         "cannot load the student's tokenizer"),
+]
+assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+
+def _fill(value: str, world: dict) -> str:
+    return value.format(**{k: str(v) for k, v in world.items()})
+
+
+def _snapshot(world: dict) -> dict:
+    """Every file under the world's store and data folders (SQLite side files aside) and row counts."""
+    out = {}
+    for base in (world["stores"], world["data"], world["plugins"], world["cwd"]):
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.endswith(("-wal", "-shm")) and "__pycache__" not in p.parts:
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    con = sqlite3.connect(f"file:{world['good']}?mode=ro", uri=True)
+    out["rows"] = tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                        for t in ("runs", "metrics", "curves", "samples", "artifacts"))
+    con.close()
+    return out
+
+
+@pytest.fixture()
+def isolated(world, monkeypatch):
+    """A fresh registry, a clean environment and a scratch working directory for one case."""
+    import torch
+    import transformers
+
+    monkeypatch.setattr(registry, "_state", registry._State())
+    monkeypatch.setattr(registry, "_plugin_modules", {})
+    for var in ("KDBENCH_DB", "KDBENCH_PLUGIN_PATH", "KDBENCH_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(world["cwd"])
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()  # model loading bars are not the error line
+    return world
+
+
+def _check(rc: int, err: str, case: Case) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert rc == 2, f"exit {rc}; stderr: {err}"
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("kdbench: error:"), lines[0]
+    assert case.expect in lines[0], f"{case.expect!r} not in {lines[0]!r}"
+
+
+def _params():
+    for c in CASES:
+        marks = [pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else []
+        yield pytest.param(c, id=c.id, marks=marks)
+
+
+@pytest.mark.parametrize("case", list(_params()))
+def test_bad_input_is_one_line_exit_2_and_nothing_changes(case, isolated, capsys, monkeypatch):
+    world = isolated
+    for k, v in case.env.items():
+        monkeypatch.setenv(k, _fill(v, world))
+    args = [_fill(a, world) for a in case.args]
+    before = _snapshot(world)
+    rc = main(args)
+    _, err = capsys.readouterr()
+    _check(rc, err, case)
+    assert _snapshot(world) == before
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.subprocess])
+def test_bad_input_in_a_real_process(case, world):
+    env = {**ENV, **{k: _fill(v, world) for k, v in case.env.items()}}
+    before = _snapshot(world)
+    res = subprocess.run([sys.executable, "-m", "kdbench", *[_fill(a, world) for a in case.args]], cwd=world["cwd"],
+                         env=env, capture_output=True, text=True, timeout=180)
+    _check(res.returncode, res.stderr, case)
+    assert _snapshot(world) == before
+
+
+# ---------------------------------------------------------------------------- before training
+
+
+@pytest.mark.xfail(strict=True, reason="ENGINE: prepare.prepare must run check_vocabularies(tokenizer of the base "
+                   "teacher, student) before finetune_teacher(...) (today a mismatched student is refused only after "
+                   "the teacher was fine-tuned); better still, check both tokenizers in runner.resolve before the "
+                   "store is opened")
+def test_vocabulary_mismatch_is_refused_before_the_teacher_is_finetuned(isolated, capsys, monkeypatch):
+    world = isolated
+    import kdbench.prepare
+
+    def no_training(*a, **k):
+        raise AssertionError("the teacher's fine-tuning started before the vocabulary check")
+
+    monkeypatch.setattr(kdbench.prepare, "finetune_teacher", no_training)
+    args = [a for a in tiny("paper-task-gsm8k", "ok", student="{other_vocab}") if a != "--teacher-finetuned"]
+    before = _snapshot(world)
+    rc = main([_fill(a, world) for a in args])
+    _check(rc, capsys.readouterr().err, Case("x", [], "different vocabularies"))
+    assert _snapshot(world) == before
+
+
+def test_a_prompt_longer_than_the_context_keeps_counted_response_tokens(world):
+    """Decided behaviour: prompts are left-truncated to max_prompt_tokens (the instruction's end and
+    the template survive), so every example keeps at least max_tokens - max_prompt_tokens response tokens."""
+    from kdbench.data.batching import collate, encode
+    from kdbench.models import load_tokenizer
+
+    tok = load_tokenizer(world["teacher"])
+    prompt = "Please summarise the following text. " + "word " * 20_000
+    enc = encode(tok, prompt, "A short answer.", max_prompt_tokens=64, max_tokens=80)
+    assert enc.n_prompt == 64 and 64 < len(enc.ids) <= 80
+    batch = collate([enc], tok.pad_token_id)
+    assert int(batch["loss_mask"].sum()) == len(enc.ids) - enc.n_prompt >= 1  # the whole short answer counts
+
+
+@pytest.mark.xfail(strict=True, reason="ENGINE: data/batching.encode (or the runner right after encoding, before "
+                   "RunWriter.start) must raise a UserError naming the example id when a response keeps no counted "
+                   "token (max_prompt_tokens >= max_tokens, or an empty tokenisation); today such examples train "
+                   "silently on an empty mask")
+def test_a_response_that_cannot_fit_any_token_is_an_error(world):
+    from kdbench.data.batching import encode
+    from kdbench.models import load_tokenizer
+
+    tok = load_tokenizer(world["teacher"])
+    with pytest.raises(ValueError, match="no response token"):
+        encode(tok, "word " * 500, "An answer.", max_prompt_tokens=64, max_tokens=64)
+
+
+@pytest.mark.xfail(strict=True, reason="ENGINE: data/batching.batches loops forever (no batch, epoch after epoch) "
+                   "when the training set is smaller than one batch; it must raise an error naming the sizes (or "
+                   "yield a short batch), and the runner should refuse such a split before RunWriter.start")
+def test_a_training_set_smaller_than_a_batch_is_an_error_not_a_hang(monkeypatch):
+    import random as _random
+
+    from kdbench.data import batching
+
+    epochs = []
+
+    class CountingRandom(_random.Random):  # batches() seeds one Random per epoch
+        def __init__(self, seed):
+            epochs.append(seed)
+            if len(epochs) > 1000:
+                raise AssertionError("batches() went through 1000 epochs without yielding a batch")
+            super().__init__(seed)
+
+    monkeypatch.setattr(batching, "random", type("R", (), {"Random": CountingRandom}))
+    enc = [batching.Encoded([1, 2, 3, 4], 2) for _ in range(7)]
+    try:
+        batch = next(batching.batches(enc, 8, 0, 0))
+    except AssertionError:
+        raise
+    except Exception as exc:  # a clear error is a fix too
+        assert "batch" in str(exc)
+    else:
+        assert batch["input_ids"].shape[0] == 7
