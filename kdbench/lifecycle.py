@@ -160,6 +160,29 @@ def effective_status(
     return liveness(run, now, pid_alive=pid_alive, host=host, stale_after_s=stale_after_s)[0]
 
 
+# ---------------------------------------------------------------------------- graceful stop
+
+
+class GracefulStop:
+    """SIGTERM during training: finish the step, checkpoint, then stop (``kdbench run --resume``
+    continues). Armed by the runner while it trains; the CLI's SIGTERM handler calls
+    :meth:`request` and, when nothing is armed (or on a second signal), raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.requested = False
+
+    def request(self) -> bool:
+        """True when the stop was deferred to the end of the current step."""
+        if self.armed and not self.requested:
+            self.requested = True
+            return True
+        return False
+
+
+GRACEFUL = GracefulStop()
+
+
 # ---------------------------------------------------------------------------- heartbeat
 
 

@@ -753,6 +753,19 @@ class RunWriter:
     def fail(self, reason: str) -> None:
         self.update(status="failed", finished_at=utcnow(), error=reason[:4000])
 
+    def truncate_curve(self, after_step: int) -> int:
+        """Delete curve points beyond ``after_step`` (a resumed run recomputes them: its curve
+        never holds a step twice). Returns how many were deleted."""
+        def write(s: Session) -> int:
+            res = s.execute(delete(CurvePoint).where(CurvePoint.run_id == self.run_id, CurvePoint.step > after_step))
+            return res.rowcount or 0
+
+        return in_transaction(self.engine, write)
+
+    def reopen(self) -> None:
+        """A resumed run is running again (status, end time and error cleared)."""
+        self.update(status="running", finished_at=None, error=None)
+
     def interrupt(self, reason: str = "interrupted") -> None:
         """The run stopped without finishing or failing (Ctrl-C, SIGTERM, lost process): status
         ``interrupted``; curves and any results written so far stay."""

@@ -490,10 +490,6 @@ def test_bad_input_in_a_real_process(case, world):
 # ---------------------------------------------------------------------------- before training
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: prepare.prepare must run check_vocabularies(tokenizer of the base "
-                   "teacher, student) before finetune_teacher(...) (today a mismatched student is refused only after "
-                   "the teacher was fine-tuned); better still, check both tokenizers in runner.resolve before the "
-                   "store is opened")
 def test_vocabulary_mismatch_is_refused_before_the_teacher_is_finetuned(isolated, capsys, monkeypatch):
     world = isolated
     import kdbench.prepare
@@ -523,10 +519,6 @@ def test_a_prompt_longer_than_the_context_keeps_counted_response_tokens(world):
     assert int(batch["loss_mask"].sum()) == len(enc.ids) - enc.n_prompt >= 1  # the whole short answer counts
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: data/batching.encode (or the runner right after encoding, before "
-                   "RunWriter.start) must raise a UserError naming the example id when a response keeps no counted "
-                   "token (max_prompt_tokens >= max_tokens, or an empty tokenisation); today such examples train "
-                   "silently on an empty mask")
 def test_a_response_that_cannot_fit_any_token_is_an_error(world):
     from kdbench.data.batching import encode
     from kdbench.models import load_tokenizer
@@ -536,9 +528,6 @@ def test_a_response_that_cannot_fit_any_token_is_an_error(world):
         encode(tok, "word " * 500, "An answer.", max_prompt_tokens=64, max_tokens=64)
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: data/batching.batches loops forever (no batch, epoch after epoch) "
-                   "when the training set is smaller than one batch; it must raise an error naming the sizes (or "
-                   "yield a short batch), and the runner should refuse such a split before RunWriter.start")
 def test_a_training_set_smaller_than_a_batch_is_an_error_not_a_hang(monkeypatch):
     import random as _random
 

@@ -611,20 +611,15 @@ def _tiny_run(tiny_gsm8k, monkeypatch, capsys, **patches):
     return rc, run
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: runner.run must wrap everything after RunWriter.start in "
-                   "`with kdbench.lifecycle.Heartbeat(engine, writer.run_id):` (host, pid, heartbeat_at recorded)")
 def test_a_run_records_its_process_and_heartbeat(tiny_gsm8k, monkeypatch, capsys):
     rc, run = _tiny_run(tiny_gsm8k, monkeypatch, capsys)
     assert rc == 0 and run.status == "finished"
     assert (run.host, run.pid) == (this_host(), os.getpid()) and run.heartbeat_at is not None
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE: runner.run's `except KeyboardInterrupt` (Ctrl-C and SIGTERM) must "
-                   "call writer.interrupt('interrupted by the user') instead of writer.fail(...): status "
-                   "'interrupted', not 'failed'")
 def test_ctrl_c_records_interrupted(tiny_gsm8k, monkeypatch, capsys):
     def stop(*a, **k):
         raise KeyboardInterrupt
 
-    rc, run = _tiny_run(tiny_gsm8k, monkeypatch, capsys, **{"kdbench.runner.distill": stop})
+    rc, run = _tiny_run(tiny_gsm8k, monkeypatch, capsys, **{"kdbench.runner.train": stop})
     assert rc == 130 and run.status == "interrupted"

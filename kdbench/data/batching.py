@@ -42,13 +42,19 @@ class Encoded:
 
 
 def encode(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_tokens: int,
-           system: str | None = None) -> Encoded:
-    """Prompt tokens (left-truncated to keep the instruction's end and the template) + response."""
+           system: str | None = None, example_id: str | None = None) -> Encoded:
+    """Prompt tokens (left-truncated to keep the instruction's end and the template) + response.
+    A response of which no token fits (``max_prompt_tokens >= max_tokens``, or an empty
+    tokenisation) is an error naming the example: it would train on nothing."""
     p_ids = tokenizer(chat_prompt(tokenizer, prompt, system), add_special_tokens=False).input_ids
     if len(p_ids) > max_prompt_tokens:
         p_ids = p_ids[-max_prompt_tokens:]
     r_ids = tokenizer(response + end_of_turn(tokenizer), add_special_tokens=False).input_ids
     ids = (p_ids + r_ids)[:max_tokens]
+    if len(ids) <= len(p_ids):
+        which = f"example {example_id}" if example_id else "an example"
+        raise ValueError(f"{which} keeps no response token: its prompt fills all {max_tokens} tokens "
+                         f"(max_prompt_tokens {max_prompt_tokens} >= max_tokens {max_tokens}?) or the response is empty")
     return Encoded(ids, len(p_ids))
 
 
@@ -72,7 +78,10 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 def batches(encoded: Sequence[Encoded], batch_size: int, seed: int, pad_id: int) -> Iterator[dict]:
     """Endless shuffled batches; epoch k's order is fixed by (seed, k), the same for every
-    objective, so runs differ only in the loss."""
+    objective, so runs differ only in the loss. (The landed padded layout; training packs:
+    kdbench/engine/batches.py.)"""
+    if len(encoded) < batch_size:
+        raise ValueError(f"{len(encoded)} training examples are fewer than one batch of {batch_size}")
     epoch = 0
     while True:
         order = list(range(len(encoded)))

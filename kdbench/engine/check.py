@@ -21,6 +21,7 @@ objective, the two values and the error; the result is stored in the run's confi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -115,6 +116,11 @@ def startup_check(model, objective, batch: Batch, teacher, chunk_size: int) -> C
         model.train(was_training)
     loss_fast, (v_err, gh_err, gw_err) = worst
     tol = {"value_rtol": VALUE_RTOL, "grad_rtol": GRAD_RTOL, "hidden_rtol": HIDDEN_RTOL, "head_rtol": HEAD_RTOL}
+    if not (math.isfinite(float(ref_loss)) and math.isfinite(loss_fast)):
+        # Not a fast-path question: the objective itself is not finite here. Training stops at
+        # its first step and records the divergence (status failed, step and reason).
+        return CheckResult(objective.setting, batch.n_counted, chunk_size, loss_fast, float(ref_loss), math.nan,
+                           math.nan, math.nan, hidden_err, head_err, False, {**tol, "note": "loss not finite"})
     passed = v_err <= VALUE_RTOL and gh_err <= GRAD_RTOL and gw_err <= GRAD_RTOL and hidden_err <= HIDDEN_RTOL \
         and head_err <= HEAD_RTOL
     result = CheckResult(objective.setting, batch.n_counted, chunk_size, loss_fast, float(ref_loss), v_err, gh_err,
