@@ -13,8 +13,9 @@ scored on one greedy decode (metrics with seed NULL), as the paper does for GSM8
 
 Without waste: prompts are tokenised once per task (:class:`TaskInputs`) and reused by every
 seed, by the teacher's scoring and by the reference KL; generation is batched with left
-padding and the KV cache; the teacher scores the **sampled token ids** themselves (never a
-decode → re-encode round trip), packed, through its head at response positions only.
+padding and the KV cache, finished responses leaving the batch (kdbench/sampling.py); the
+teacher scores the **sampled token ids** themselves (never a decode → re-encode round trip),
+packed, through its head at response positions only.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kdbench.data.batching import Encoded, chat_prompt, encode
 from kdbench.device import autocast_context
 from kdbench.engine.batches import pack
 from kdbench.engine.forward import final_hidden, output_head
+from kdbench.sampling import continuation_logprobs, decode_from, prefill
 from kdbench.scoring import headline_score, score_decode
 from kdbench.suites import EvalSpec, TaskSpec
 
@@ -69,34 +71,54 @@ class TaskInputs:
 # ---------------------------------------------------------------------------- decoding
 
 
-@torch.no_grad()
+class Decoder:
+    """One model over one task's prompts: each batch of prompts is run through the model once
+    (:func:`kdbench.sampling.prefill`) and its cache reused by every seed's decode and by the
+    scoring of responses. Batches are fixed by prompt order (EvalSpec.batch_size), so a seed
+    gives the same samples for the same model whatever else runs."""
+
+    def __init__(self, model, prompt_ids: Sequence[list[int]], spec: EvalSpec, device: torch.device, *, pad_id: int):
+        self.model, self.spec, self.device, self.pad_id = model.eval(), spec, device, pad_id
+        self.chunks = [list(prompt_ids[a:a + spec.batch_size]) for a in range(0, len(prompt_ids), spec.batch_size)]
+        self._prefixes = None
+
+    @property
+    def prefixes(self):
+        if self._prefixes is None:
+            with autocast_context(self.device, True):
+                self._prefixes = [prefill(self.model, c, pad_id=self.pad_id, device=self.device) for c in self.chunks]
+        return self._prefixes
+
+    def generate(self, seed: int | None, *, eos_id: int, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> list[list[int]]:
+        """One response per prompt as token ids, cut after the first end-of-turn (kept): sampled
+        with the spec's protocol under ``seed``, or greedy."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        out: list[list[int]] = []
+        with autocast_context(self.device, True):
+            for prefix in self.prefixes:
+                out += decode_from(self.model, prefix.copy(), max_new_tokens=max_new_tokens or self.spec.max_new_tokens,
+                                   eos_id=eos_id, greedy=greedy, temperature=self.spec.temperature,
+                                   top_k=self.spec.top_k, top_p=self.spec.top_p)
+        return out
+
+    def logprobs(self, responses: Sequence[list[int]]) -> list[float]:
+        """This model's mean per-token log-likelihood of each response given its prompt."""
+        out: list[float] = []
+        at = 0
+        with autocast_context(self.device, True):
+            for prefix, chunk in zip(self.prefixes, self.chunks):
+                out += continuation_logprobs(self.model, prefix, responses[at:at + len(chunk)], pad_id=self.pad_id)
+                at += len(chunk)
+        return out
+
+
 def generate_ids(model, prompt_ids: Sequence[list[int]], spec: EvalSpec, seed: int | None, device: torch.device,
                  *, eos_id: int, pad_id: int, greedy: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
-    """One response per prompt as token ids, cut after the first end-of-turn (kept). Sampled
-    with the spec's protocol under ``seed`` or greedy; batches are fixed by prompt order, so a
-    seed gives the same samples for the same model whatever else runs."""
-    model.eval()
-    if seed is not None:
-        torch.manual_seed(seed)
-    decoding = (dict(do_sample=False) if greedy else
-                dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k))
-    out_ids: list[list[int]] = []
-    for start in range(0, len(prompt_ids), spec.batch_size):
-        chunk = prompt_ids[start:start + spec.batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
-        with autocast_context(device, True):
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **decoding,
-                                 max_new_tokens=max_new_tokens or spec.max_new_tokens, eos_token_id=eos_id,
-                                 pad_token_id=pad_id, use_cache=True)
-        for row in out[:, width:].tolist():
-            cut = row.index(eos_id) + 1 if eos_id in row else len(row)
-            out_ids.append(row[:cut])
-    return out_ids
+    """One decode of ``prompt_ids`` (see :class:`Decoder`, which reuses the prompts' cache)."""
+    return Decoder(model, prompt_ids, spec, device, pad_id=pad_id).generate(seed, eos_id=eos_id, greedy=greedy,
+                                                                           max_new_tokens=max_new_tokens)
 
 
 def decode_texts(tokenizer, ids: Sequence[list[int]]) -> list[str]:
@@ -149,18 +171,30 @@ def sequence_logprobs(model, seqs: Sequence[Encoded], device: torch.device) -> l
 
 
 @torch.no_grad()
-def reference_kl(student, teacher, refs: Sequence[Encoded], device: torch.device) -> tuple[float, float]:
-    """Token-level forward and reverse KL(teacher, student) on the references' response tokens."""
-    hs, ht = output_head(student), output_head(teacher)
+def reference_kl(student, teacher, refs: Sequence[Encoded], device: torch.device,
+                 ref_ids: Sequence[str] | None = None) -> tuple[float, float]:
+    """Token-level forward and reverse KL(teacher, student) on the references' response tokens.
+    ``teacher`` is a model, or a teacher source (kdbench/engine/teacher.py) that serves its
+    hidden states for ``ref_ids`` (the suite's cached teacher on the test references)."""
+    hs = output_head(student)
+    ws = hs.weight.float()
+    if isinstance(teacher, torch.nn.Module):
+        wt = output_head(teacher).weight.float()
+    else:
+        wt = teacher.head.weight
+    ids = list(ref_ids) if ref_ids is not None else [str(i) for i in range(len(refs))]
     fkl = rkl = 0.0
     n = 0
+    at = 0
     for group in _packed(refs):
-        batch = pack(group, [str(i) for i in range(len(group))]).to(device)
+        batch = pack(group, ids[at:at + len(group)]).to(device)
+        at += len(group)
         with autocast_context(device, True):
-            h_s, h_t = final_hidden(student, batch), final_hidden(teacher, batch)
+            h_s = final_hidden(student, batch)
+            h_t = final_hidden(teacher, batch) if isinstance(teacher, torch.nn.Module) else teacher.hidden(batch)
         for a in range(0, batch.n_counted, HEAD_CHUNK):
-            ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), hs.weight.float()).log_softmax(-1)
-            lt = F.linear(h_t[a:a + HEAD_CHUNK].float(), ht.weight.float()).log_softmax(-1)
+            ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), ws).log_softmax(-1)
+            lt = F.linear(h_t[a:a + HEAD_CHUNK].float(), wt).log_softmax(-1)
             diff = lt - ls
             fkl += float((lt.exp() * diff).sum(dtype=torch.float64))
             rkl += float((ls.exp() * -diff).sum(dtype=torch.float64))
@@ -176,28 +210,30 @@ def as_task(task) -> TaskSpec:
 
 
 def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec: EvalSpec, device: torch.device,
-                   is_teacher: bool = False) -> EvalResult:
+                   is_teacher: bool = False, teacher_refs=None) -> EvalResult:
     """Decode, score and collect everything the store keeps for one model on one task.
 
-    The headline decode is the greedy one when ``task.greedy`` (samples with seed NULL), else the
-    sampled one; metrics of the sampled decode that the greedy decode also reports get the
-    suffix ``_sampled``, and so do the sampled decode's per-sample score names."""
+    ``teacher`` scores the samples (the prompts' cache shared with the decode when the model is
+    the teacher); ``teacher_refs``, a teacher source serving the test references (the suite's
+    cached teacher), replaces a teacher forward in the reference KL. The headline decode is
+    the greedy one when ``task.greedy`` (samples with seed NULL), else the sampled one; metrics
+    of the sampled decode that the greedy decode also reports get the suffix ``_sampled``, and
+    so do the sampled decode's per-sample score names."""
     task = as_task(task)
     examples = inputs.examples
     new_tokens = task.max_new_tokens or spec.max_new_tokens
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    decoder = Decoder(model, inputs.prompt_ids, spec, device, pad_id=pad)
+    scorer = decoder if is_teacher or model is teacher else Decoder(teacher, inputs.prompt_ids, spec, device, pad_id=pad)
     result = EvalResult()
     greedy_names: set[str] = set()
 
     def decode_and_score(seed, greedy):
-        ids = generate_ids(model, inputs.prompt_ids, spec, seed, device, eos_id=eos, pad_id=pad, greedy=greedy,
-                           max_new_tokens=new_tokens)
+        ids = decoder.generate(seed, eos_id=eos, greedy=greedy, max_new_tokens=new_tokens)
         outputs = decode_texts(tokenizer, ids)
-        scored = [Encoded(p + r, len(p)) for p, r in zip(inputs.prompt_ids, ids)]
-        logprobs = sequence_logprobs(teacher, scored, device)
+        logprobs = scorer.logprobs(ids)
         per, mets = score_decode(task, examples, outputs)
-        finite = [lp for lp in logprobs if not math.isnan(lp)]
-        mets["teacher_logprob"] = statistics.fmean(finite) if finite else float("nan")
+        mets["teacher_logprob"] = statistics.fmean(logprobs)
         suffix = "_sampled" if task.greedy and not greedy else ""  # sample scores named like their metrics
         for e, o, s, lp in zip(examples, outputs, per, logprobs):
             scores = {k + suffix: v for k, v in {**s, "teacher_logprob": lp}.items() if not _nan(v)}
@@ -224,7 +260,8 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
     if is_teacher:
         fkl = rkl = 0.0
     else:
-        fkl, rkl = reference_kl(model, teacher, inputs.references, device)
+        fkl, rkl = reference_kl(model, teacher_refs or teacher, inputs.references, device,
+                                [e.id for e in examples])
     result.metrics += [(task.name, "fkl_tok", fkl, None), (task.name, "rkl_tok", rkl, None)]
     # Undefined values (Self-BLEU of a single response, ...) are left out rather than stored as NaN.
     result.metrics = [m for m in result.metrics if not math.isnan(m[2])]

@@ -22,8 +22,10 @@ def evaluate_all(model, prep: Prepared, is_teacher: bool = False) -> EvalResult:
     """Every task of the suite, one after the other, into one result."""
     out = EvalResult()
     for task in prep.suite.tasks:
+        refs = None if is_teacher else prep.reference_teacher(task.name)
         res = evaluate_model(model, teacher=prep.teacher(), tokenizer=prep.tokenizer, inputs=prep.task_inputs(task.name),
-                             task=task, spec=prep.suite.eval, device=prep.device, is_teacher=is_teacher)
+                             task=task, spec=prep.suite.eval, device=prep.device, is_teacher=is_teacher,
+                             teacher_refs=refs)
         out.metrics += res.metrics
         out.samples += res.samples
     return out
@@ -49,8 +51,7 @@ def ensure_reference_rows(engine, prep: Prepared, version_label: str, argv) -> d
         try:
             with torch.no_grad():
                 res = evaluate_all(model, prep, is_teacher=role == ROLE_TEACHER)
-            writer.metrics(res.metrics)
-            writer.samples(res.samples)
+            writer.results(res.metrics, res.samples)
             writer.finish(wall_time_s=time.perf_counter() - t0)
         except BaseException as exc:
             writer.fail(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,99 @@
+"""kdbench.sampling.decode: the evaluator's decoder against transformers' generate, and its
+protocol knobs (temperature, top-k, top-p), on a tiny random Llama with the real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdbench.sampling import _filter, decode
+
+try:
+    from tests.tiny_models import make_tiny_pair
+except ImportError:  # run from inside tests/
+    from tiny_models import make_tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from kdbench.models import load_causal_lm
+
+    teacher, _ = make_tiny_pair(tmp_path_factory.mktemp("sampling"))
+    return load_causal_lm(teacher).eval()
+
+
+PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]]
+
+
+def test_greedy_equals_transformers_generate_row_by_row(model):
+    ours = decode(model, PROMPTS, max_new_tokens=6, eos_id=0, pad_id=2, greedy=True)
+    for p, got in zip(PROMPTS, ours):  # one prompt at a time: no padding on the reference side
+        ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             do_sample=False, max_new_tokens=6, eos_token_id=0, pad_token_id=2)[0, len(p):].tolist()
+        assert got == ref
+
+
+def test_a_finished_row_leaves_the_batch_and_the_others_continue_unchanged(model):
+    alone = decode(model, [PROMPTS[0]], max_new_tokens=6, eos_id=-1, pad_id=2, greedy=True)[0]
+    eos = alone[1]  # make the second token of this row an end-of-turn: the row stops there
+    both = decode(model, [PROMPTS[0], PROMPTS[2]], max_new_tokens=6, eos_id=eos, pad_id=2, greedy=True)
+    assert both[0] == alone[: alone.index(eos) + 1]
+    other = decode(model, [PROMPTS[2]], max_new_tokens=6, eos_id=eos, pad_id=2, greedy=True)[0]
+    assert both[1] == other  # the row left in the batch is decoded as if alone
+
+
+def test_sampling_is_seeded_and_every_response_is_cut_after_eos(model):
+    torch.manual_seed(10)
+    a = decode(model, PROMPTS, max_new_tokens=8, eos_id=5, pad_id=2)
+    torch.manual_seed(10)
+    b = decode(model, PROMPTS, max_new_tokens=8, eos_id=5, pad_id=2)
+    assert a == b and all(1 <= len(r) <= 8 for r in a)
+    assert all(5 not in r[:-1] for r in a)
+
+
+def test_protocol_knobs_match_their_definitions():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    assert torch.equal(_filter(logits, 1.0, 0, 1.0), logits)  # the paper's protocol changes nothing
+    assert torch.allclose(_filter(logits, 2.0, 0, 1.0), logits / 2)
+    k2 = _filter(logits, 1.0, 2, 1.0)
+    assert torch.isinf(k2[0, 2:]).all() and torch.equal(k2[0, :2], logits[0, :2])
+    p = logits.softmax(-1)[0]  # 0.644, 0.237, 0.087, 0.032
+    top = _filter(logits, 1.0, 0, 0.8)  # the smallest top set with mass >= 0.8: the first two
+    assert torch.isfinite(top[0, :2]).all() and torch.isinf(top[0, 2:]).all() and p[:2].sum() >= 0.8 > p[0]
+
+
+def test_scoring_with_the_prompt_cache_equals_scoring_packed_sequences(model):
+    """The evaluator scores responses given the prompts' cache; the packed path scores whole
+    sequences: the same log-likelihoods."""
+    from kdbench.data.batching import Encoded
+    from kdbench.evaluate import Decoder, sequence_logprobs
+    from kdbench.suites import EvalSpec
+
+    spec = EvalSpec(batch_size=2, max_new_tokens=5)
+    dec = Decoder(model, PROMPTS, spec, torch.device("cpu"), pad_id=2)
+    responses = dec.generate(10, eos_id=7)
+    cached = dec.logprobs(responses)
+    packed = sequence_logprobs(model, [Encoded(p + r, len(p)) for p, r in zip(PROMPTS, responses)], torch.device("cpu"))
+    assert cached == pytest.approx(packed, abs=1e-4)
+    # the prompts' cache is reused, not consumed: a second seed decodes as a fresh decoder would
+    again = Decoder(model, PROMPTS, spec, torch.device("cpu"), pad_id=2).generate(20, eos_id=7)
+    assert dec.generate(20, eos_id=7) == again
+
+
+def test_reference_kl_from_the_cached_teacher_equals_the_live_teacher(model, tmp_path, monkeypatch):
+    from kdbench.data.batching import Encoded
+    from kdbench.engine import teacher_cache
+    from kdbench.engine.teacher import CachedTeacher
+    from kdbench.evaluate import reference_kl
+
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path))
+    refs = [Encoded(p + [11, 12, 13], len(p)) for p in PROMPTS]
+    ids = ["a", "b", "c"]
+    entry, _ = teacher_cache.get_or_build("refs", {"test": 1}, model, list(zip(ids, refs)), torch.device("cpu"),
+                                          progress=False, log=lambda *_: None)
+    student = model  # any model: the teacher side is what is cached
+    live = reference_kl(student, model, refs, torch.device("cpu"), ids)
+    cached = reference_kl(student, CachedTeacher(entry), refs, torch.device("cpu"), ids)
+    assert cached == pytest.approx(live, abs=1e-5) and live == pytest.approx((0.0, 0.0), abs=1e-5)
