@@ -43,6 +43,7 @@ class RunRequest:
     data_dir: str | None = None    # data root for paper suites (None: $KDBENCH_DATA_DIR, else the hub)
     teacher_source: str = "cache"  # "cache": the exact teacher cache (off-policy); "live": run the teacher each step
     sweep_id: str | None = None    # the `kdbench sweep` this run belongs to
+    lr: float | None = None        # peak learning rate instead of the suite's (`kdbench sweep --tune lr=...`)
 
 
 def _model_ref(flag: str, value: str | None) -> str | None:
@@ -94,6 +95,11 @@ def resolve_suite(req: RunRequest) -> tuple[SuiteSpec, str]:
             raise UserError("--steps must be at least 1")
         suite = dataclasses.replace(suite, train=dataclasses.replace(suite.train, steps=req.steps, epochs=None))
         overrides["steps"] = req.steps
+    if req.lr is not None and req.lr != suite.train.lr:
+        if not req.lr > 0:
+            raise UserError("--lr must be positive")
+        suite = dataclasses.replace(suite, train=dataclasses.replace(suite.train, lr=float(req.lr)))
+        overrides["lr"] = f"{float(req.lr):g}"
     if req.eval_limit is not None and req.eval_limit != suite.eval.n_test:
         if req.eval_limit < 1:
             raise UserError("--eval-limit must be at least 1")

@@ -58,6 +58,21 @@ def peak_memory_mb(device: torch.device | None = None) -> float | None:
         return None
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``): after
+    training, the optimiser state and gradients would otherwise stay in the process's resident
+    memory while evaluation loads the teacher."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def default_threads() -> None:
     """Use every core unless the user pinned a number (``OMP_NUM_THREADS``; a sweep's workers
     pin theirs so that they split the machine instead of oversubscribing it)."""

@@ -7,8 +7,10 @@
   id); when the suite has ``finetune`` and the pair's teacher is not already fine-tuned, the
   teacher fine-tuned on the training split (cached, kdbench/finetune.py);
 * student: ``layer_subset`` -- blocks of the *base* teacher (the student never saw the
-  task's fine-tuning data, like a generic pretrained student) -- or ``pretrained``, loaded
-  by name; teacher and student must share the vocabulary (checked here, never mapped).
+  task's fine-tuning data, like a generic pretrained student), or with ``"from": "teacher"``
+  of the teacher actually used (DistilBERT's construction: the student is the compressed
+  teacher) -- or ``pretrained``, loaded by name; teacher and student must share the
+  vocabulary (checked here, never mapped).
 
 Models are loaded lazily and can be released (:meth:`Prepared.release_teacher`): a run that
 reads the teacher cache holds no teacher while it trains. Every example is tokenised once.
@@ -17,7 +19,6 @@ reads the teacher cache holds no teacher while it trains. Every example is token
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -63,14 +64,17 @@ class Prepared:
         return self._teacher
 
     def release_teacher(self) -> None:
+        from kdbench.device import release_memory
+
         self._teacher = None
-        gc.collect()
+        release_memory()
 
     def new_student(self) -> torch.nn.Module:
         """A fresh float32 student (trainable)."""
         spec = self.suite.student
         if spec["kind"] == "layer_subset":
-            base = load_causal_lm(self.base_teacher_path or self.teacher_path)
+            source = self.teacher_path if spec.get("from") == "teacher" else (self.base_teacher_path or self.teacher_path)
+            base = load_causal_lm(source)  # float32 (a bf16 fine-tuned teacher is upcast exactly)
             return build_student(base, self.student_keep, copy_weights=False).to(self.device)
         return load_causal_lm(spec["name"]).to(self.device)
 
@@ -79,9 +83,15 @@ class Prepared:
         """``(example id, Encoded)`` for every training example (its first reference)."""
         if "train" not in self._cache:
             t = self.suite.train
-            self._cache["train"] = [(e.id, encode(self.tokenizer, e.prompt, e.references[0], t.max_prompt_tokens,
-                                                  t.max_tokens, self.suite.system_prompt))
-                                    for e in self.splits["train"]]
+            try:
+                self._cache["train"] = [(e.id, encode(self.tokenizer, e.prompt, e.references[0], t.max_prompt_tokens,
+                                                      t.max_tokens, self.suite.system_prompt, e.id))
+                                        for e in self.splits["train"]]
+            except ValueError as exc:
+                raise UserError(f"suite {self.suite.name}: {exc}") from None
+            if len(self._cache["train"]) < t.batch_size:
+                raise UserError(f"suite {self.suite.name}: {len(self._cache['train'])} training examples are fewer "
+                                f"than one batch of {t.batch_size}")
         return self._cache["train"]
 
     def task_inputs(self, task: str) -> TaskInputs:
@@ -100,9 +110,41 @@ class Prepared:
         t = self.suite.train
         return TaskInputs.build(self.tokenizer, examples, t.max_prompt_tokens, t.max_tokens, self.suite.system_prompt)
 
+    def reference_teacher(self, task: str):
+        """The teacher's hidden states on the task's test references, cached once per suite
+        version (kdbench/engine/teacher_cache.py): the reference KL of every later run reads
+        them instead of running the teacher."""
+        key = f"refs:{task}"
+        if key not in self._cache:
+            from kdbench.engine import teacher_cache
+            from kdbench.engine.teacher import CachedTeacher
+
+            inputs = self.task_inputs(task)
+            examples = [(e.id, r) for e, r in zip(inputs.examples, inputs.references)]
+            t = self.suite.train
+            spec = {"teacher": self.teacher_identity(), "data": teacher_cache.data_digest(examples),
+                    "max_prompt_tokens": t.max_prompt_tokens, "max_tokens": t.max_tokens,
+                    "system_prompt": self.suite.system_prompt, "device": self.device.type, "role": f"test:{task}",
+                    "dtype": str(inference_dtype(self.device, t.bf16_autocast)).replace("torch.", "")}
+            entry, _ = teacher_cache.get_or_build(teacher_cache.cache_key(spec), spec, self.teacher, examples,
+                                                  self.device, progress=False)
+            self._cache[key] = CachedTeacher(entry, self.device)
+        return self._cache[key]
+
     # -- identities --------------------------------------------------------------------------
     def teacher_identity(self) -> dict:
         return {"weights": model_digest(self.teacher_path), "tokenizer": tokenizer_digest(self.teacher_path)}
+
+
+def blocks_kept(student: dict, n_layers: int) -> list[int]:
+    """The teacher blocks a ``layer_subset`` student keeps: ``keep`` (explicit indices) or
+    ``keep_every`` (every N-th from the first, plus the last)."""
+    if "keep" in student:
+        keep = sorted(int(i) for i in student["keep"])
+        if not keep or keep[0] < 0 or keep[-1] >= n_layers or len(set(keep)) != len(keep):
+            raise UserError(f"student blocks {student['keep']} are not distinct blocks of a {n_layers}-block teacher")
+        return keep
+    return layer_subset(n_layers, student["keep_every"])
 
 
 def resolve_epochs(suite: SuiteSpec, n_train: int) -> SuiteSpec:
@@ -138,22 +180,24 @@ def prepare(suite: SuiteSpec, device: torch.device, *, data_dir=None, progress: 
     data = sources.build(suite, root)
     suite = resolve_epochs(suite, len(data.train))
     base = prepare_teacher(suite.teacher)
+    keep = None
+    if suite.student["kind"] == "layer_subset":
+        from transformers import AutoConfig
+
+        n_layers = AutoConfig.from_pretrained(str(base)).num_hidden_layers
+        keep = blocks_kept(suite.student, n_layers)
+        student_desc = f"student keeps blocks {keep}"
+    elif suite.student["kind"] == "pretrained":
+        # before any fine-tuning: a student that cannot be distilled costs nothing
+        check_vocabularies(load_tokenizer(base), suite.student["name"])
+        student_desc = f"student {suite.student['name']}"
+    else:
+        raise UserError(f"unknown student kind {suite.student['kind']!r} (layer_subset, pretrained)")
     teacher_path = base
     if suite.finetune is not None and not suite.selected.teacher_finetuned:
         teacher_path = finetune_teacher(base, suite.name, suite.finetune, data.train, device,
                                         system_prompt=suite.system_prompt, progress=progress)
     tokenizer = load_tokenizer(teacher_path)
-    keep = None
-    if suite.student["kind"] == "layer_subset":
-        from transformers import AutoConfig
-
-        keep = layer_subset(AutoConfig.from_pretrained(str(base)).num_hidden_layers, suite.student["keep_every"])
-        student_desc = f"student keeps blocks {keep}"
-    elif suite.student["kind"] == "pretrained":
-        check_vocabularies(tokenizer, suite.student["name"])
-        student_desc = f"student {suite.student['name']}"
-    else:
-        raise UserError(f"unknown student kind {suite.student['kind']!r} (layer_subset, pretrained)")
     tests = {t.name: evaluated_examples(suite, t, data.tests[t.source]) for t in suite.tasks}
     splits = {"train": data.train, "valid": data.valid, "test": data.tests[suite.tasks[0].source]}
     print(f"[kdbench] prepared {suite.name}: teacher {teacher_path} ({time.perf_counter() - t0:.1f}s), "
@@ -169,6 +213,6 @@ def reference_fingerprint(prep: Prepared) -> str:
     extra = {"student": prep.suite.student, "eval": dataclasses.asdict(prep.suite.eval), "data": prep.suite.data,
              "system_prompt": prep.suite.system_prompt}
     if prep.suite.student["kind"] == "layer_subset" and prep.base_teacher_path is not None \
-            and prep.base_teacher_path != prep.teacher_path:
+            and prep.base_teacher_path != prep.teacher_path and prep.suite.student.get("from") != "teacher":
         extra["student_base"] = model_digest(prep.base_teacher_path)
     return fingerprint(prep.teacher_path, extra)

@@ -1,41 +1,53 @@
 """One run end to end: resolve → prepare (cached) → reference rows → teacher source → start-up
-check → record → train → evaluate → record.
+check → record → train (checkpointed) → evaluate → record.
 
 Everything the user can get wrong (objective, parameters, suite, pair, model paths, data
 directory, store location) is checked before any model is loaded (kdbench/config.py), and the
 start-up check runs before the run row is written, so a refused run touches nothing. Once the
-run row exists, any failure marks it ``failed`` with the reason. What a suite's runs share is
-built by kdbench/prepare.py; the loop is kdbench/engine/trainer.py.
+run row exists, any failure marks it ``failed`` with the reason; Ctrl-C, SIGTERM or a lost
+process leave it ``interrupted`` with its last checkpoint, and ``kdbench run --resume ID``
+continues it to the same result. What a suite's runs share is built by kdbench/prepare.py;
+the loop is kdbench/engine/trainer.py.
 """
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from kdbench import provenance
 from kdbench.config import RunRequest, resolve, resolve_suite, run_key  # noqa: F401  (RunRequest re-exported)
-from kdbench.device import default_threads, inference_dtype, peak_memory_mb  # noqa: F401  (default_threads re-exported)
+from kdbench.device import default_threads, inference_dtype, peak_memory_mb, release_memory  # noqa: F401
+from kdbench.engine import state as train_state
 from kdbench.engine import teacher_cache
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.check import startup_check
 from kdbench.engine.teacher import CachedTeacher, LiveTeacher
-from kdbench.engine.trainer import TrainingDiverged, train
-from kdbench.errors import RunFailed
+from kdbench.engine.trainer import TrainingDiverged, make_optimizer, train
+from kdbench.errors import RunFailed, UserError
 from kdbench.evaluate import validation_score
+from kdbench.lifecycle import GRACEFUL, Heartbeat
 from kdbench.losses import HIDDEN_CHUNK_SIZE
 from kdbench.models import cache_dir
 from kdbench.prepare import Prepared, prepare, reference_fingerprint
 from kdbench.references import ensure_reference_rows, evaluate_all
-from kdbench.store import ROLE_DISTILLED, RunWriter
+from kdbench.store import ROLE_DISTILLED, RunWriter, get_run, open_engine
 from kdbench.suites import SuiteSpec
 
 # The landed name of resolve_suite (kept for callers and tests).
 effective_suite = resolve_suite
+
+#: Save the train state after this many seconds of training (and at its end, and on SIGTERM);
+#: ``$KDBENCH_CHECKPOINT_EVERY_S`` overrides it (0: after every step).
+CHECKPOINT_EVERY_S = 120.0
 
 
 def teacher_cache_inputs(prep: Prepared, examples) -> dict:
@@ -47,17 +59,31 @@ def teacher_cache_inputs(prep: Prepared, examples) -> dict:
             "system_prompt": prep.suite.system_prompt, "dtype": dtype, "device": prep.device.type}
 
 
-def make_teacher_source(prep: Prepared, objective, kind: str, progress: bool = True):
+def examples_to_cache(examples, spec, seed: int) -> list:
+    """The training examples a run's batches touch: all of them when the run covers at least
+    half the training set (one entry shared by every seed and objective), else just those
+    (a quick ``--steps N`` run caches a few batches, not the suite)."""
+    if spec.steps * spec.batch_size >= len(examples) // 2:
+        return list(examples)
+    src = PackedBatches(examples, spec.batch_size, seed)
+    touched: set[str] = set()
+    for _ in range(spec.steps):
+        touched.update(next(src).example_ids)
+    return [(i, e) for i, e in examples if i in touched]
+
+
+def make_teacher_source(prep: Prepared, objective, kind: str, seed: int = 0, progress: bool = True):
     """``(source, description, seconds spent building a cache entry)`` for the run."""
     if not objective.needs_teacher:
         return None, {"kind": "none"}, 0.0
     if kind == "live":
         return LiveTeacher(prep.teacher()), {"kind": "live"}, 0.0
-    examples = prep.train_examples()
+    examples = examples_to_cache(prep.train_examples(), prep.suite.train, seed)
     inputs = teacher_cache_inputs(prep, examples)
     key = teacher_cache.cache_key(inputs)
     entry, built_s = teacher_cache.get_or_build(key, inputs, prep.teacher, examples, prep.device, progress=progress)
-    return CachedTeacher(entry, prep.device), {"kind": "cache", "key": key, "rows": entry.meta["n_rows"]}, built_s
+    return (CachedTeacher(entry, prep.device),
+            {"kind": "cache", "key": key, "rows": entry.meta["n_rows"], "examples": entry.meta["n_examples"]}, built_s)
 
 
 def selection_rule(suite: SuiteSpec, n_valid: int) -> str:
@@ -67,50 +93,141 @@ def selection_rule(suite: SuiteSpec, n_valid: int) -> str:
             f"{suite.eval.valid_every} steps and at the last; ties: earliest")
 
 
-def run(req: RunRequest, argv: list[str] | None = None) -> int:
-    """Distil, evaluate and record one run; returns its run id."""
+def state_dir(db_url, run_id: int) -> Path:
+    """Where a run keeps its resumable train state (in the cache, never in the repo)."""
+    key = hashlib.sha256(str(db_url).encode()).hexdigest()[:10]
+    return cache_dir() / "runs" / f"{key}-run{run_id}"
+
+
+@dataclass
+class Setup:
+    """Everything a run needs before its first step (built the same way for a new run and a resumed one)."""
+
+    req: RunRequest
+    objective: object
+    label: str
+    engine: object
+    prep: Prepared
+    teacher: object
+    teacher_desc: dict
+    student: torch.nn.Module
+    batches: PackedBatches
+    config: dict
+    cost: dict = field(default_factory=dict)
+
+
+def _setup(req: RunRequest, argv, *, check: bool = True) -> Setup:
     objective, suite, label, engine = resolve(req)
     device = torch.device(req.device)
     cost: dict[str, float] = {}
-    t_all = time.perf_counter()
-
+    t0 = time.perf_counter()
     prep = prepare(suite, device, data_dir=req.data_dir, progress=req.progress)
     suite = prep.suite  # budgets in steps
     examples = prep.train_examples()
-    cost["prepare_s"] = time.perf_counter() - t_all
+    cost["prepare_s"] = time.perf_counter() - t0
     t = time.perf_counter()
     ref_ids = ensure_reference_rows(engine, prep, label, argv)
     cost["reference_rows_s"] = time.perf_counter() - t
-    teacher, teacher_desc, cost["teacher_cache_build_s"] = make_teacher_source(prep, objective, req.teacher_source,
-                                                                              req.progress)
+    teacher, desc, cost["teacher_cache_build_s"] = make_teacher_source(prep, objective, req.teacher_source, req.seed,
+                                                                       req.progress)
     if teacher is None or teacher.kind == "cache":
         prep.release_teacher()  # training needs no teacher model; evaluation loads it again
-
     torch.manual_seed(req.seed)
     student = prep.new_student()
     batches = PackedBatches(examples, suite.train.batch_size, req.seed, prep.tokenizer.pad_token_id)
-    t = time.perf_counter()
-    first = PackedBatches(examples, suite.train.batch_size, req.seed, prep.tokenizer.pad_token_id)
-    check = startup_check(student, objective, next(first).to(device), teacher, chunk_size=HIDDEN_CHUNK_SIZE)
-    cost["startup_check_s"] = time.perf_counter() - t
-
+    result = None
+    if check:
+        t = time.perf_counter()
+        first = next(PackedBatches(examples, suite.train.batch_size, req.seed, prep.tokenizer.pad_token_id))
+        result = startup_check(student, objective, first.to(device), teacher, chunk_size=HIDDEN_CHUNK_SIZE).to_dict()
+        cost["startup_check_s"] = time.perf_counter() - t
+    request = {k: v for k, v in dataclasses.asdict(req).items() if k not in ("db", "progress")}
     config = {
         "objective": objective.name, "params": objective.params, "setting": objective.setting,
         "objective_version": getattr(objective.spec, "version", None),
         "suite": suite.to_dict(), "suite_version": label, "seed": req.seed, "device": req.device,
         "torch_threads": torch.get_num_threads(), "teacher": prep.teacher_identity(),
-        "teacher_path": str(prep.teacher_path), "teacher_source": teacher_desc,
-        "data_order": batches.describe(), "startup_check": check.to_dict(), "reference_runs": ref_ids,
-        "reference_fingerprint": reference_fingerprint(prep), "student_keep": prep.student_keep,
-        "data_sources": prep.data_manifest, "sweep_id": req.sweep_id,
+        "teacher_path": str(prep.teacher_path), "teacher_source": desc, "data_order": batches.describe(),
+        "startup_check": result, "reference_runs": ref_ids, "reference_fingerprint": reference_fingerprint(prep),
+        "student_keep": prep.student_keep, "data_sources": prep.data_manifest, "sweep_id": req.sweep_id,
+        "request": request,
     }
-    print("[kdbench] resolved configuration:\n" + json.dumps(config, indent=2, default=str))
-    writer = RunWriter.start(engine, role=ROLE_DISTILLED, suite=suite.name, suite_version=label, seed=req.seed,
-                             config=config, provenance=provenance.collect(argv), objective=objective.name,
-                             params=objective.params, setting=objective.setting)
-    writer.update(config_hash=run_key(objective, suite.name, label, req.seed), sweep_id=req.sweep_id)
-    print(f"[kdbench] run {writer.run_id}: {objective.setting} for {suite.train.steps} steps "
-          f"(teacher {teacher_desc['kind']}; start-up check passed: loss {check.loss_fast:.6g} == {check.loss_dense:.6g})")
+    return Setup(req, objective, label, engine, prep, teacher, desc, student, batches, config, cost)
+
+
+def prepare_only(req: RunRequest, argv: list[str] | None = None) -> dict:
+    """`kdbench prepare`: what every run of the suite shares, built now -- the (fine-tuned)
+    teacher, the reference rows and the teacher cache (whatever the objective) -- so that
+    parallel runs find them instead of racing to build them."""
+    objective, suite, label, engine = resolve(req)
+    device = torch.device(req.device)
+    prep = prepare(suite, device, data_dir=req.data_dir, progress=req.progress)
+    refs = ensure_reference_rows(engine, prep, label, argv)
+    desc = {"kind": "live"}
+    if req.teacher_source == "cache":
+        from kdbench.registry import get_objective
+
+        _, desc, _ = make_teacher_source(prep, get_objective("kl"), "cache", req.seed, req.progress)
+    return {"suite": prep.suite.name, "version": label, "reference_runs": refs, "teacher_source": desc,
+            "teacher": str(prep.teacher_path)}
+
+
+def run(req: RunRequest, argv: list[str] | None = None) -> int:
+    """Distil, evaluate and record one run; returns its run id."""
+    t0 = time.perf_counter()
+    s = _setup(req, argv)
+    check = s.config["startup_check"]
+    print("[kdbench] resolved configuration:\n" + json.dumps(s.config, indent=2, default=str))
+    writer = RunWriter.start(s.engine, role=ROLE_DISTILLED, suite=s.prep.suite.name, suite_version=s.label,
+                             seed=req.seed, config=s.config, provenance=provenance.collect(argv),
+                             objective=s.objective.name, params=s.objective.params, setting=s.objective.setting,
+                             config_hash=run_key(s.objective, s.prep.suite.name, s.label, req.seed),
+                             sweep_id=req.sweep_id)
+    writer.update(state_path=str(state_dir(s.engine.url, writer.run_id)))
+    verdict = (f"start-up check passed: loss {check['loss_fast']:.6g} == {check['loss_dense']:.6g}" if check["passed"]
+               else f"start-up check: loss not finite ({check['loss_dense']}) on the first batch")
+    print(f"[kdbench] run {writer.run_id}: {s.objective.setting} for {s.prep.suite.train.steps} steps "
+          f"(teacher {s.teacher_desc['kind']}; {verdict})")
+    return _execute(s, writer, None, t0)
+
+
+def resume(run_id: int, db: str | None, argv: list[str] | None = None, progress: bool = True) -> int:
+    """Continue an interrupted run from its last checkpoint to the result the uninterrupted run gives."""
+    from kdbench.lifecycle import effective_status
+
+    engine = open_engine(db)
+    run_row = get_run(engine, run_id)
+    if run_row is None:
+        raise UserError(f"no run {run_id} in the store")
+    status = effective_status(run_row)
+    if run_row.role != ROLE_DISTILLED or "request" not in (run_row.config or {}):
+        raise UserError(f"run {run_id} is not a distillation run this kdbench can resume")
+    if status not in ("interrupted", "failed"):
+        raise UserError(f"run {run_id} is {status}; only interrupted (or failed) runs can be resumed")
+    folder = Path(run_row.state_path or state_dir(engine.url, run_id)) / "state"
+    if not ((folder / "state.json").is_file() or (folder.with_name("state.old") / "state.json").is_file()):
+        raise UserError(f"run {run_id} has no saved train state ({folder}); start it again instead")
+    t0 = time.perf_counter()
+    req = RunRequest(**{**run_row.config["request"], "db": db, "progress": progress})
+    s = _setup(req, argv, check=False)
+    if s.label != run_row.suite_version:
+        raise UserError(f"run {run_id} was filed under version {run_row.suite_version}; this kdbench resolves "
+                        f"{s.label} (the suite changed): it cannot be resumed")
+    s.config = {**run_row.config}
+    optimizer = make_optimizer(s.student, s.prep.suite.train, torch.device(req.device))
+    state, _ = train_state.load(folder, s.student, optimizer, s.batches)
+    writer = RunWriter(engine, run_id)
+    writer.truncate_curve(state.step)
+    writer.reopen()
+    print(f"[kdbench] run {run_id}: resuming {s.objective.setting} at step {state.step} of {s.prep.suite.train.steps}")
+    return _execute(s, writer, (state, optimizer), t0)
+
+
+def _execute(s: Setup, writer: RunWriter, restored, t0: float) -> int:
+    suite, prep, device = s.prep.suite, s.prep, torch.device(s.req.device)
+    cost = dict(s.cost)
+    folder = state_dir(s.engine.url, writer.run_id) / "state"
+    heartbeat = Heartbeat(s.engine, writer.run_id).start()
     try:
         validate = None
         if suite.eval.valid_every:
@@ -122,37 +239,61 @@ def run(req: RunRequest, argv: list[str] | None = None) -> int:
             writer.curve(step, point["loss"], terms=point["terms"], lr=point["lr"], tokens=point["tokens"],
                          elapsed_s=point["elapsed_s"])
 
-        t = time.perf_counter()
-        result = train(model=student, objective=objective, batches=batches, teacher=teacher, spec=suite.train,
-                       device=device, log=log, validate=validate, valid_every=suite.eval.valid_every,
-                       progress=req.progress)
-        cost["train_s"] = result.train_time_s
-        cost["validation_s"] = time.perf_counter() - t - result.train_time_s
-        rule = selection_rule(suite, len(prep.valid_inputs().examples)) if validate is not None else result.selection_rule
-        for step, score in result.valid_scores.items():
+        def log_valid(step, score):
             writer.curve(step, None, split="valid", terms={suite.valid_task.headline: score})
-        del teacher
-        gc.collect()
+
+        last_save = [time.perf_counter()]
+        every = float(os.environ.get("KDBENCH_CHECKPOINT_EVERY_S", CHECKPOINT_EVERY_S))
+
+        def on_step(st, opt):
+            fault_point("training", st.step)
+            done = st.step == suite.train.steps
+            if done or GRACEFUL.requested or time.perf_counter() - last_save[0] >= every:
+                train_state.save(folder, st, s.student, opt, s.batches)
+                last_save[0] = time.perf_counter()
+            if GRACEFUL.requested and not done:
+                raise KeyboardInterrupt  # checkpointed: `kdbench run --resume` continues from here
+
+        state, optimizer = restored if restored else (None, None)
+        t = time.perf_counter()
+        GRACEFUL.armed, GRACEFUL.requested = True, False
+        try:
+            result = train(model=s.student, objective=s.objective, batches=s.batches, teacher=s.teacher,
+                           spec=suite.train, device=device, log=log, validate=validate,
+                           valid_every=suite.eval.valid_every, log_valid=log_valid, state=state,
+                           optimizer=optimizer, on_step=on_step, progress=s.req.progress)
+        finally:
+            GRACEFUL.armed = False
+        cost["train_s"] = result.train_time_s
+        cost["validation_s"] = max(0.0, time.perf_counter() - t - result.train_time_s)
+        rule = selection_rule(suite, len(prep.valid_inputs().examples)) if validate is not None else result.selection_rule
+        s.teacher = None
+        s.student.zero_grad(set_to_none=True)
+        state = optimizer = restored = None
+        release_memory()
         n_eval = sum(len(v) for v in prep.tests.values())
-        print(f"[kdbench] trained {result.steps} steps in {result.train_time_s:.0f}s "
-              f"({result.tokens_per_s:.0f} tok/s; checkpoint: step {result.selected_step}); evaluating "
+        print(f"[kdbench] trained {result.steps} steps ({result.train_time_s:.0f}s of training, "
+              f"{result.tokens_per_s:.0f} tok/s; checkpoint: step {result.selected_step}); evaluating "
               f"{len(suite.tasks)} task(s), {n_eval} prompts ...")
         t = time.perf_counter()
-        student.requires_grad_(False)
-        res = evaluate_all(student, prep)
+        s.student.requires_grad_(False)
+        fault_point("evaluation")
+        res = evaluate_all(s.student, prep)
         cost["evaluation_s"] = time.perf_counter() - t
-        writer.metrics(res.metrics)
-        writer.samples(res.samples)
-        ckpt = save_student(student, prep.tokenizer, engine.url, writer.run_id) if req.save_student else None
-        cost["wall_s"] = time.perf_counter() - t_all
+        fault_point("writing")
+        ckpt = save_student(s.student, prep.tokenizer, s.engine.url, writer.run_id) if s.req.save_student else None
+        cost["wall_s"] = time.perf_counter() - t0
         cost["peak_memory_mb"] = peak_memory_mb(device) or 0.0
+        writer.results(res.metrics, res.samples)
         writer.artifact("cost", cost)
         writer.finish(wall_time_s=cost["wall_s"], train_tokens_per_s=result.tokens_per_s,
                       peak_memory_mb=cost["peak_memory_mb"], selection_rule=rule, selected_step=result.selected_step,
                       checkpoint_path=ckpt)
+        shutil.rmtree(folder.parent, ignore_errors=True)  # finished: the train state is no longer needed
         print("[kdbench] cost: " + ", ".join(f"{k} {v:.0f}" for k, v in cost.items()))
     except KeyboardInterrupt:
-        writer.fail("interrupted by the user")
+        writer.interrupt("interrupted by the user" + (" (checkpointed; kdbench run --resume "
+                                                      f"{writer.run_id})" if (folder / "state.json").is_file() else ""))
         raise
     except TrainingDiverged as exc:
         writer.fail(f"diverged: {exc}")
@@ -160,7 +301,23 @@ def run(req: RunRequest, argv: list[str] | None = None) -> int:
     except Exception as exc:
         writer.fail(f"{type(exc).__name__}: {exc}")
         raise RunFailed(f"run {writer.run_id} failed: {type(exc).__name__}: {exc} (recorded as failed)") from exc
+    finally:
+        heartbeat.stop()
     return writer.run_id
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """Tests of crash safety stop a real run at a named point: with ``KDBENCH_FAULT_AT=name``
+    (``name@step`` for a training step) the process says so on stderr and waits to be killed.
+    Does nothing otherwise."""
+    want = os.environ.get("KDBENCH_FAULT_AT")
+    if want and want == (name if step is None or "@" not in want else f"{name}@{step}"):
+        import sys
+
+        print(f"KDBENCH_FAULT_POINT {want}", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + 3600
+        while not GRACEFUL.requested and time.monotonic() < deadline:  # SIGKILL, or SIGTERM ends the wait
+            time.sleep(0.05)
 
 
 def test_examples(prep: Prepared, task: str | None = None) -> list:

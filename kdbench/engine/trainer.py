@@ -71,6 +71,7 @@ def train(
     log: Callable[[int, dict], None],          # curve points: step, {loss, terms, lr, tokens, elapsed_s}
     validate: Callable[[torch.nn.Module], float] | None = None,  # higher is better
     valid_every: int = 0,
+    log_valid: Callable[[int, float], None] | None = None,  # validation scores as they are made
     state: TrainState | None = None,           # a restored state continues a run
     optimizer: torch.optim.Optimizer | None = None,
     on_step: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,  # after each step (checkpoints)
@@ -129,6 +130,8 @@ def train(
             score = validate(model)
             model.train()
             state.valid_scores[done] = score
+            if log_valid is not None:
+                log_valid(done, score)
             if score > state.best_score:  # ties keep the earlier step
                 state.best_score, state.best_step = score, done
                 state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
