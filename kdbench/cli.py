@@ -55,6 +55,18 @@ def _nonempty(flag: str):
     return parse
 
 
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not (v > 0 and v < 1e6):
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
+        return v
+    return parse
+
+
 def _device(text: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid choices: cpu, cuda, cuda:N")
@@ -86,12 +98,10 @@ def parse_params(pairs: list[str] | None) -> dict[str, str]:
     return params
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kdbench", description="Benchmark knowledge-distillation objectives for LLMs.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    r = sub.add_parser("run", help="distil, evaluate and record one run")
-    r.add_argument("--objective", required=True, help="objective name (see `kdbench list`) or path/to/file.py:name")
+def _run_options(r) -> None:
+    """The options of `kdbench run` (and `kdbench prepare`, which builds what those runs share)."""
+    r.add_argument("--objective", default=None, help="objective name (see `kdbench list`) or path/to/file.py:name "
+                   "(required unless --resume)")
     r.add_argument("--suite", default="micro", help="benchmark suite (default: micro, the embedded CPU suite; "
                                                     "see `kdbench list` and docs/suites.md)")
     r.add_argument("--pair", default=None, help="a named teacher/student pair of the suite (default: its default pair)")
@@ -117,7 +127,43 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher-source", choices=("cache", "live"), default="cache",
                    help="cache (default): the teacher's hidden states computed once per suite version and read from "
                         "disk; live: run the teacher on every batch")
+    r.add_argument("--lr", type=_positive_float("--lr"), default=None,
+                   help="peak learning rate instead of the suite's (filed under version+lr=X)")
     r.add_argument("--sweep-id", default=None, help=argparse.SUPPRESS)  # set by `kdbench sweep`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kdbench", description="Benchmark knowledge-distillation objectives for LLMs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="distil, evaluate and record one run")
+    _run_options(r)
+    r.add_argument("--resume", type=_int_in("--resume", 1, 2**63 - 1), default=None, metavar="RUN_ID",
+                   help="continue an interrupted run from its last checkpoint (takes only --db, --no-progress)")
+
+    pr = sub.add_parser("prepare", help="build what a suite's runs share (teacher fine-tune, teacher cache, reference "
+                                        "rows) without training; same options as run")
+    _run_options(pr)
+
+    sw = sub.add_parser("sweep", help="objectives x parameter grids x seeds x suites, skipping finished runs")
+    sw.add_argument("spec", nargs="?", default=None, metavar="SPEC.yaml", help="a sweep file (see docs/sweeps.md)")
+    sw.add_argument("--objectives", nargs="+", default=None, metavar="SETTING")
+    sw.add_argument("--seeds", nargs="+", type=_int_in("--seeds", 0, SEED_MAX), default=None)
+    sw.add_argument("--suite", nargs="+", default=None, dest="suites")
+    sw.add_argument("--param", action="append", default=None, metavar="KEY=V1,V2",
+                    help="a parameter grid, applied to the objectives that declare it (repeatable)")
+    sw.add_argument("--tune", action="append", default=None, metavar="lr=V1,V2",
+                    help="the same tuning grid for every objective; the best point per objective is chosen on "
+                         "validation")
+    sw.add_argument("--workers", type=_int_in("--workers", 1, 256), default=None)
+    sw.add_argument("--dry-run", action="store_true", help="print one `kdbench run` command line per run")
+    sw.add_argument("--db", type=_nonempty("--db"), default=None)
+    for flag, kw in (("--steps", dict(type=_int_in("--steps", 1, COUNT_MAX))),
+                     ("--eval-limit", dict(type=_int_in("--eval-limit", 1, COUNT_MAX))), ("--pair", {}),
+                     ("--teacher", {}), ("--student", {}), ("--data-dir", {}), ("--device", dict(type=_device)),
+                     ("--teacher-source", dict(choices=("cache", "live")))):
+        sw.add_argument(flag, default=None, help=f"passed to every run ({flag} of `kdbench run`)", **kw)
+    sw.add_argument("--no-save", action="store_true", default=None, help="passed to every run")
 
     sub.add_parser("list", help="objectives with their parameters, and suites")
 
@@ -164,24 +210,83 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from kdbench.report import comparison_table
     from kdbench.runner import RunRequest, default_threads, run
-    from kdbench.store import get_run, open_engine, resolve_url
 
     default_threads()
+    if args.resume is not None:
+        from kdbench.runner import resume
+
+        given = [f for f in ("objective", "param", "steps", "eval_limit", "pair", "teacher", "student", "data_dir")
+                 if getattr(args, f) not in (None, [], False)]
+        if given or args.suite != "micro" or args.seed != 0:
+            raise UserError("--resume continues a run with its own configuration; it takes only --db and --no-progress")
+        run_id = resume(args.resume, args.db, argv=sys.argv, progress=not args.no_progress)
+        return _print_run_table(args.db, run_id)
+    if args.objective is None:
+        raise UserError("the following arguments are required: --objective")
     req = RunRequest(objective=args.objective, params=parse_params(args.param), suite=args.suite, seed=args.seed,
                      steps=args.steps, eval_limit=args.eval_limit, db=args.db, device=args.device,
                      save_student=not args.no_save, progress=not args.no_progress, pair=args.pair,
                      teacher=args.teacher, student=args.student, teacher_finetuned=args.teacher_finetuned,
-                     data_dir=args.data_dir, teacher_source=args.teacher_source, sweep_id=args.sweep_id)
+                     data_dir=args.data_dir, teacher_source=args.teacher_source, sweep_id=args.sweep_id, lr=args.lr)
     run_id = run(req, argv=sys.argv)
-    engine = open_engine(args.db)
+    return _print_run_table(args.db, run_id)
+
+
+def _print_run_table(db, run_id: int) -> int:
+    from kdbench.report import comparison_table
+    from kdbench.store import get_run, open_engine, resolve_url
+
+    engine = open_engine(db)
     refs = get_run(engine, run_id).config.get("reference_runs", {})
     columns = [(role, rid) for role, rid in refs.items()] + [("distilled", run_id)]
     print()
     print(comparison_table(engine, columns))
-    print(f"\n[kdbench] run {run_id} stored in {resolve_url(args.db)}  (kdbench show {run_id}; kdbench leaderboard)")
+    print(f"\n[kdbench] run {run_id} stored in {resolve_url(db)}  (kdbench show {run_id}; kdbench leaderboard)")
     return 0
+
+
+def cmd_prepare(args) -> int:
+    from kdbench.runner import RunRequest, default_threads, prepare_only
+
+    default_threads()
+    req = RunRequest(objective=args.objective or "kl", params=parse_params(args.param), suite=args.suite,
+                     seed=args.seed, steps=args.steps, eval_limit=args.eval_limit, db=args.db, device=args.device,
+                     progress=not args.no_progress, pair=args.pair, teacher=args.teacher, student=args.student,
+                     teacher_finetuned=args.teacher_finetuned, data_dir=args.data_dir,
+                     teacher_source=args.teacher_source, lr=args.lr)
+    info = prepare_only(req, argv=sys.argv)
+    print(f"[kdbench] prepared {info['suite']} v{info['version']}: reference runs {info['reference_runs']}, "
+          f"teacher source {info['teacher_source']}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from kdbench.sweep import RUN_FLAGS, RUN_OPTIONS, SweepSpec, run_sweep
+
+    run_opts = {k: getattr(args, k) for k in set(RUN_OPTIONS) | set(RUN_FLAGS)
+                if k != "lr" and getattr(args, k, None) not in (None, False)}
+
+    def grids(items, flag):
+        out = {}
+        for item in items or []:
+            key, sep, values = item.partition("=")
+            if not sep or not key.strip() or not values.strip():
+                raise UserError(f"malformed {flag} {item!r}; expected key=v1,v2")
+            out[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+        return out
+
+    flags = {"objectives": args.objectives, "seeds": args.seeds, "suites": args.suites,
+             "params": grids(args.param, "--param"), "tune": grids(args.tune, "--tune"), "workers": args.workers,
+             "db": args.db}
+    if args.spec:
+        spec = SweepSpec.from_yaml(args.spec, **flags)
+        spec.run = {**(spec.run or {}), **run_opts}
+    else:
+        if not args.objectives:
+            raise UserError("kdbench sweep needs --objectives (or a SPEC.yaml file)")
+        spec = SweepSpec(**{k: v for k, v in flags.items() if v not in (None, [], {})}, run=run_opts)
+    return run_sweep(spec, dry_run=args.dry_run)
 
 
 def cmd_list(_args) -> int:
@@ -329,12 +434,17 @@ def cmd_eval(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "analyze": cmd_analyze, "eval": cmd_eval,
-            "cache": cmd_cache, "leaderboard": cmd_leaderboard, "gc": cmd_gc}
+            "cache": cmd_cache, "leaderboard": cmd_leaderboard, "gc": cmd_gc, "prepare": cmd_prepare,
+            "sweep": cmd_sweep}
 
 
 def _terminate(_signum, _frame):
-    # `kill` (SIGTERM) unwinds like Ctrl-C, so a run in progress is recorded as failed, not left "running".
-    raise KeyboardInterrupt
+    # `kill` (SIGTERM): a run that is training checkpoints at the end of its step and stops
+    # (resumable, recorded as interrupted); anything else unwinds like Ctrl-C.
+    from kdbench.lifecycle import GRACEFUL
+
+    if not GRACEFUL.request():
+        raise KeyboardInterrupt
 
 
 def _one_line(exc: BaseException) -> str:

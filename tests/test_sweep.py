@@ -1,0 +1,156 @@
+"""`kdbench sweep`: expansion, the dry run's command lines, skipping finished runs, two workers
+on a tiny suite, a failed run that does not stop the sweep, and a sweep killed midway that is
+started again (finished runs skipped, the interrupted one resumed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kdbench.cli import main
+from kdbench.errors import UserError
+from kdbench.store import Run, open_engine
+from kdbench.suites import get_suite
+from kdbench.sweep import SweepSpec, expand, sweep_id, threads_per_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    from tests.tiny_models import make_tiny_pair
+except ImportError:  # run from inside tests/
+    from tiny_models import make_tiny_pair
+
+
+def test_expansion_applies_grids_where_they_belong():
+    spec = SweepSpec(objectives=["kl", "csd"], seeds=[0, 1], params={"tau": ["1.0", "1.5"]}, tune={"lr": [1e-4, 3e-4]})
+    jobs = expand(spec)
+    # kl has no tau: 1 x 2 lr x 2 seeds; csd: 2 tau x 2 lr x 2 seeds
+    assert len(jobs) == 4 + 8
+    assert {j.setting for j in jobs} == {"kl", "csd(tau=1.0,w1=S,w2=S)", "csd(tau=1.5,w1=S,w2=S)"}
+    assert len({j.key for j in jobs}) == len(jobs)
+    v = get_suite("micro").version
+    assert {j.label for j in jobs} == {f"{v}+lr=0.0003", v}  # the suite's own lr is the standard version
+    assert sweep_id(jobs) == sweep_id(list(reversed(jobs)))  # the same sweep, whatever the order
+
+
+def test_dry_run_prints_one_kdbench_run_line_per_run(capsys):
+    assert main(["sweep", "--objectives", "kl", "rkl", "csd_ss", "--seeds", "0", "1", "2", "--dry-run",
+                 "--steps", "5", "--db", "x.db"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    assert len(lines) == 9 and all(ln.startswith("kdbench run --objective ") for ln in lines)
+    argv = shlex.split(lines[0])
+    assert argv[argv.index("--steps") + 1] == "5" and argv[argv.index("--db") + 1] == "x.db"
+    assert "--sweep-id" in argv and "--seed" in argv
+
+
+def test_a_spec_file_and_its_mistakes(tmp_path, capsys):
+    f = tmp_path / "sweep.yaml"
+    f.write_text("objectives: [kl, csd_ts]\nseeds: [3]\nparams: {tau: [1.5]}\nrun: {steps: 2}\n")
+    spec = SweepSpec.from_yaml(f)
+    jobs = expand(spec)
+    assert [(j.setting, j.seed) for j in jobs] == [("kl", 3), ("csd(tau=1.5,w1=T,w2=S)", 3)]
+    f.write_text("objectives: [kl]\nseeds: [0]\nworkrs: 2\n")
+    with pytest.raises(UserError, match="unknown key"):
+        SweepSpec.from_yaml(f)
+    assert main(["sweep", "--objectives", "nope", "--dry-run"]) == 2
+    assert main(["sweep", "--objectives", "kl", "--tune", "warmup=1,2", "--dry-run"]) == 2
+    assert main(["sweep", "--dry-run"]) == 2
+    assert threads_per_worker(2) == max(1, (os.cpu_count() or 1) // 2)
+
+
+# ---------------------------------------------------------------------------- real sweeps on a tiny suite
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    teacher, student = make_tiny_pair(tmp / "models")
+    data = tmp / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    for name, n in (("train", 24), ("test", 2)):
+        (data / f"{name}.jsonl").write_text("".join(
+            json.dumps({"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"}) + "\n" for i in range(n)))
+    plugin = tmp / "broken.py"
+    plugin.write_text(textwrap.dedent('''
+        from kdbench.registry import objective
+
+        @objective("always_nan", behaviour="balanced", paper="test plug-in")
+        def always_nan(s, t):
+            """NaN everywhere: the run fails, the sweep goes on."""
+            return (s - t).sum(-1) * float("nan")
+    '''))
+    flags = ["--suite", "paper-task-gsm8k", "--teacher", str(teacher), "--student", str(student),
+             "--data-dir", str(tmp / "data"), "--steps", "2", "--eval-limit", "1", "--no-save"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "KDBENCH_CHECKPOINT_EVERY_S": "0"}
+    return {"tmp": tmp, "flags": flags, "plugin": plugin, "env": env}
+
+
+def sweep(tiny, db, *extra, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "kdbench", "sweep", *tiny["flags"], "--db", str(db), *extra],
+                          env={**tiny["env"], **(env or {})}, capture_output=True, text=True, timeout=900, **kw)
+
+
+def runs(db):
+    engine = open_engine(str(db), readonly=True)
+    with Session(engine) as s:
+        out = [(r.id, r.setting, r.seed, r.status, r.sweep_id, r.config_hash)
+               for r in s.scalars(select(Run).where(Run.role == "distilled").order_by(Run.id))]
+    engine.dispose()
+    return out
+
+
+def test_two_workers_skip_finished_runs_and_survive_a_failed_one(tiny):
+    db = tiny["tmp"] / "two.db"
+    objectives = ["kl", "rkl", f"{tiny['plugin']}:always_nan"]
+    res = sweep(tiny, db, "--objectives", *objectives, "--seeds", "0", "--workers", "2")
+    assert res.returncode == 1, res.stdout + res.stderr  # one run failed: the sweep says so in its exit code
+    out = res.stdout
+    assert "2 worker(s)" in out and "failed: always_nan seed 0" in out and "3/3 done, 1 failed" in out
+    got = runs(db)
+    assert sorted((s, st) for _, s, _, st, _, _ in got) == [("always_nan", "failed"), ("kl", "finished"),
+                                                          ("rkl", "finished")]
+    assert len({sid for *_, sid, _ in got}) == 1  # one sweep id
+    again = sweep(tiny, db, "--objectives", "kl", "rkl", "--seeds", "0", "--workers", "2")
+    assert again.returncode == 0 and "2 already finished, 0 to run" in again.stdout
+    assert len(runs(db)) == 3
+
+
+def test_a_killed_sweep_started_again_resumes_the_interrupted_run(tiny):
+    db = tiny["tmp"] / "killed.db"
+    args = [sys.executable, "-m", "kdbench", "sweep", *tiny["flags"], "--db", str(db), "--objectives", "kl", "csd",
+            "--seeds", "0"]
+    proc = subprocess.Popen(args, env={**tiny["env"], "KDBENCH_FAULT_AT": "training@1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # the first run reaches step 1 (checkpointed), then waits
+        got = runs(db) if db.exists() else []
+        if got and got[0][3] == "running":
+            engine_log = list((Path(os.environ.get("KDBENCH_CACHE", Path.home() / ".cache" / "kdbench"))
+                               / "sweeps").glob("*/*.log"))
+            if any("KDBENCH_FAULT_POINT" in p.read_text(errors="replace") for p in engine_log):
+                break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the sweep's first run never reached its fault point")
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its worker die together
+    proc.wait()
+    first = runs(db)
+    assert len(first) == 1 and first[0][3] == "running"  # a dead process's row
+    res = sweep(tiny, db, "--objectives", "kl", "csd", "--seeds", "0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 to resume" in res.stdout and f"resume run {first[0][0]}" in res.stdout
+    final = runs(db)
+    assert [(i, s, st) for i, s, _, st, _, _ in final] == [(first[0][0], "kl", "finished"),
+                                                           (final[1][0], "csd(tau=1.0,w1=S,w2=S)", "finished")]
