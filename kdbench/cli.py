@@ -118,6 +118,9 @@ def _run_options(r) -> None:
                    help="optimiser steps (default: the suite's budget)")
     r.add_argument("--eval-limit", type=_int_in("--eval-limit", 1, COUNT_MAX), default=None,
                    help="test prompts to evaluate (default: the suite's)")
+    r.add_argument("--finetune-steps", type=_int_in("--finetune-steps", 1, COUNT_MAX), default=None,
+                   help="teacher fine-tuning steps for suites that fine-tune (default: the suite's; a quick run's "
+                        "label says so)")
     r.add_argument("--db", type=_nonempty("--db"), default=None,
                    help="run store: path or SQLAlchemy URL (default: $KDBENCH_DB or runs.db)")
     r.add_argument("--param", action="append", metavar="KEY=VALUE", help="objective parameter (repeatable)")
@@ -159,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="print one `kdbench run` command line per run")
     sw.add_argument("--db", type=_nonempty("--db"), default=None)
     for flag, kw in (("--steps", dict(type=_int_in("--steps", 1, COUNT_MAX))),
-                     ("--eval-limit", dict(type=_int_in("--eval-limit", 1, COUNT_MAX))), ("--pair", {}),
+                     ("--eval-limit", dict(type=_int_in("--eval-limit", 1, COUNT_MAX))),
+                     ("--finetune-steps", dict(type=_int_in("--finetune-steps", 1, COUNT_MAX))), ("--pair", {}),
                      ("--teacher", {}), ("--student", {}), ("--data-dir", {}), ("--device", dict(type=_device)),
                      ("--teacher-source", dict(choices=("cache", "live")))):
         sw.add_argument(flag, default=None, help=f"passed to every run ({flag} of `kdbench run`)", **kw)
@@ -216,7 +220,7 @@ def cmd_run(args) -> int:
     if args.resume is not None:
         from kdbench.runner import resume
 
-        given = [f for f in ("objective", "param", "steps", "eval_limit", "pair", "teacher", "student", "data_dir")
+        given = [f for f in ("objective", "param", "steps", "eval_limit", "finetune_steps", "pair", "teacher", "student", "data_dir")
                  if getattr(args, f) not in (None, [], False)]
         if given or args.suite != "micro" or args.seed != 0:
             raise UserError("--resume continues a run with its own configuration; it takes only --db and --no-progress")
@@ -225,8 +229,8 @@ def cmd_run(args) -> int:
     if args.objective is None:
         raise UserError("the following arguments are required: --objective")
     req = RunRequest(objective=args.objective, params=parse_params(args.param), suite=args.suite, seed=args.seed,
-                     steps=args.steps, eval_limit=args.eval_limit, db=args.db, device=args.device,
-                     save_student=not args.no_save, progress=not args.no_progress, pair=args.pair,
+                     steps=args.steps, eval_limit=args.eval_limit, finetune_steps=args.finetune_steps, db=args.db,
+                     device=args.device, save_student=not args.no_save, progress=not args.no_progress, pair=args.pair,
                      teacher=args.teacher, student=args.student, teacher_finetuned=args.teacher_finetuned,
                      data_dir=args.data_dir, teacher_source=args.teacher_source, sweep_id=args.sweep_id, lr=args.lr)
     run_id = run(req, argv=sys.argv)
@@ -251,8 +255,8 @@ def cmd_prepare(args) -> int:
 
     default_threads()
     req = RunRequest(objective=args.objective or "kl", params=parse_params(args.param), suite=args.suite,
-                     seed=args.seed, steps=args.steps, eval_limit=args.eval_limit, db=args.db, device=args.device,
-                     progress=not args.no_progress, pair=args.pair, teacher=args.teacher, student=args.student,
+                     seed=args.seed, steps=args.steps, eval_limit=args.eval_limit, finetune_steps=args.finetune_steps,
+                     db=args.db, device=args.device, progress=not args.no_progress, pair=args.pair, teacher=args.teacher, student=args.student,
                      teacher_finetuned=args.teacher_finetuned, data_dir=args.data_dir,
                      teacher_source=args.teacher_source, lr=args.lr)
     info = prepare_only(req, argv=sys.argv)

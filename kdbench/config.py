@@ -44,6 +44,7 @@ class RunRequest:
     teacher_source: str = "cache"  # "cache": the exact teacher cache (off-policy); "live": run the teacher each step
     sweep_id: str | None = None    # the `kdbench sweep` this run belongs to
     lr: float | None = None        # peak learning rate instead of the suite's (`kdbench sweep --tune lr=...`)
+    finetune_steps: int | None = None  # teacher fine-tuning budget instead of the suite's (quick runs, tests)
 
 
 def _model_ref(flag: str, value: str | None) -> str | None:
@@ -90,6 +91,14 @@ def resolve_suite(req: RunRequest) -> tuple[SuiteSpec, str]:
             overrides["teacher"] = _short(req.teacher) + ("(finetuned)" if req.teacher_finetuned else "")
         if req.student:
             overrides["student"] = _short(req.student)
+    if req.finetune_steps is not None:
+        if suite.finetune is None or req.teacher_finetuned:
+            raise UserError(f"suite {suite.name} does not fine-tune its teacher here; drop --finetune-steps")
+        if req.finetune_steps < 1:
+            raise UserError("--finetune-steps must be at least 1")
+        suite = dataclasses.replace(suite, finetune=dataclasses.replace(suite.finetune, steps=req.finetune_steps,
+                                                                        epochs=None))
+        overrides["finetune_steps"] = req.finetune_steps
     if req.steps is not None and (req.steps != suite.train.steps or suite.train.epochs):
         if req.steps < 1:
             raise UserError("--steps must be at least 1")

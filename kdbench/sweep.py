@@ -41,7 +41,7 @@ from pathlib import Path
 from kdbench.errors import UserError
 
 TUNABLE = ("lr",)                     # TrainSpec fields `--tune` may grid over (a `kdbench run --lr` each)
-RUN_OPTIONS = {"steps": "--steps", "eval_limit": "--eval-limit", "pair": "--pair", "teacher": "--teacher",
+RUN_OPTIONS = {"steps": "--steps", "eval_limit": "--eval-limit", "finetune_steps": "--finetune-steps", "pair": "--pair", "teacher": "--teacher",
                "student": "--student", "data_dir": "--data-dir", "device": "--device",
                "teacher_source": "--teacher-source", "lr": "--lr"}
 RUN_FLAGS = {"no_save": "--no-save", "teacher_finetuned": "--teacher-finetuned"}
@@ -156,6 +156,7 @@ def expand(spec: SweepSpec) -> list[Job]:
                     for seed in seeds:
                         req = RunRequest(objective=name, params=combo, suite=suite_name, seed=seed,
                                          steps=spec.run.get("steps"), eval_limit=spec.run.get("eval_limit"),
+                                         finetune_steps=spec.run.get("finetune_steps"),
                                          pair=spec.run.get("pair"), teacher=spec.run.get("teacher"),
                                          student=spec.run.get("student"), data_dir=spec.run.get("data_dir"),
                                          teacher_finetuned=bool(spec.run.get("teacher_finetuned")),

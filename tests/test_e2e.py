@@ -17,7 +17,8 @@ from tests.fixtures_store import rows
 from kdbench.store import CurvePoint, Metric, Run, Sample, open_engine
 
 STEPS, PROMPTS, SEEDS = 3, 3, 3
-TINY = ["--steps", str(STEPS), "--eval-limit", str(PROMPTS), "--no-save", "--no-progress"]
+# micro fine-tunes its teacher first (~15 min for the suite's 2 epochs): 2 steps here, a labelled quick run
+TINY = ["--finetune-steps", "2", "--steps", str(STEPS), "--eval-limit", str(PROMPTS), "--no-save", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_run_writes_reference_rows_and_the_distilled_run(store):
     run = runs["distilled"]
     assert run.objective == "csd" and run.params["tau"] == 1.5
     assert run.setting == "csd(alpha=0.15,tau=1.5,w1=S,w2=S)" or run.setting.startswith("csd(")
-    assert run.suite == "micro" and run.suite_version == f"1+steps={STEPS},eval_limit={PROMPTS}"
+    assert run.suite == "micro" and run.suite_version == f"2+finetune_steps=2,steps={STEPS},eval_limit={PROMPTS}"
     assert run.config["suite"]["train"]["steps"] == STEPS
     assert run.config["reference_runs"] == {"teacher": runs["teacher"].id, "student-init": runs["student-init"].id}
     assert run.provenance["packages"]["torch"] and run.provenance["host"]["cpu_count"]
@@ -158,7 +159,7 @@ def test_lm_eval_on_a_saved_student(store, tmp_path, capsys):
 
     if not (shared_data_dir() / "translation").is_dir():
         pytest.skip("shared evaluation data (../shared/data) not found; set KDBENCH_SHARED_DATA")
-    assert main(["run", "--objective", "rkl", "--db", str(store), "--steps", "1", "--eval-limit", "1",
+    assert main(["run", "--objective", "rkl", "--db", str(store), "--finetune-steps", "2", "--steps", "1", "--eval-limit", "1",
                  "--no-progress"]) == 0
     run = [r for r in rows(store, Run) if r.objective == "rkl"][-1]
     try:

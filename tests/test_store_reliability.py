@@ -51,7 +51,7 @@ from kdbench.store import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED_STORE = ROOT / "runs.db"  # schema 1, committed with the micro reference rows
+SCHEMA_1_DUMP = ROOT / "tests" / "data" / "runs-schema1.sql"  # the runs.db kdbench v1 committed (micro v1 rows)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "MKL_NUM_THREADS": "1"}
 
@@ -272,10 +272,10 @@ def test_results_are_one_transaction(tmp_path):
 
 
 def committed_copy(tmp_path) -> Path:
-    if not COMMITTED_STORE.is_file():
-        pytest.skip("the committed runs.db is not in this checkout")
     db = tmp_path / "runs.db"
-    shutil.copyfile(COMMITTED_STORE, db)
+    con = sqlite3.connect(db)
+    con.executescript(SCHEMA_1_DUMP.read_text())
+    con.close()
     assert count(db, "SELECT value FROM kdbench_meta") == [("1",)], "the committed store is expected at schema 1"
     return db
 

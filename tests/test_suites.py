@@ -11,6 +11,7 @@ from kdbench.data.loaders import shared_data_dir
 from kdbench.errors import UserError
 from kdbench.runner import RunRequest, effective_suite
 from kdbench.scoring import ANSWERS
+from kdbench.suites.embedded import STUDENT_BLOCKS
 from kdbench.suites import (FAMILIES, MICRO, MICRO_TASK, PAPER_INSTRUCT, PAPER_TASK_GSM8K, SUITES, EvalSpec, SuiteSpec,
                             TrainSpec, get_suite)
 
@@ -26,11 +27,12 @@ def test_spine_imports_and_micro_shape_are_kept():
     assert get_suite("micro") is MICRO and isinstance(MICRO, SuiteSpec)
     assert isinstance(MICRO.train, TrainSpec) and isinstance(MICRO.eval, EvalSpec)
     assert MICRO.teacher == "embedded:smollm2-135m-instruct"
-    assert MICRO.student == {"kind": "layer_subset", "keep_every": 2}
+    assert MICRO.student == {"kind": "layer_subset", "keep": STUDENT_BLOCKS, "from": "teacher"}
+    assert len(STUDENT_BLOCKS) == 24 and MICRO.finetune is not None and MICRO.system_prompt == ""
     assert MICRO.data == {"loader": "micro", "valid_frac": 0.05, "test_frac": 0.12}
     assert [t.name for t in MICRO.tasks] == ["chatterbot"] and MICRO.tasks[0].headline == "rougeL"
     d = MICRO.to_dict()
-    assert d["teacher"] == MICRO.teacher and d["train"]["steps"] == MICRO.train.steps and d["version"] == "1"
+    assert d["teacher"] == MICRO.teacher and d["train"]["steps"] == MICRO.train.steps and d["version"] == "2"
 
 
 @pytest.mark.parametrize("name", sorted(SUITES))
@@ -76,8 +78,9 @@ def test_paper_protocol_values():
 
 @needs_data
 def test_version_labels():
-    assert label() == MICRO.version == "1"
-    assert label(steps=3, eval_limit=3) == "1+steps=3,eval_limit=3"
+    assert label() == MICRO.version == "2"
+    assert label(steps=3, eval_limit=3) == "2+steps=3,eval_limit=3"
+    assert label(finetune_steps=2, steps=3) == "2+finetune_steps=2,steps=3"
     assert label(suite="paper-instruct", data_dir=str(DATA)) == "1+data=standin"  # dolly/dev.jsonl stands in for train
     assert label(suite="paper-instruct", pair="gpt2-xl-to-base", data_dir=str(DATA)) == "1+data=standin"
     assert label(suite="paper-instruct", pair="gpt2-xl-to-medium", steps=5, data_dir=str(DATA)) == \
@@ -106,7 +109,8 @@ def test_data_root_from_the_environment(monkeypatch, tmp_path):
     (["--suite", "paper-task-gsm8k", "--data-dir", "/nonexistent"], "data directory /nonexistent does not exist"),
     (["--suite", "paper-task-gsm8k", "--teacher", "./no-such-model"], "--teacher ./no-such-model: no such model"),
     (["--suite", "paper-task-gsm8k", "--teacher-finetuned"], "--teacher-finetuned needs --teacher"),
-    (["--suite", "micro", "--teacher", ".", "--teacher-finetuned"], "does not fine-tune its teacher"),
+    (["--suite", "paper-task-gsm8k", "--teacher", ".", "--teacher-finetuned", "--finetune-steps", "2"],
+     "does not fine-tune its teacher here"),
 ])
 def test_bad_run_flags_are_one_line_errors(args, expected, tmp_path, capsys):
     db = tmp_path / "runs.db"

@@ -44,7 +44,8 @@ def format_suites() -> str:
         tasks = ", ".join(f"{t.name} [{t.kind}: {t.headline}, {t.decoding}]" for t in s.tasks)
         lines.append(f"      tasks: {tasks}")
         for name, p in s.pairs.items():
-            student = p.student.get("name") or f"layer subset (every {p.student.get('keep_every')})"
+            student = p.student.get("name") or (f"layer subset ({len(p.student['keep'])} blocks)" if "keep" in p.student
+                                                else f"layer subset (every {p.student.get('keep_every')})")
             default = " (default)" if name == s.default_pair else ""
             lines.append(f"      pair {name}{default}: {p.teacher} -> {student}")
         if s.finetune is not None:
