@@ -101,6 +101,25 @@ def test_finetune_is_cached_and_keyed_by_data(tmp_path, monkeypatch):
                                                     train) != out
 
 
+def test_finetune_is_deterministic_so_its_content_digest_is_reproducible(tmp_path, monkeypatch):
+    """Reference rows are found by the fine-tuned teacher's content digest: two fine-tunes of the
+    same (base, spec, data, seed) on one machine kind must give the same bytes."""
+    import torch
+
+    from kdbench import finetune
+    from kdbench.models import model_digest
+
+    teacher, _ = make_tiny_pair(tmp_path / "models")
+    train = MT.build_splits()["train"][:16]
+    spec = TrainSpec(steps=3, batch_size=4, max_prompt_tokens=48, max_tokens=56, warmup_steps=1, log_every=1)
+    digests = []
+    for attempt in ("first", "second"):
+        monkeypatch.setattr(finetune, "cache_dir", lambda a=attempt: tmp_path / a)
+        out = finetune.finetune_teacher(teacher, "micro-task", spec, train, torch.device("cpu"), progress=False)
+        digests.append(model_digest(out))
+    assert digests[0] == digests[1] and digests[0] != model_digest(teacher)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """`kdbench run --suite micro-task` with the real teacher, budgets cut to the bone."""

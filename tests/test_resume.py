@@ -84,6 +84,13 @@ def start_and_stop_at(world, db: Path, point: str, sig=signal.SIGKILL) -> int:
         proc.stderr.close()
 
 
+def resume(db: Path, run_id: int) -> subprocess.CompletedProcess:
+    """``kdbench run --resume`` in its own process with the reference run's environment (thread
+    count included: CPU float sums may depend on it, and the test asks for bit-identical)."""
+    return subprocess.run([sys.executable, "-m", "kdbench", "run", "--resume", str(run_id), "--db", str(db),
+                           "--no-progress"], env=ENV, capture_output=True, text=True, timeout=300)
+
+
 def only_run(db: Path) -> Run:
     engine = open_engine(str(db), readonly=True)
     with Session(engine) as s:
@@ -101,7 +108,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(world, point, capsys
     assert killed.status == "running"  # what the row says; the process is gone:
     assert main(["show", str(killed.id), "--db", str(db)]) == 0
     assert "interrupted" in capsys.readouterr().out
-    assert main(["run", "--resume", str(killed.id), "--db", str(db), "--no-progress"]) == 0
+    proc = resume(db, killed.id)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     got = result_of(db)
     ref = world["reference"]
     assert got["status"] == "finished" and got["id"] == killed.id  # the same row, one run
@@ -120,7 +128,8 @@ def test_sigterm_checkpoints_and_records_interrupted(world, capsys):
     assert run.status == "interrupted" and "kdbench run --resume" in run.error
     assert (Path(run.state_path) / "state" / "state.json").is_file()
     assert json.loads((Path(run.state_path) / "state" / "state.json").read_text())["train"]["step"] == 2
-    assert main(["run", "--resume", str(run.id), "--db", str(db), "--no-progress"]) == 0
+    proc = resume(db, run.id)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     got = result_of(db)
     assert got["metrics"] == world["reference"]["metrics"]
     assert not Path(run.state_path).exists()  # a finished run keeps no train state

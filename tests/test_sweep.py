@@ -91,8 +91,9 @@ def tiny(tmp_path_factory):
     '''))
     flags = ["--suite", "paper-task-gsm8k", "--teacher", str(teacher), "--student", str(student),
              "--data-dir", str(tmp / "data"), "--steps", "2", "--eval-limit", "1", "--no-save"]
+    # a cache of its own: the sweeps' logs (read below) and fine-tuned tiny teachers stay in the test
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-           "KDBENCH_CHECKPOINT_EVERY_S": "0"}
+           "KDBENCH_CHECKPOINT_EVERY_S": "0", "KDBENCH_CACHE": str(tmp / "cache")}
     return {"tmp": tmp, "flags": flags, "plugin": plugin, "env": env}
 
 
@@ -136,8 +137,7 @@ def test_a_killed_sweep_started_again_resumes_the_interrupted_run(tiny):
     while time.monotonic() < deadline:  # the first run reaches step 1 (checkpointed), then waits
         got = runs(db) if db.exists() else []
         if got and got[0][3] == "running":
-            engine_log = list((Path(os.environ.get("KDBENCH_CACHE", Path.home() / ".cache" / "kdbench"))
-                               / "sweeps").glob("*/*.log"))
+            engine_log = list((Path(tiny["env"]["KDBENCH_CACHE"]) / "sweeps").glob("*/*.log"))
             if any("KDBENCH_FAULT_POINT" in p.read_text(errors="replace") for p in engine_log):
                 break
         time.sleep(0.5)
