@@ -13,7 +13,7 @@ Hidden size 576 (SmolLM2-135M), float32, random hidden states and heads (models 
 config, no hub). Run alone:
 
     .venv/bin/python benchmarks/bench_objectives.py                       # the full set (~15 min on 2 cores)
-    .venv/bin/python benchmarks/bench_objectives.py --positions 1024 --quick
+    .venv/bin/python benchmarks/bench_objectives.py --quick --repeats 1 --memory-positions 8192
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="fewer objectives and sizes")
+    ap.add_argument("--memory-positions", type=int, default=None,
+                    help="positions of the chunked-vs-materialised memory arm (default 8192; 2048 with --quick)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--objective", default="kl", help=argparse.SUPPRESS)
     ap.add_argument("--materialised", action="store_true", help=argparse.SUPPRESS)
@@ -117,7 +119,7 @@ def main() -> None:
     results["relative_to_kl"] = {k: round(v / times["kl"], 3) for k, v in times.items()}
     results["csd_max_relative_to_kl"] = max(v for k, v in results["relative_to_kl"].items() if k.startswith("csd"))
 
-    mem_p = 2048 if args.quick else 8192
+    mem_p = args.memory_positions or (2048 if args.quick else 8192)
     chunked, dense = measure("csd", mem_p, args.vocab, False, threads), measure("csd", mem_p, args.vocab, True, threads)
     results["memory_at_positions"] = mem_p
     results["peak_mb_chunked"], results["peak_mb_materialised"] = round(chunked["peak_mb"], 1), round(dense["peak_mb"], 1)
@@ -125,7 +127,7 @@ def main() -> None:
     print(f"[bench_objectives] peak memory at {mem_p} positions: chunked {chunked['peak_mb']:.0f} MB, "
           f"materialised {dense['peak_mb']:.0f} MB", flush=True)
 
-    vocabs = [8192, 32768, 65536, 131072, 262144] if not args.quick else [8192, 32768, 131072]
+    vocabs = [8192, 32768, 65536, 131072, 262144] if not args.quick else [8192, 65536, 262144]
     vp = 512
     by_v = [measure("csd", vp, v, False, threads) for v in vocabs]
     poss = [512, 1024, 2048, 4096] if not args.quick else [256, 512, 1024]
