@@ -38,8 +38,10 @@ def test_expansion_applies_grids_where_they_belong():
     assert len(jobs) == 4 + 8
     assert {j.setting for j in jobs} == {"kl", "csd(tau=1.0,w1=S,w2=S)", "csd(tau=1.5,w1=S,w2=S)"}
     assert len({j.key for j in jobs}) == len(jobs)
-    v = get_suite("micro").version
-    assert {j.label for j in jobs} == {f"{v}+lr=0.0003", v}  # the suite's own lr is the standard version
+    micro = get_suite("micro")
+    other = next(lr for lr in (1e-4, 3e-4) if lr != micro.train.lr)
+    # the suite's own lr is the standard version; the other grid point is labelled
+    assert {j.label for j in jobs} == {f"{micro.version}+lr={other:g}", micro.version}
     assert sweep_id(jobs) == sweep_id(list(reversed(jobs)))  # the same sweep, whatever the order
 
 
@@ -131,10 +133,10 @@ def test_a_killed_sweep_started_again_resumes_the_interrupted_run(tiny):
     db = tiny["tmp"] / "killed.db"
     args = [sys.executable, "-m", "kdbench", "sweep", *tiny["flags"], "--db", str(db), "--objectives", "kl", "csd",
             "--seeds", "0"]
-    proc = subprocess.Popen(args, env={**tiny["env"], "KDBENCH_FAULT_AT": "training@1"}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, env={**tiny["env"], "KDBENCH_FAULT_AT": "training@2"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # the first run reaches step 1 (checkpointed), then waits
+    while time.monotonic() < deadline:  # the first run reaches step 2 (step 1 checkpointed), then waits
         got = runs(db) if db.exists() else []
         if got and got[0][3] == "running":
             engine_log = list((Path(tiny["env"]["KDBENCH_CACHE"]) / "sweeps").glob("*/*.log"))
