@@ -13,6 +13,7 @@ suite's reference rows (otherwise set-up includes evaluating them):
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import threading
@@ -20,7 +21,8 @@ import time
 
 from common import report  # noqa: F401  (sets sys.path)
 
-PHASES = (("[kdbench] run ", "training"), ("[kdbench] trained ", "evaluation"), ("[kdbench] cost:", "writing"))
+PHASES = ((re.compile(r"\[kdbench\] run \d+: "), "training"), (re.compile(r"\[kdbench\] trained "), "evaluation"),
+          (re.compile(r"\[kdbench\] cost:"), "writing"))
 
 
 def status_kb(pid: int, field: str) -> int | None:
@@ -59,7 +61,7 @@ def main() -> None:
     starts = {"set-up": 0.0}
     for line in proc.stdout:
         for marker, name in PHASES:
-            if line.startswith(marker):
+            if marker.match(line):
                 phase[0] = name
                 starts[name] = round(time.perf_counter() - t0, 1)
         if line.startswith("[kdbench]") and not line.startswith("[kdbench] resolved"):

@@ -155,7 +155,12 @@ def main() -> None:
             except ImportError:
                 results["trl-gkd"] = "not installed (pip install trl==1.16.0)"
                 continue
-            rate = arm_trl(teacher, new_student, tok, enc, spec, device, args.warmup)
+            try:  # GKDTrainer's collator wants chat "messages" rows (trl 1.16); an arm failure is reported
+                rate = arm_trl(teacher, new_student, tok, enc, spec, device, args.warmup)
+            except Exception as exc:  # noqa: BLE001 - the other arms' ratios still print
+                results["trl-gkd"] = f"failed: {type(exc).__name__}: {exc}"
+                print(f"[bench_train] trl-gkd failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
         else:
             raise SystemExit(f"unknown arm {arm}")
         results[arm] = {"tokens_per_s": round(rate[0], 1), "s_per_step": round(rate[1], 3)}
