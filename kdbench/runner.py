@@ -99,6 +99,11 @@ def state_dir(db_url, run_id: int) -> Path:
     return cache_dir() / "runs" / f"{key}-run{run_id}"
 
 
+def best_weights(db_url, run_id: int) -> train_state.BestWeights:
+    """The run's best-so-far weights, kept on disk beside its train state (not a second model in memory)."""
+    return train_state.BestWeights(state_dir(db_url, run_id) / "best.safetensors")
+
+
 @dataclass
 class Setup:
     """Everything a run needs before its first step (built the same way for a new run and a resumed one)."""
@@ -215,7 +220,7 @@ def resume(run_id: int, db: str | None, argv: list[str] | None = None, progress:
                         f"{s.label} (the suite changed): it cannot be resumed")
     s.config = {**run_row.config}
     optimizer = make_optimizer(s.student, s.prep.suite.train, torch.device(req.device))
-    state, _ = train_state.load(folder, s.student, optimizer, s.batches)
+    state, _ = train_state.load(folder, s.student, optimizer, s.batches, best_weights(engine.url, run_id))
     writer = RunWriter(engine, run_id)
     writer.truncate_curve(state.step)
     writer.reopen()
@@ -254,7 +259,8 @@ def _execute(s: Setup, writer: RunWriter, restored, t0: float) -> int:
             if GRACEFUL.requested and not done:
                 raise KeyboardInterrupt  # checkpointed: `kdbench run --resume` continues from here
 
-        state, optimizer = restored if restored else (None, None)
+        state, optimizer = restored if restored else (train_state.TrainState(best=best_weights(s.engine.url,
+                                                                                               writer.run_id)), None)
         t = time.perf_counter()
         GRACEFUL.armed, GRACEFUL.requested = True, False
         try:

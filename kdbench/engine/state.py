@@ -2,10 +2,15 @@
 
 ``TrainState`` holds the counters, the best-so-far (checkpoint selection) and the logging
 window; together with the model weights, the optimiser state, the RNG states and the batch
-source's cursor it is what :func:`save` writes and :func:`load` restores. Tensors go to one
-safetensors file, everything else to JSON — no pickle, so a state folder from elsewhere
-cannot run code. Both files are written to a temporary sibling and renamed into place, so a
+source's cursor it is what :func:`save` writes and :func:`load` restores. Tensors go to
+safetensors files, everything else to JSON — no pickle, so a state folder from elsewhere
+cannot run code. The folder is written as a temporary sibling and renamed into place, so a
 run killed while saving leaves the previous state intact.
+
+Memory: a checkpoint of a 113M-parameter student with AdamW is ~1.4 GB of tensors, so
+nothing here gathers them: :func:`write_safetensors` streams one tensor at a time from where
+it lives, :func:`load` copies one tensor at a time into the model, and the best-so-far
+weights (:class:`BestWeights`) can live in a file instead of a second in-memory model.
 
 The learning-rate schedule is a pure function of the step (:func:`lr_at`), so it has no
 state of its own.
@@ -18,13 +23,117 @@ import math
 import os
 import random
 import shutil
+import struct
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: best weights in their own file (best.safetensors); 1 kept them in tensors.safetensors
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict | None = None) -> None:
+    """Write ``(name, tensor)`` pairs as a safetensors file, one tensor's bytes at a time.
+
+    ``safetensors.torch.save_file`` first copies every tensor into one in-memory buffer (a
+    second copy of a whole train state); this writes the header, then each (contiguous)
+    tensor's own memory. Names must be unique; tensors sharing storage (tied weights) are
+    simply written twice. Read back with ``safetensors.safe_open`` / ``load_file``."""
+    items = [(name, t.detach()) for name, t in tensors]
+    header: dict = {}
+    offset = 0
+    for name, t in items:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in items:
+            if t.numel():
+                f.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+class BestWeights:
+    """The best-so-far weights of checkpoint selection.
+
+    ``BestWeights()`` keeps a copy in memory; ``BestWeights(path)`` keeps it in one
+    safetensors file at ``path`` (written atomically, streamed), so a run does not hold a
+    second copy of the model for the rest of training. :meth:`restore` copies it back into the
+    model in place, one tensor at a time."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = None if path is None else Path(path)
+        self._memory: dict[str, torch.Tensor] | None = None
+        self.present = False
+
+    def __bool__(self) -> bool:
+        return self.present
+
+    def keep(self, model: torch.nn.Module) -> None:
+        if self.path is None:
+            self._memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            write_safetensors(tmp, model.state_dict().items())
+            os.replace(tmp, self.path)
+        self.present = True
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> None:
+        if not self.present:
+            raise ValueError("no best weights kept yet")
+        if self._memory is not None:
+            model.load_state_dict(self._memory)
+            return
+        _copy_into(model.state_dict(), self.path, "")
+
+    def save_into(self, path: Path) -> None:
+        """Put these weights into a checkpoint folder as ``path`` (a hard link where possible)."""
+        if self._memory is not None:
+            write_safetensors(path, self._memory.items())
+            return
+        try:
+            os.link(self.path, path)
+        except OSError:
+            shutil.copyfile(self.path, path)
+
+    def adopt(self, path: Path) -> None:
+        """Take the weights a checkpoint holds at ``path`` (on resume)."""
+        if self.path is None:
+            from safetensors.torch import load_file
+
+            self._memory = load_file(str(path))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, self.path)
+        self.present = True
+
+
+@torch.no_grad()
+def _copy_into(targets: dict[str, torch.Tensor], path: Path, prefix: str) -> set[str]:
+    """Copy the tensors named ``prefix + name`` in the safetensors file at ``path`` into
+    ``targets[name]`` one at a time; returns the names copied."""
+    from safetensors import safe_open
+
+    done = set()
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith(prefix) and key[len(prefix):] in targets:
+                targets[key[len(prefix):]].copy_(f.get_tensor(key))
+                done.add(key[len(prefix):])
+    return done
 
 
 def lr_at(step: int, spec) -> float:
@@ -47,19 +156,18 @@ class TrainState:
     best_step: int | None = None        #   ... and its step (ties keep the earlier)
     valid_scores: dict = field(default_factory=dict)  # step -> validation score
     window: dict = field(default_factory=lambda: {"loss": 0.0, "terms": {}, "n": 0})  # log averaging
-    best_weights: dict | None = field(default=None, repr=False)  # the best checkpoint's tensors
+    best: BestWeights = field(default_factory=BestWeights, repr=False)  # the best checkpoint's weights
 
     def meta(self) -> dict:
-        d = asdict(self)
-        d.pop("best_weights")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "best"}  # no copy of the weights
         d["valid_scores"] = {str(k): v for k, v in self.valid_scores.items()}
-        return d
+        return json.loads(json.dumps(d))
 
     @classmethod
-    def from_meta(cls, meta: dict, best_weights: dict | None) -> "TrainState":
+    def from_meta(cls, meta: dict, best: BestWeights | None = None) -> "TrainState":
         meta = dict(meta)
         meta["valid_scores"] = {int(k): v for k, v in meta.get("valid_scores", {}).items()}
-        return cls(**meta, best_weights=best_weights)
+        return cls(**meta, best=best if best is not None else BestWeights())
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -72,22 +180,17 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 def save(folder: Path, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          batches, extra: dict | None = None) -> Path:
-    """Write the full train state to ``folder`` (atomically replacing an older one)."""
-    from safetensors.torch import save_file
-
+    """Write the full train state to ``folder`` (atomically replacing an older one), streamed
+    tensor by tensor from the model and the optimiser (no copy of either is made)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        tensors[f"model.{name}"] = t.detach()
+        tensors[f"model.{name}"] = t
     opt = optimizer.state_dict()
     for idx, pstate in opt["state"].items():
         for k, v in pstate.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optim.{idx}.{k}"] = v.detach()
-    for name, t in (state.best_weights or {}).items():
-        tensors[f"best.{name}"] = t
+                tensors[f"optim.{idx}.{k}"] = v
     tensors.update(_rng_state())
-    # safetensors refuses shared storage (tied weights): store contiguous copies
-    tensors = {k: v.contiguous().clone() if _shares(v, tensors, k) else v.contiguous() for k, v in tensors.items()}
     meta = {"format": STATE_FORMAT, "train": state.meta(), "batches": batches.state_dict(),
             "optim_groups": opt["param_groups"],
             "optim_scalars": {str(i): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
@@ -96,7 +199,9 @@ def save(folder: Path, state: TrainState, model: torch.nn.Module, optimizer: tor
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        save_file(tensors, str(tmp / "tensors.safetensors"))
+        write_safetensors(tmp / "tensors.safetensors", tensors.items())
+        if state.best:
+            state.best.save_into(tmp / "best.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta))
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
@@ -109,38 +214,44 @@ def save(folder: Path, state: TrainState, model: torch.nn.Module, optimizer: tor
     return folder
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches) -> tuple[TrainState, dict]:
-    """Restore what :func:`save` wrote; returns the train state and the saved JSON."""
-    from safetensors.torch import load_file
+def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
+         best: BestWeights | None = None) -> tuple[TrainState, dict]:
+    """Restore what :func:`save` wrote (model weights copied in place, one tensor at a time);
+    returns the train state (its best weights taken into ``best`` when given) and the saved JSON."""
+    from safetensors import safe_open
 
     if not (folder / "state.json").is_file() and folder.with_name(folder.name + ".old").is_dir():
         folder = folder.with_name(folder.name + ".old")  # killed between the two renames
     meta = json.loads((folder / "state.json").read_text())
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"train state {folder} has format {meta.get('format')}, this kdbench reads {STATE_FORMAT}")
-    tensors = load_file(str(folder / "tensors.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    path = folder / "tensors.safetensors"
+    targets = model.state_dict()
+    missing = set(targets) - _copy_into(targets, path, "model.")
+    if missing:
+        raise ValueError(f"train state {folder} lacks model tensors: {sorted(missing)[:3]}")
     opt_state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
+    rng: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = f.get_tensor(key)
+            elif key.startswith("rng."):
+                rng[key] = f.get_tensor(key)
     for idx, scalars in meta["optim_scalars"].items():
         opt_state.setdefault(int(idx), {}).update(scalars)
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optim_groups"]})
-    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    best = best if best is not None else BestWeights()
+    if (folder / "best.safetensors").is_file():
+        best.adopt(folder / "best.safetensors")
+    torch.set_rng_state(rng["rng.torch"])
+    cuda = sorted((k for k in rng if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+        torch.cuda.set_rng_state_all([rng[k] for k in cuda])
     _set_py_random_state(meta["python_random"])
     batches.load_state_dict(meta["batches"])
     return TrainState.from_meta(meta["train"], best), meta
-
-
-def _shares(v: torch.Tensor, tensors: dict, key: str) -> bool:
-    ptr = v.untyped_storage().data_ptr()
-    return any(k != key and t.untyped_storage().data_ptr() == ptr for k, t in tensors.items())
 
 
 def _py_random_state():
