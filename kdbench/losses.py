@@ -226,7 +226,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         grads = ctx.grads
         ctx.grads = None  # one backward only (like retain_graph=False)
-        grad_h, grad_w, grad_b = (None if g is None else (g * grad_out.to(g.dtype)).to(dtype)
+        # in place: the stored gradients are ours alone, and a second [V, d] buffer is 113 MB here
+        grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_out.to(g.dtype)).to(dtype)
                                   for g, dtype in zip(grads, ctx.dtypes))
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 

@@ -262,6 +262,62 @@ def test_saved_state_resumes_bit_identically(tiny, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_write_safetensors_streams_a_file_safetensors_reads_back(tmp_path):
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 4, generator=g)
+    tensors = {"f32": base, "tied": base, "view": base[:, 1], "bf16": torch.randn(3, generator=g).bfloat16(),
+               "i64": torch.arange(5), "u8": torch.tensor([1, 2, 255], dtype=torch.uint8), "scalar": torch.tensor(3.5),
+               "empty": torch.zeros(0, 2), "flag": torch.tensor([True, False])}
+    S.write_safetensors(tmp_path / "t.safetensors", tensors.items(), {"note": "x"})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_the_best_validated_step_is_restored_and_survives_a_checkpoint(tiny, tmp_path, where):
+    """Validation every 2 steps scores step 2 above step 4: training ends with step 2's
+    weights, kept in memory or in a file; a checkpoint at step 3 carries them to a resumed run."""
+    from kdbench.engine.trainer import make_optimizer
+
+    def best(name):
+        return S.BestWeights(tmp_path / name / "best.safetensors" if where == "disk" else None)
+
+    scores = iter([2.0, 1.0, 2.0, 1.0])
+    torch.manual_seed(0)
+    two = fresh(tiny)
+    _train(tiny, two, 2)
+
+    torch.manual_seed(0)
+    model = fresh(tiny)
+    batches = PackedBatches(tiny["enc"], 4, 0)
+    opt = make_optimizer(model, SPEC, torch.device("cpu"))
+
+    def on_step(st, o):
+        if st.step == 3:
+            S.save(tmp_path / "state", st, model, o, batches)
+    res, _ = _train(tiny, model, 4, state=S.TrainState(best=best("a")), batches=batches, optimizer=opt,
+                    validate=lambda m: next(scores), valid_every=2, on_step=on_step)
+    assert res.selected_step == 2 and res.valid_scores == {2: 2.0, 4: 1.0}
+    for (k, a), (_, b) in zip(two.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert (tmp_path / "state" / "best.safetensors").is_file()
+
+    resumed = fresh(tiny)
+    batches2 = PackedBatches(tiny["enc"], 4, 0)
+    opt2 = make_optimizer(resumed, SPEC, torch.device("cpu"))
+    state, _ = S.load(tmp_path / "state", resumed, opt2, batches2, best("b"))
+    assert state.best and state.best_step == 2
+    res2, _ = _train(tiny, resumed, 4, state=state, batches=batches2, optimizer=opt2,
+                     validate=lambda m: next(scores), valid_every=2)
+    assert res2.selected_step == 2
+    for (k, a), (_, b) in zip(two.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 def test_nan_in_the_loss_or_the_gradient_stops_training(tiny, tmp_path):
     path = tmp_path / "nan_grad.py"
     path.write_text(textwrap.dedent('''

@@ -72,7 +72,8 @@ def train(
     validate: Callable[[torch.nn.Module], float] | None = None,  # higher is better
     valid_every: int = 0,
     log_valid: Callable[[int, float], None] | None = None,  # validation scores as they are made
-    state: TrainState | None = None,           # a restored state continues a run
+    state: TrainState | None = None,           # a restored state continues a run; its .best says where
+                                               # the best-so-far weights live (default: in memory)
     optimizer: torch.optim.Optimizer | None = None,
     on_step: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,  # after each step (checkpoints)
     chunk_size: int = 0,                       # counted positions per logits chunk (0: losses.HIDDEN_CHUNK_SIZE)
@@ -87,6 +88,7 @@ def train(
     head = output_head(model)
     opt = optimizer or make_optimizer(model, spec, device)
     state = state or TrainState()
+    opt.zero_grad(set_to_none=True)
     bar = tqdm(range(state.step, spec.steps), desc=f"train {objective.setting}", disable=not progress,
                dynamic_ncols=True, initial=state.step, total=spec.steps)
 
@@ -104,12 +106,14 @@ def train(
                                     labels=batch.labels, chunk_size=chunk_size)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(f"loss is {out.loss.item()} at step {step + 1}")
-        opt.zero_grad(set_to_none=True)
         out.loss.backward()                                                     # 5. backward
         norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)           # 6. clip
         if not torch.isfinite(norm):
             raise TrainingDiverged(f"gradient norm is {norm.item()} at step {step + 1}")
         opt.step()                                                              # 7. optimiser step
+        # Gradients are dropped now, not before the next backward: the next forward's
+        # activations (the step's memory peak) then never coexist with a model-sized gradient.
+        opt.zero_grad(set_to_none=True)
 
         state.step = done = step + 1
         state.tokens += batch.n_tokens
@@ -134,13 +138,14 @@ def train(
                 log_valid(done, score)
             if score > state.best_score:  # ties keep the earlier step
                 state.best_score, state.best_step = score, done
-                state.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if done != spec.steps:  # the last step's weights are the model itself
+                    state.best.keep(model)
         if on_step is not None:
             on_step(state, opt)
 
     bar.close()
-    if state.best_weights is not None and state.best_step != spec.steps:
-        model.load_state_dict(state.best_weights)
+    if state.best_step is not None and state.best_step != spec.steps:
+        state.best.restore(model)
     rule = (f"best validation score every {valid_every} steps (ties: earliest)" if validate is not None and valid_every
             else "last step")
     return TrainResult(
