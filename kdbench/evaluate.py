@@ -33,7 +33,7 @@ from kdbench.data.batching import Encoded, chat_prompt, encode
 from kdbench.device import autocast_context
 from kdbench.engine.batches import pack
 from kdbench.engine.forward import final_hidden, output_head
-from kdbench.sampling import continuation_logprobs, decode_from, prefill
+from kdbench.sampling import continuation_hidden, continuation_logprobs, decode_from, prefill
 from kdbench.scoring import headline_score, score_decode
 from kdbench.suites import EvalSpec, TaskSpec
 
@@ -105,11 +105,22 @@ class Decoder:
 
     def logprobs(self, responses: Sequence[list[int]]) -> list[float]:
         """This model's mean per-token log-likelihood of each response given its prompt."""
-        out: list[float] = []
+        return self._per_chunk(continuation_logprobs, responses)
+
+    def hidden(self, continuations: Sequence[list[int]]) -> list[torch.Tensor]:
+        """``[len(c), d]`` final hidden states predicting each token of each continuation."""
+        return self._per_chunk(continuation_hidden, continuations)
+
+    def serves(self, prompt_ids: Sequence[list[int]]) -> bool:
+        """Whether these are exactly this decoder's prompts (so its cache can be reused)."""
+        return [p for c in self.chunks for p in c] == [list(p) for p in prompt_ids]
+
+    def _per_chunk(self, fn, continuations):
+        out: list = []
         at = 0
         with autocast_context(self.device, True):
             for prefix, chunk in zip(self.prefixes, self.chunks):
-                out += continuation_logprobs(self.model, prefix, responses[at:at + len(chunk)], pad_id=self.pad_id)
+                out += fn(self.model, prefix, continuations[at:at + len(chunk)], pad_id=self.pad_id)
                 at += len(chunk)
         return out
 
@@ -142,63 +153,54 @@ def _packed(seqs: Sequence[Encoded]):
         yield group
 
 
-def _per_sequence(values: torch.Tensor, group: Sequence[Encoded]) -> list[float]:
-    """Mean of per-position values over each sequence's counted positions."""
-    out, at = [], 0
-    for e in group:
-        n = max(len(e.ids) - 1 - max(e.n_prompt - 1, 0), 0)
-        out.append(float(values[at:at + n].mean()) if n else float("nan"))
-        at += n
-    return out
-
-
-@torch.no_grad()
-def sequence_logprobs(model, seqs: Sequence[Encoded], device: torch.device) -> list[float]:
-    """Each sequence's mean per-token log-likelihood of its response tokens under ``model``."""
-    head = output_head(model)
-    out: list[float] = []
-    for group in _packed(seqs):
-        batch = pack(group, [str(i) for i in range(len(group))]).to(device)
-        with autocast_context(device, True):
-            h = final_hidden(model, batch)
-        lp = torch.empty(batch.n_counted)
-        for a in range(0, batch.n_counted, HEAD_CHUNK):
-            logits = F.linear(h[a:a + HEAD_CHUNK].float(), head.weight.float())
-            lp[a:a + HEAD_CHUNK] = (logits.gather(-1, batch.labels[a:a + HEAD_CHUNK, None]).squeeze(-1)
-                                    - logits.logsumexp(-1)).cpu()
-        out += _per_sequence(lp, group)
+def _rows_packed(model_or_source, refs: Sequence[Encoded], ids: Sequence[str], device: torch.device) -> list[torch.Tensor]:
+    """Per reference, the final hidden states ``[n_response, d]`` at its response positions:
+    from a teacher source (its cached rows) or a packed forward of the model."""
+    out: list[torch.Tensor] = []
+    at = 0
+    for group in _packed(refs):
+        batch = pack(group, list(ids[at:at + len(group)])).to(device)
+        at += len(group)
+        if isinstance(model_or_source, torch.nn.Module):
+            with autocast_context(device, True):
+                h = final_hidden(model_or_source, batch)
+        else:
+            h = model_or_source.hidden(batch)
+        out += list(torch.split(h, [len(e.ids) - e.n_prompt for e in group]))
     return out
 
 
 @torch.no_grad()
 def reference_kl(student, teacher, refs: Sequence[Encoded], device: torch.device,
-                 ref_ids: Sequence[str] | None = None) -> tuple[float, float]:
+                 ref_ids: Sequence[str] | None = None, *, student_decoder: Decoder | None = None,
+                 teacher_decoder: Decoder | None = None) -> tuple[float, float]:
     """Token-level forward and reverse KL(teacher, student) on the references' response tokens.
+
     ``teacher`` is a model, or a teacher source (kdbench/engine/teacher.py) that serves its
-    hidden states for ``ref_ids`` (the suite's cached teacher on the test references)."""
-    hs = output_head(student)
-    ws = hs.weight.float()
-    if isinstance(teacher, torch.nn.Module):
-        wt = output_head(teacher).weight.float()
-    else:
-        wt = teacher.head.weight
+    hidden states for ``ref_ids`` (the suite's cached teacher on the test references). A
+    :class:`Decoder` of a side whose prompts are the references' prompts reuses its prompt
+    cache (only the response tokens are run); otherwise that side runs packed sequences."""
+    ws = output_head(student).weight.float()
+    wt = output_head(teacher).weight.float() if isinstance(teacher, torch.nn.Module) else teacher.head.weight
     ids = list(ref_ids) if ref_ids is not None else [str(i) for i in range(len(refs))]
+    prompts = [e.ids[:e.n_prompt] for e in refs]
+    responses = [e.ids[e.n_prompt:] for e in refs]
+
+    def rows(model, decoder):
+        if decoder is not None and decoder.serves(prompts) and isinstance(model, torch.nn.Module):
+            return decoder.hidden(responses)
+        return _rows_packed(model, refs, ids, device)
+
+    h_s = torch.cat(rows(student, student_decoder))
+    h_t = torch.cat(rows(teacher, teacher_decoder if isinstance(teacher, torch.nn.Module) else None))
     fkl = rkl = 0.0
-    n = 0
-    at = 0
-    for group in _packed(refs):
-        batch = pack(group, ids[at:at + len(group)]).to(device)
-        at += len(group)
-        with autocast_context(device, True):
-            h_s = final_hidden(student, batch)
-            h_t = final_hidden(teacher, batch) if isinstance(teacher, torch.nn.Module) else teacher.hidden(batch)
-        for a in range(0, batch.n_counted, HEAD_CHUNK):
-            ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), ws).log_softmax(-1)
-            lt = F.linear(h_t[a:a + HEAD_CHUNK].float(), wt).log_softmax(-1)
-            diff = lt - ls
-            fkl += float((lt.exp() * diff).sum(dtype=torch.float64))
-            rkl += float((ls.exp() * -diff).sum(dtype=torch.float64))
-        n += batch.n_counted
+    for a in range(0, h_s.shape[0], HEAD_CHUNK):
+        ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), ws).log_softmax(-1)
+        lt = F.linear(h_t[a:a + HEAD_CHUNK].float(), wt).log_softmax(-1)
+        diff = lt - ls
+        fkl += float((lt.exp() * diff).sum(dtype=torch.float64))
+        rkl += float((ls.exp() * -diff).sum(dtype=torch.float64))
+    n = h_s.shape[0]
     return fkl / max(n, 1), rkl / max(n, 1)
 
 
@@ -261,7 +263,7 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
         fkl = rkl = 0.0
     else:
         fkl, rkl = reference_kl(model, teacher_refs or teacher, inputs.references, device,
-                                [e.id for e in examples])
+                                [e.id for e in examples], student_decoder=decoder, teacher_decoder=scorer)
     result.metrics += [(task.name, "fkl_tok", fkl, None), (task.name, "rkl_tok", rkl, None)]
     # Undefined values (Self-BLEU of a single response, ...) are left out rather than stored as NaN.
     result.metrics = [m for m in result.metrics if not math.isnan(m[2])]

@@ -39,7 +39,25 @@ class Prefix:
     next_pos: torch.Tensor         # [n] position of the first generated token
 
     def copy(self) -> "Prefix":
-        return Prefix(copy.deepcopy(self.cache), self.last_hidden, self.mask, self.next_pos)
+        return Prefix(cache_copy(self.cache), self.last_hidden, self.mask, self.next_pos)
+
+
+def cache_copy(cache, rows: torch.Tensor | None = None):
+    """A cache that can be extended without touching ``cache`` (optionally only ``rows`` of it).
+
+    transformers' dynamic layers never write into their tensors (``update`` concatenates,
+    ``batch_select_indices`` indexes: both make new tensors), so copying the layer objects is
+    enough and the prompt's keys and values are shared, not duplicated; other cache kinds are
+    deep-copied."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+        out = copy.copy(cache)
+        out.layers = [copy.copy(layer) for layer in layers]
+    else:
+        out = copy.deepcopy(cache)
+    if rows is not None:
+        out.batch_select_indices(rows)
+    return out
 
 
 def head_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,39 +142,62 @@ def decode(model, prompts: Sequence[list[int]], *, max_new_tokens: int, eos_id: 
                        eos_id=eos_id, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
+def length_groups(lengths: Sequence[int], *, min_rows: int = 8, ratio: float = 0.75) -> list[list[int]]:
+    """Indices grouped by similar length (longest first), so a right-padded forward per group
+    wastes little on padding: a group closes when the next length falls below ``ratio`` × its
+    longest and it already has ``min_rows`` rows."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (lengths[i] >= ratio * lengths[groups[-1][0]] or len(groups[-1]) < min_rows):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@torch.no_grad()
+def continuation_hidden(model, prefix: Prefix, continuations: Sequence[list[int]], *, pad_id: int) -> list[torch.Tensor]:
+    """For each continuation ``c`` of the prompts of ``prefix`` (not consumed), the final hidden
+    states ``[len(c), d]`` whose row ``j`` predicts ``c[j]``: row 0 is the prompt's last hidden
+    state, the rest come from forwards over ``c[:-1]`` with the prompt cache. Continuations
+    are forwarded in groups of similar length (:func:`length_groups`), right-padded within a
+    group, so the work follows the real tokens rather than the longest continuation."""
+    device = prefix.last_hidden.device
+    out: list[torch.Tensor | None] = [prefix.last_hidden[i:i + 1] for i in range(len(continuations))]
+    todo = [i for i, c in enumerate(continuations) if len(c) > 1]
+    for group in length_groups([len(continuations[i]) for i in todo]):
+        rows = [todo[g] for g in group]
+        width = len(continuations[rows[0]]) - 1
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        cmask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            c = continuations[i]
+            ids[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            cmask[r, : len(c) - 1] = 1
+        idx = torch.tensor(rows, device=device)
+        ids, cmask = ids.to(device), cmask.to(device)
+        mask = torch.cat([prefix.mask[idx], cmask], dim=1)
+        positions = prefix.next_pos[idx, None] + torch.arange(width, device=device)[None]
+        h = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             cache=cache_copy(prefix.cache, idx), use_cache=True).last_hidden_state
+        for r, i in enumerate(rows):
+            out[i] = torch.cat([out[i], h[r, : len(continuations[i]) - 1]])
+    return out  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def continuation_logprobs(model, prefix: Prefix, continuations: Sequence[list[int]], *, pad_id: int) -> list[float]:
     """Mean per-token log-likelihood of each continuation given its prompt (the ``prefix``,
-    copied, not consumed): the first token is scored from the prompt's last hidden state, the
-    rest from one forward over the right-padded continuations with the prompt cache."""
+    not consumed), from :func:`continuation_hidden` through the head in float32."""
     w, b = head_weights(model)
-    n = len(continuations)
-    longest = max(len(c) for c in continuations)
-    first = F.linear(prefix.last_hidden.float(), w, b).log_softmax(-1)
-    totals = [float(first[i, c[0]]) for i, c in enumerate(continuations)]
-    if longest > 1:
-        device = prefix.last_hidden.device
-        ids = torch.full((n, longest - 1), pad_id, dtype=torch.long)
-        cmask = torch.zeros((n, longest - 1), dtype=torch.long)
-        for i, c in enumerate(continuations):
-            if len(c) > 1:
-                ids[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-                cmask[i, : len(c) - 1] = 1
-        ids, cmask = ids.to(device), cmask.to(device)
-        mask = torch.cat([prefix.mask, cmask], dim=1)
-        positions = prefix.next_pos[:, None] + torch.arange(longest - 1, device=device)[None]
-        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               cache=copy.deepcopy(prefix.cache), use_cache=True)
-        h = out.last_hidden_state  # [n, longest - 1, d]: position j predicts continuation token j + 1
-        rows = cmask.reshape(-1).nonzero().squeeze(-1)
-        targets = torch.cat([torch.tensor(c[1:], dtype=torch.long) for c in continuations if len(c) > 1]).to(device)
-        hs = h.reshape(-1, h.shape[-1]).index_select(0, rows)
-        lp = torch.cat([F.linear(hs[a:a + 256].float(), w, b).log_softmax(-1)
-                        .gather(-1, targets[a:a + 256, None]).squeeze(-1) for a in range(0, hs.shape[0], 256)])
-        at = 0
-        for i, c in enumerate(continuations):  # rows are in (continuation, position) order
-            k = len(c) - 1
-            if k > 0:
-                totals[i] += float(lp[at:at + k].sum())
-                at += k
-    return [t / len(c) for t, c in zip(totals, continuations)]
+    hidden = continuation_hidden(model, prefix, continuations, pad_id=pad_id)
+    hs = torch.cat(hidden)
+    targets = torch.cat([torch.tensor(c, dtype=torch.long) for c in continuations]).to(hs.device)
+    lp = torch.cat([F.linear(hs[a:a + 256].float(), w, b).log_softmax(-1)
+                    .gather(-1, targets[a:a + 256, None]).squeeze(-1) for a in range(0, hs.shape[0], 256)])
+    out, at = [], 0
+    for c in continuations:
+        out.append(float(lp[at:at + len(c)].sum()) / len(c))
+        at += len(c)
+    return out

@@ -67,18 +67,23 @@ def test_protocol_knobs_match_their_definitions():
 def test_scoring_with_the_prompt_cache_equals_scoring_packed_sequences(model):
     """The evaluator scores responses given the prompts' cache; the packed path scores whole
     sequences: the same log-likelihoods."""
-    from kdbench.data.batching import Encoded
-    from kdbench.evaluate import Decoder, sequence_logprobs
+    from kdbench.evaluate import Decoder
     from kdbench.suites import EvalSpec
 
     spec = EvalSpec(batch_size=2, max_new_tokens=5)
     dec = Decoder(model, PROMPTS, spec, torch.device("cpu"), pad_id=2)
     responses = dec.generate(10, eos_id=7)
+    responses = [r[:k] for r, k in zip(responses, (5, 2, 1))]  # ragged: right padding and a lone first token
     cached = dec.logprobs(responses)
-    packed = sequence_logprobs(model, [Encoded(p + r, len(p)) for p, r in zip(PROMPTS, responses)], torch.device("cpu"))
-    assert cached == pytest.approx(packed, abs=1e-4)
+    whole = []  # each sequence alone through the model's own logits
+    for p, r in zip(PROMPTS, responses):
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([p + r])).logits[0].float().log_softmax(-1)
+        whole.append(float(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(r))) / len(r))
+    assert cached == pytest.approx(whole, abs=1e-4)
     # the prompts' cache is reused, not consumed: a second seed decodes as a fresh decoder would
     again = Decoder(model, PROMPTS, spec, torch.device("cpu"), pad_id=2).generate(20, eos_id=7)
+    assert dec.logprobs(responses) == cached
     assert dec.generate(20, eos_id=7) == again
 
 
@@ -97,3 +102,64 @@ def test_reference_kl_from_the_cached_teacher_equals_the_live_teacher(model, tmp
     live = reference_kl(student, model, refs, torch.device("cpu"), ids)
     cached = reference_kl(student, CachedTeacher(entry), refs, torch.device("cpu"), ids)
     assert cached == pytest.approx(live, abs=1e-5) and live == pytest.approx((0.0, 0.0), abs=1e-5)
+
+
+def test_length_groups_cover_every_row_once_and_bound_the_padding():
+    from kdbench.sampling import length_groups
+
+    lengths = [1, 32, 5, 5, 17, 30, 2, 9, 31, 12, 3, 28, 8, 1, 16, 20, 4, 32, 6, 7]
+    groups = length_groups(lengths, min_rows=3, ratio=0.75)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest = lengths[g[0]]
+        assert longest == max(lengths[i] for i in g)
+        # a row below ratio × longest joins only while the group is still short of min_rows
+        assert all(lengths[i] >= 0.75 * longest for i in g[3:])
+    padded = sum(len(g) * lengths[g[0]] for g in groups)
+    assert padded < len(lengths) * max(lengths) * 0.75  # well below one right-padded batch
+
+
+def test_continuation_hidden_in_length_groups_equals_each_sequence_alone(model):
+    """Many ragged continuations (so several length groups, one of length 1) through the
+    prompt cache: each row equals the hidden state of the sequence run alone."""
+    from kdbench.sampling import continuation_hidden, prefill
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 60, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (18,), generator=gen)]
+    conts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in [1, 2, 3, 9, 12, 4, 7, 1, 15, 6, 5, 10, 2, 8, 11, 13, 3, 14]]
+    pre = prefill(model, prompts, pad_id=2)
+    got = continuation_hidden(model, pre, conts, pad_id=2)
+    for p, c, h in zip(prompts, conts, got):
+        with torch.no_grad():
+            alone = model.base_model(input_ids=torch.tensor([p + c])).last_hidden_state[0]
+        assert h.shape == (len(c), alone.shape[-1])
+        torch.testing.assert_close(h, alone[len(p) - 1: len(p) - 1 + len(c)], atol=1e-4, rtol=1e-4)
+    # the prefix is not consumed: a second call gives the same rows
+    again = continuation_hidden(model, pre, conts, pad_id=2)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_reference_kl_through_the_prompt_caches_equals_packed_sequences(model, tmp_path):
+    """The evaluator computes the reference KL from the decoders' prompt caches; packed whole
+    sequences give the same value (the student is the teacher with a perturbed head, so the
+    KL is not zero)."""
+    import copy
+
+    from kdbench.data.batching import Encoded
+    from kdbench.evaluate import Decoder, reference_kl
+    from kdbench.suites import EvalSpec
+
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        student.get_output_embeddings().weight.mul_(1.5)
+    refs = [Encoded(p + r, len(p)) for p, r in zip(PROMPTS, [[11, 12, 13], [14], [15, 16, 17, 18, 19]])]
+    spec = EvalSpec(batch_size=2)
+    dev = torch.device("cpu")
+    packed = reference_kl(student, model, refs, dev)
+    cached = reference_kl(student, model, refs, dev, student_decoder=Decoder(student, PROMPTS, spec, dev, pad_id=2),
+                          teacher_decoder=Decoder(model, PROMPTS, spec, dev, pad_id=2))
+    assert packed[0] > 1e-3 and packed[1] > 1e-3
+    assert cached == pytest.approx(packed, rel=1e-4)
+    # a decoder over other prompts is not used (the packed path answers)
+    other = Decoder(student, [PROMPTS[0]], spec, dev, pad_id=2)
+    assert reference_kl(student, model, refs, dev, student_decoder=other) == pytest.approx(packed, rel=1e-6)
