@@ -63,8 +63,9 @@ def arm_engine(teacher_source, new_student, tok, enc, objective, spec, device, w
     return window_rate(points, warmup)
 
 
-def arm_trl(teacher, new_student, tok, enc, spec, device, warmup):
-    """TRL GKDTrainer with lmbda=0 (no on-policy samples), beta=0 (forward KL), its defaults."""
+def arm_trl(teacher, new_student, tok, enc, spec, device, warmup, bf16):
+    """TRL GKDTrainer with lmbda=0 (no on-policy samples), beta=0 (forward KL), its defaults;
+    bf16 where the machine has it natively (the rule kdbench's own arms follow)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -75,8 +76,11 @@ def arm_trl(teacher, new_student, tok, enc, spec, device, warmup):
     rows = []
     for i in order:  # the same examples in the same order as the other arms
         e = enc[i][1]
-        rows.append({"input_ids": e.ids, "attention_mask": [1] * len(e.ids),
-                     "labels": [-100] * e.n_prompt + e.ids[e.n_prompt:]})
+        # trl 1.16's DataCollatorForChatML takes tokenised rows when they carry a "prompt" (any
+        # text: with a completion_mask it is not re-tokenised) and a completion_mask (the prompt
+        # boundary); it pads left and masks prompt labels itself.
+        rows.append({"prompt": tok.decode(e.ids[:e.n_prompt]), "input_ids": e.ids, "attention_mask": [1] * len(e.ids),
+                     "completion_mask": [0] * e.n_prompt + [1] * (len(e.ids) - e.n_prompt)})
     ds = Dataset.from_list(rows)
     times: list[tuple[int, int, float]] = []
 
@@ -96,7 +100,7 @@ def arm_trl(teacher, new_student, tok, enc, spec, device, warmup):
 
     out = tempfile.mkdtemp(prefix="kdbench-trl-")
     cfg = GKDConfig(output_dir=out, per_device_train_batch_size=spec.batch_size, max_steps=spec.steps,
-                    learning_rate=spec.lr, lmbda=0.0, beta=0.0, temperature=1.0, bf16=True, use_cpu=device.type == "cpu",
+                    learning_rate=spec.lr, lmbda=0.0, beta=0.0, temperature=1.0, bf16=bf16, use_cpu=device.type == "cpu",
                     logging_steps=10_000, save_strategy="no", report_to=[], dataloader_drop_last=True,
                     remove_unused_columns=False, seed=0, data_seed=0, max_length=spec.max_tokens)
     trainer = GKDTrainer(model=new_student(), teacher_model=teacher, args=cfg, train_dataset=ds,
@@ -155,8 +159,12 @@ def main() -> None:
             except ImportError:
                 results["trl-gkd"] = "not installed (pip install trl==1.16.0)"
                 continue
-            try:  # GKDTrainer's collator wants chat "messages" rows (trl 1.16); an arm failure is reported
-                rate = arm_trl(teacher, new_student, tok, enc, spec, device, args.warmup)
+            from kdbench.device import native_bf16
+
+            bf16 = native_bf16(device)
+            results["trl-gkd precision"] = "bf16" if bf16 else "float32 (no native bf16 here, as kdbench's arms)"
+            try:  # an arm failure is reported; the other arms' ratios still print
+                rate = arm_trl(teacher, new_student, tok, enc, spec, device, args.warmup, bf16)
             except Exception as exc:  # noqa: BLE001 - the other arms' ratios still print
                 results["trl-gkd"] = f"failed: {type(exc).__name__}: {exc}"
                 print(f"[bench_train] trl-gkd failed: {type(exc).__name__}: {exc}", flush=True)
