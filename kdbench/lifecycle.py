@@ -43,7 +43,14 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from kdbench.store import Run, _retry_busy, delete_run_rows, in_transaction, utcnow, writing
+from kdbench.store import (
+    Run,
+    delete_run_rows,
+    in_transaction,
+    retry_busy,
+    utcnow,
+    writing,
+)
 
 DEFAULT_INTERVAL_S = 30.0
 STALE_FACTOR = 10
@@ -216,7 +223,7 @@ class Heartbeat:
             with writing(self.engine).begin() as conn:
                 conn.execute(update(Run.__table__).where(Run.id == self.run_id).values(**fields))
 
-        _retry_busy(attempt, budget_s=max(1.0, min(self.interval_s, 10.0)))
+        retry_busy(attempt, budget_s=max(1.0, min(self.interval_s, 10.0)))
 
     def beat(self) -> None:
         """One heartbeat now (the thread calls this every ``interval_s``)."""

@@ -219,7 +219,7 @@ def test_readonly_other_databases_use_readonly_transactions():
     first thing in every transaction (shown here on a SQLite engine, which rejects that SQL)."""
     from sqlalchemy import create_engine
 
-    engine = S._readonly_other(create_engine("sqlite://"))
+    engine = S.engines._readonly_other(create_engine("sqlite://"))
     with pytest.raises(OperationalError, match="TRANSACTION"):
         with engine.begin() as c:
             c.execute(text("SELECT 1"))
