@@ -318,6 +318,43 @@ def test_the_best_validated_step_is_restored_and_survives_a_checkpoint(tiny, tmp
         assert torch.equal(a, b), k
 
 
+def test_a_format_1_train_state_still_resumes_and_an_unknown_format_is_refused(tiny, tmp_path):
+    """Format 1 (the previous kdbench) kept the best weights as best.* inside tensors.safetensors."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from kdbench.engine.trainer import make_optimizer
+    from kdbench.errors import UserError
+
+    torch.manual_seed(0)
+    model = fresh(tiny)
+    batches = PackedBatches(tiny["enc"], 4, 0)
+    opt = make_optimizer(model, SPEC, torch.device("cpu"))
+    state = S.TrainState(best=S.BestWeights())
+    _train(tiny, model, 2, state=state, batches=batches, optimizer=opt, validate=lambda m: 1.0, valid_every=1)
+    S.save(tmp_path / "state", state, model, opt, batches)
+    folder = tmp_path / "state"
+    tensors = load_file(str(folder / "tensors.safetensors"))
+    tensors.update({f"best.{k}": v for k, v in load_file(str(folder / "best.safetensors")).items()})
+    S.write_safetensors(tmp_path / "old.safetensors", tensors.items())  # (load_file's tensors map the file)
+    (tmp_path / "old.safetensors").replace(folder / "tensors.safetensors")
+    (folder / "best.safetensors").unlink()
+    meta = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**meta, "format": 1}))
+
+    again = fresh(tiny)
+    best = S.BestWeights(tmp_path / "run" / "best.safetensors")
+    restored, _ = S.load(folder, again, make_optimizer(again, SPEC, torch.device("cpu")),
+                         PackedBatches(tiny["enc"], 4, 0), best)
+    assert restored.step == 2 and restored.best_step == 1 and best.path.is_file()
+    for k, v in load_file(str(best.path)).items():
+        assert torch.equal(v, tensors[f"best.{k}"]), k
+    (folder / "state.json").write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(UserError, match="format 99"):
+        S.load(folder, again, make_optimizer(again, SPEC, torch.device("cpu")), PackedBatches(tiny["enc"], 4, 0))
+
+
 def test_nan_in_the_loss_or_the_gradient_stops_training(tiny, tmp_path):
     path = tmp_path / "nan_grad.py"
     path.write_text(textwrap.dedent('''

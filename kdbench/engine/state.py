@@ -32,6 +32,7 @@ from typing import Iterable
 import torch
 
 STATE_FORMAT = 2  # 2: best weights in their own file (best.safetensors); 1 kept them in tensors.safetensors
+READS = (1, 2)    # formats load() restores (a run interrupted under the previous kdbench still resumes)
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -108,6 +109,15 @@ class BestWeights:
             os.link(self.path, path)
         except OSError:
             shutil.copyfile(self.path, path)
+
+    def adopt_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take weights given as tensors (a format-1 checkpoint's ``best.*``)."""
+        if self.path is None:
+            self._memory = dict(tensors)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(self.path, tensors.items())
+        self.present = True
 
     def adopt(self, path: Path) -> None:
         """Take the weights a checkpoint holds at ``path`` (on resume)."""
@@ -223,8 +233,11 @@ def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if not (folder / "state.json").is_file() and folder.with_name(folder.name + ".old").is_dir():
         folder = folder.with_name(folder.name + ".old")  # killed between the two renames
     meta = json.loads((folder / "state.json").read_text())
-    if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"train state {folder} has format {meta.get('format')}, this kdbench reads {STATE_FORMAT}")
+    if meta.get("format") not in READS:
+        from kdbench.errors import UserError
+
+        raise UserError(f"train state {folder} has format {meta.get('format')}; this kdbench reads formats "
+                        f"{', '.join(map(str, READS))} (start the run again instead of resuming it)")
     path = folder / "tensors.safetensors"
     targets = model.state_dict()
     missing = set(targets) - _copy_into(targets, path, "model.")
@@ -232,6 +245,7 @@ def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         raise ValueError(f"train state {folder} lacks model tensors: {sorted(missing)[:3]}")
     opt_state: dict = {}
     rng: dict[str, torch.Tensor] = {}
+    old_best: dict[str, torch.Tensor] = {}  # format 1 kept the best weights here as best.*
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
             if key.startswith("optim."):
@@ -239,12 +253,16 @@ def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 opt_state.setdefault(int(idx), {})[name] = f.get_tensor(key)
             elif key.startswith("rng."):
                 rng[key] = f.get_tensor(key)
+            elif key.startswith("best."):
+                old_best[key[5:]] = f.get_tensor(key)
     for idx, scalars in meta["optim_scalars"].items():
         opt_state.setdefault(int(idx), {}).update(scalars)
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optim_groups"]})
     best = best if best is not None else BestWeights()
     if (folder / "best.safetensors").is_file():
         best.adopt(folder / "best.safetensors")
+    elif old_best:
+        best.adopt_tensors(old_best)
     torch.set_rng_state(rng["rng.torch"])
     cuda = sorted((k for k in rng if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
