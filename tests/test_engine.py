@@ -309,8 +309,13 @@ def test_the_best_validated_step_is_restored_and_survives_a_checkpoint(tiny, tmp
     resumed = fresh(tiny)
     batches2 = PackedBatches(tiny["enc"], 4, 0)
     opt2 = make_optimizer(resumed, SPEC, torch.device("cpu"))
-    state, _ = S.load(tmp_path / "state", resumed, opt2, batches2, best("b"))
+    # the runner's layout: the resumed run keeps its best weights where the checkpoint linked them from
+    state, _ = S.load(tmp_path / "state", resumed, opt2, batches2, best("a"))
     assert state.best and state.best_step == 2
+    if where == "disk":  # another location gets a copy
+        other = best("b")
+        other.adopt(tmp_path / "state" / "best.safetensors")
+        assert other.path.read_bytes() == (tmp_path / "a" / "best.safetensors").read_bytes()
     res2, _ = _train(tiny, resumed, 4, state=state, batches=batches2, optimizer=opt2,
                      validate=lambda m: next(scores), valid_every=2)
     assert res2.selected_step == 2

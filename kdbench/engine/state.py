@@ -125,9 +125,11 @@ class BestWeights:
             from safetensors.torch import load_file
 
             self._memory = load_file(str(path))
-        else:
+        elif not (self.path.exists() and os.path.samefile(path, self.path)):  # a run's own checkpoint links its file
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, self.path)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            shutil.copyfile(path, tmp)  # then rename: never write into a file a checkpoint may link
+            os.replace(tmp, self.path)
         self.present = True
 
 
