@@ -14,8 +14,9 @@ scored on one greedy decode (metrics with seed NULL), as the paper does for GSM8
 Without waste: prompts are tokenised once per task (:class:`TaskInputs`) and reused by every
 seed, by the teacher's scoring and by the reference KL; generation is batched with left
 padding and the KV cache, finished responses leaving the batch (kdbench/sampling.py); the
-teacher scores the **sampled token ids** themselves (never a decode → re-encode round trip),
-packed, through its head at response positions only.
+teacher scores the **sampled token ids** themselves (never a decode → re-encode round trip)
+through its prompt cache, in groups of similar length, and the reference KL runs only the
+reference tokens through both prompt caches.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from kdbench.data.batching import Encoded, chat_prompt, encode
 from kdbench.device import autocast_context
 from kdbench.engine.batches import pack
 from kdbench.engine.forward import final_hidden, output_head
-from kdbench.sampling import continuation_hidden, continuation_logprobs, decode_from, prefill
+from kdbench.sampling import HEAD_CHUNK, continuation_hidden, continuation_logprobs, decode_from, prefill
 from kdbench.scoring import headline_score, score_decode
 from kdbench.suites import EvalSpec, TaskSpec
 
-SCORE_TOKENS = 2048   # tokens per packed scoring forward (teacher log-likelihood, reference KL)
-HEAD_CHUNK = 256      # positions per head chunk when scoring
+SCORE_TOKENS = 2048   # tokens per packed forward of the reference KL when no prompt cache serves it
 
 
 @dataclass
@@ -192,7 +192,7 @@ def reference_kl(student, teacher, refs: Sequence[Encoded], device: torch.device
         return _rows_packed(model, refs, ids, device)
 
     h_s = torch.cat(rows(student, student_decoder))
-    h_t = torch.cat(rows(teacher, teacher_decoder if isinstance(teacher, torch.nn.Module) else None))
+    h_t = torch.cat(rows(teacher, teacher_decoder))
     fkl = rkl = 0.0
     for a in range(0, h_s.shape[0], HEAD_CHUNK):
         ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), ws).log_softmax(-1)

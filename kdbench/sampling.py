@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from kdbench.engine.forward import output_head
 
+HEAD_CHUNK = 256  # positions per float32 head chunk when scoring (256 × 49,152 logits: 50 MB)
+
 
 @dataclass
 class Prefix:
@@ -164,7 +166,7 @@ def continuation_hidden(model, prefix: Prefix, continuations: Sequence[list[int]
     are forwarded in groups of similar length (:func:`length_groups`), right-padded within a
     group, so the work follows the real tokens rather than the longest continuation."""
     device = prefix.last_hidden.device
-    out: list[torch.Tensor | None] = [prefix.last_hidden[i:i + 1] for i in range(len(continuations))]
+    out = [prefix.last_hidden[i:i + min(1, len(c))] for i, c in enumerate(continuations)]  # empty: no rows
     todo = [i for i, c in enumerate(continuations) if len(c) > 1]
     for group in length_groups([len(continuations[i]) for i in todo]):
         rows = [todo[g] for g in group]
@@ -183,7 +185,7 @@ def continuation_hidden(model, prefix: Prefix, continuations: Sequence[list[int]
                              cache=cache_copy(prefix.cache, idx), use_cache=True).last_hidden_state
         for r, i in enumerate(rows):
             out[i] = torch.cat([out[i], h[r, : len(continuations[i]) - 1]])
-    return out  # type: ignore[return-value]
+    return out
 
 
 @torch.no_grad()
@@ -194,10 +196,10 @@ def continuation_logprobs(model, prefix: Prefix, continuations: Sequence[list[in
     hidden = continuation_hidden(model, prefix, continuations, pad_id=pad_id)
     hs = torch.cat(hidden)
     targets = torch.cat([torch.tensor(c, dtype=torch.long) for c in continuations]).to(hs.device)
-    lp = torch.cat([F.linear(hs[a:a + 256].float(), w, b).log_softmax(-1)
-                    .gather(-1, targets[a:a + 256, None]).squeeze(-1) for a in range(0, hs.shape[0], 256)])
+    lp = torch.cat([F.linear(hs[a:a + HEAD_CHUNK].float(), w, b).log_softmax(-1)
+                    .gather(-1, targets[a:a + HEAD_CHUNK, None]).squeeze(-1) for a in range(0, hs.shape[0], HEAD_CHUNK)])
     out, at = [], 0
     for c in continuations:
-        out.append(float(lp[at:at + len(c)].sum()) / len(c))
+        out.append(float(lp[at:at + len(c)].sum()) / len(c) if c else float("nan"))
         at += len(c)
     return out

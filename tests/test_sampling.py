@@ -163,3 +163,16 @@ def test_reference_kl_through_the_prompt_caches_equals_packed_sequences(model, t
     # a decoder over other prompts is not used (the packed path answers)
     other = Decoder(student, [PROMPTS[0]], spec, dev, pad_id=2)
     assert reference_kl(student, model, refs, dev, student_decoder=other) == pytest.approx(packed, rel=1e-6)
+
+
+def test_an_empty_continuation_has_no_rows_and_no_log_likelihood(model):
+    import math
+
+    from kdbench.sampling import continuation_hidden, continuation_logprobs, prefill
+
+    pre = prefill(model, PROMPTS, pad_id=2)
+    conts = [[], [14, 15], [16]]
+    rows = continuation_hidden(model, pre, conts, pad_id=2)
+    assert [r.shape[0] for r in rows] == [0, 2, 1]
+    lp = continuation_logprobs(model, pre, conts, pad_id=2)
+    assert math.isnan(lp[0]) and all(math.isfinite(v) for v in lp[1:])
