@@ -2,7 +2,8 @@
 
 * time of every registered objective through the training path (Objective.from_hidden:
   logits per chunk through the heads, gradients made per chunk) at P positions × V vocabulary,
-  relative to ``kl``;
+  relative to ``kl``; objectives with a declared closed-form gradient (CSD) are timed a second
+  time through autograd (``[autograd]``, the path before the closed form), side by side;
 * peak memory of the chunked path against the materialised one (logits [P, V] made whole,
   Objective.compute) at 8,192 positions — each arm in a fresh subprocess, peak resident
   memory above the process's baseline;
@@ -42,10 +43,18 @@ def _inputs(p: int, v: int, seed: int = 0):
     return h, w, th, tw, y
 
 
-def time_objective(setting: str, p: int, v: int, repeats: int, materialised: bool = False) -> float:
+def time_objective(setting: str, p: int, v: int, repeats: int, materialised: bool = False,
+                   autograd: bool = False) -> float:
+    """Best of ``repeats`` forward + backward. ``autograd``: ignore the objective's declared
+    closed-form gradient (the path every objective took before one was declared)."""
+    import dataclasses
+
+    from kdbench.objective import Objective
     from kdbench.registry import get_objective
 
     obj = get_objective(setting)
+    if autograd:
+        obj = Objective(dataclasses.replace(obj.spec, gradient=None), obj.params)
     h, w, th, tw, y = _inputs(p, v)
     best = math.inf
     for _ in range(repeats):
@@ -116,7 +125,7 @@ def main() -> None:
         return _child(args)
 
     from kdbench.device import default_threads
-    from kdbench.registry import list_objectives
+    from kdbench.registry import get_objective, list_objectives
 
     default_threads()
     threads = args.threads or torch.get_num_threads()
@@ -129,9 +138,15 @@ def main() -> None:
     for s in settings:  # same process, same inputs, alternating nothing else: best of --repeats
         times[s] = time_objective(s, args.positions, args.vocab, args.repeats)
         print(f"[bench_objectives] {s}: {times[s]:.2f}s (x{times[s] / times['kl']:.2f} kl)", flush=True)
+    for s in [s for s in settings if get_objective(s).has_gradient]:  # the same objective through autograd
+        key = f"{s} [autograd]"
+        times[key] = time_objective(s, args.positions, args.vocab, args.repeats, autograd=True)
+        print(f"[bench_objectives] {key}: {times[key]:.2f}s (x{times[key] / times['kl']:.2f} kl; closed form "
+              f"x{times[s] / times[key]:.2f} of it)", flush=True)
     results["seconds"] = {k: round(v, 3) for k, v in times.items()}
     results["relative_to_kl"] = {k: round(v / times["kl"], 3) for k, v in times.items()}
-    results["csd_max_relative_to_kl"] = max(v for k, v in results["relative_to_kl"].items() if k.startswith("csd"))
+    results["csd_max_relative_to_kl"] = max(v for k, v in results["relative_to_kl"].items()
+                                            if k.startswith("csd") and "[autograd]" not in k)
 
     mem_p = args.memory_positions or (2048 if args.quick else 8192)
     chunked, dense = measure("csd", mem_p, args.vocab, False, threads), measure("csd", mem_p, args.vocab, True, threads)

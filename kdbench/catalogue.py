@@ -165,6 +165,8 @@ def render_objectives_md(specs: Iterable[ObjectiveSpec]) -> str:
             out.append("")
         out.append(
             f"Behaviour: {s.behaviour}. Needs: {_needs(s)}. Version: {s.version}. Source: `{s.source}`."
+            + (f" Training gradient: closed form (`{s.gradient.__name__}`), checked against autograd at start-up."
+               if s.gradient is not None else "")
         )
         out += ["", f"Paper: {s.paper}.", ""]
     return "\n".join(out).rstrip("\n") + "\n"

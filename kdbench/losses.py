@@ -179,8 +179,8 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Σ_rows row_fn(h_s W_sᵀ + b_s, h_t W_tᵀ + b_t, y), chunk by chunk, gradients made in forward.
 
-    Per chunk of rows the student logits ``s [n, V]`` are a leaf; ``row_fn``'s backward gives
-    ``∂L/∂s``, from which the chunk's ``∂L/∂h_s = (∂L/∂s) W_s`` and its share of
+    Per chunk of rows the student logits ``s [n, V]`` are a leaf; ``row_fn``'s backward (or the
+    objective's closed form, ``row_grad``) gives ``∂L/∂s``, from which the chunk's ``∂L/∂h_s = (∂L/∂s) W_s`` and its share of
     ``∂L/∂W_s += (∂L/∂s)ᵀ h_s`` (and ``∂L/∂b_s``) are accumulated at once; then the chunk's
     logits are dropped. Backward only scales the stored ``[N, d]`` / ``[V, d]`` gradients by
     the incoming scalar: nothing ``positions × vocabulary`` is kept, and unlike checkpointing
@@ -188,7 +188,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, row_fn, chunk_size, terms_out):
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, row_fn, chunk_size, terms_out, row_grad):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         n = h_s.shape[0]
         grad_h = torch.zeros_like(h_s) if need_h else None
@@ -201,10 +201,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             with torch.no_grad():
                 t = None if h_t is None else _logits(h_t[start:stop], w_t, b_t)
             y = None if labels is None else labels[start:stop]
-            with torch.enable_grad():
-                s = _logits(hs.detach(), w_s.detach(), None if b_s is None else b_s.detach()).requires_grad_(True)
-                loss_sum, term_sums = row_fn(s, t, y)
-                g = torch.autograd.grad(loss_sum, s, allow_unused=True)[0] if loss_sum.requires_grad else None
+            if row_grad is not None:  # the objective's closed form: no autograd graph over [n, V]
+                with torch.no_grad():
+                    s = _logits(hs.detach(), w_s.detach(), None if b_s is None else b_s.detach())
+                    loss_sum, term_sums, g = row_grad(s, t, y)
+            else:
+                with torch.enable_grad():
+                    s = _logits(hs.detach(), w_s.detach(), None if b_s is None else b_s.detach()).requires_grad_(True)
+                    loss_sum, term_sums = row_fn(s, t, y)
+                    g = torch.autograd.grad(loss_sum, s, allow_unused=True)[0] if loss_sum.requires_grad else None
             if g is None:  # the loss does not depend on the student here (e.g. a constant)
                 g = torch.zeros_like(s)
             total = total + loss_sum.detach().to(total.dtype)
@@ -229,7 +234,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # in place: the stored gradients are ours alone, and a second [V, d] buffer is 113 MB here
         grad_h, grad_w, grad_b = (None if g is None else g.mul_(grad_out.to(g.dtype)).to(dtype)
                                   for g, dtype in zip(grads, ctx.dtypes))
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def chunked_head_loss(
@@ -243,6 +248,7 @@ def chunked_head_loss(
     labels: Tensor | None = None,
     *,
     chunk_size: int = 0,
+    row_grad: Callable[..., "tuple[Tensor, dict[str, Tensor], Tensor]"] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``(Σ_rows loss, {term: Σ_rows})`` of ``row_fn`` on head logits of counted rows only.
 
@@ -254,6 +260,8 @@ def chunked_head_loss(
     and exist one chunk of ``chunk_size`` rows at a time (default :data:`HIDDEN_CHUNK_SIZE`).
     Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``; the teacher side
     is constant. Without a gradient to compute, the chunks run under ``no_grad``.
+    ``row_grad(s, t, y) -> (Σ loss, {term: Σ}, ∂Σloss/∂s [n, V])``, optional, replaces autograd
+    on ``row_fn`` when a gradient is needed (an objective's closed form).
     """
     chunk_size = int(chunk_size) or HIDDEN_CHUNK_SIZE
     if chunk_size < 1:
@@ -263,7 +271,7 @@ def chunked_head_loss(
     terms: dict[str, Tensor] = {}
     if needs_grad:
         total = _ChunkedHeadLoss.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                       teacher_bias, labels, row_fn, chunk_size, terms)
+                                       teacher_bias, labels, row_fn, chunk_size, terms, row_grad)
         return total, terms
     total = student_hidden.new_zeros((), dtype=compute_dtype(student_hidden.dtype))
     with torch.no_grad():

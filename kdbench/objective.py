@@ -6,7 +6,9 @@ for every run):
 
 * :meth:`Objective.compute` — the **reference** path, on logits ``[..., V]`` already made;
 * :meth:`Objective.from_hidden` — the **training** path, on final hidden states and output
-  heads, logits made per chunk of counted positions (:func:`kdbench.losses.chunked_head_loss`).
+  heads, logits made per chunk of counted positions (:func:`kdbench.losses.chunked_head_loss`);
+  its gradient from the objective's declared closed form where it has one (CSD), else from
+  autograd on the row function.
 
 Both reduce the objective's row function (:meth:`Objective.row_sums`) over counted positions
 and divide by their number. Layering: losses (tensor math) ← objective_spec (declarations) ←
@@ -66,6 +68,27 @@ class Objective:
     def row_sums(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         per_row, terms = self.per_position(s, t, labels)
         return per_row.sum(), {k: v.detach().sum() for k, v in terms.items()}
+
+    @property
+    def has_gradient(self) -> bool:
+        """True when the objective declares a closed-form gradient (``@objective(gradient=...)``)."""
+        return self.spec.gradient is not None
+
+    def row_sums_grad(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """``(Σ loss, {term: Σ}, ∂Σloss/∂s [N, V])`` from the declared closed form, no autograd
+        (the training path's row function when there is one; only with :attr:`has_gradient`)."""
+        dtype = _losses.compute_dtype(s.dtype)
+        s = s.detach().to(dtype)
+        t = None if t is None else t.detach().to(dtype)
+        kwargs = dict(self.params)
+        if self.spec.needs_labels:
+            kwargs["labels"] = labels
+        with torch.no_grad(), torch.autocast(device_type=s.device.type, enabled=False):
+            per_row, terms, grad = self.spec.gradient(s, t, **kwargs)
+        if tuple(per_row.shape) != (s.shape[0],) or tuple(grad.shape) != tuple(s.shape):
+            raise RuntimeError(f"objective {self.name!r}: its gradient must return per-position values ({s.shape[0]},) "
+                               f"and a gradient {tuple(s.shape)}, got {tuple(per_row.shape)} and {tuple(grad.shape)}")
+        return per_row.sum(), {k: v.sum() for k, v in (terms or {}).items()}, grad
 
     def per_position(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective on rows ``[N, V]`` (no masking, no chunking): ``([N], {term: [N]})``."""
@@ -210,6 +233,7 @@ class Objective:
         if lab is not None:
             _losses.check_labels(lab, w_s.shape[0])
         loss_sum, term_sums = _losses.chunked_head_loss(self.row_sums, sh, w_s, b_s, th, w_t, b_t, lab,
-                                                        chunk_size=chunk_size or 0)
+                                                        chunk_size=chunk_size or 0,
+                                                        row_grad=self.row_sums_grad if self.has_gradient else None)
         denom = max(n, 1)
         return ObjectiveOutput(loss_sum / denom, {k: (v / denom).detach() for k, v in term_sums.items()})

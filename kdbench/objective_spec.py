@@ -191,6 +191,9 @@ class ObjectiveSpec:
     summary: str = ""
     source: str = ""
     fn: Callable = field(default=None, compare=False, repr=False)
+    #: optional closed form ``gradient(s, t, **params) -> (per_position [N], terms, ∂Σ/∂s [N, V])``
+    #: used by the training path instead of autograd on ``fn`` (checked against it at start-up)
+    gradient: Callable | None = field(default=None, compare=False, repr=False)
 
     def param(self, name: str) -> ParamSpec:
         for p in self.params:

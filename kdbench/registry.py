@@ -106,12 +106,16 @@ def objective(
     version: int = 1,
     summary: str | None = None,
     formula: str | None = None,
+    gradient: Callable | None = None,
 ):
     """Register ``fn(s, t, **params) -> per_position [N]`` (or ``(per_position, terms)``).
 
     ``summary`` defaults to the first docstring line, ``formula`` to the rest of it.
     ``aliases`` maps alias names to fixed parameter values (e.g. ``{"csd_ts": {"w1": "T",
-    "w2": "S"}}``); ``version`` is bumped whenever the formula changes.
+    "w2": "S"}}``); ``version`` is bumped whenever the formula changes. ``gradient``, optional: the closed form ``gradient(s, t, **params) ->
+    (per_position [N], terms, ∂(Σ per_position)/∂s [N, V])``, computed without autograd; the
+    training path uses it instead of differentiating ``fn`` (fewer passes over the
+    vocabulary), and the start-up check compares it with autograd on ``fn`` for every run.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ObjectiveError(f"objective name {name!r} must be an identifier (letters, digits, _)")
@@ -132,6 +136,15 @@ def objective(
         missing = [n for n in wanted if n not in sig.parameters and not accepts_any]
         if missing:
             raise ObjectiveError(f"objective {name!r}: {fn.__qualname__} does not accept parameter(s) {missing}")
+        if gradient is not None:
+            if not callable(gradient):
+                raise ObjectiveError(f"objective {name!r}: gradient must be a function, got {type(gradient).__name__}")
+            gsig = inspect.signature(gradient)
+            g_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in gsig.parameters.values())
+            g_missing = [n for n in wanted if n not in gsig.parameters and not g_any]
+            if g_missing:
+                raise ObjectiveError(f"objective {name!r}: its gradient {gradient.__qualname__} does not accept "
+                                     f"parameter(s) {g_missing}")
         fixed_aliases: dict[str, dict[str, Any]] = {}
         for alias, fixed in (aliases or {}).items():
             if not _NAME_RE.match(alias) or alias == name:
@@ -155,6 +168,7 @@ def objective(
             summary=(summary if summary is not None else doc_summary),
             source=_source_of(fn),
             fn=fn,
+            gradient=gradient,
         )
         fn.__kdbench_spec__ = spec
         _register(spec)

@@ -24,3 +24,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def float32_cpu(monkeypatch):
+    """Run as on a CPU without native bf16, whatever this machine has: for tests that compare two
+    computation paths at float32 tolerance (bf16 autocast's 3 significant digits would hide a
+    real mismatch, and make the test depend on the machine kind)."""
+    import kdbench.device
+
+    monkeypatch.setattr(kdbench.device, "native_bf16", lambda device: False)

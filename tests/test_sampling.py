@@ -64,7 +64,7 @@ def test_protocol_knobs_match_their_definitions():
     assert torch.isfinite(top[0, :2]).all() and torch.isinf(top[0, 2:]).all() and p[:2].sum() >= 0.8 > p[0]
 
 
-def test_scoring_with_the_prompt_cache_equals_scoring_packed_sequences(model):
+def test_scoring_with_the_prompt_cache_equals_scoring_packed_sequences(float32_cpu, model):
     """The evaluator scores responses given the prompts' cache; the packed path scores whole
     sequences: the same log-likelihoods."""
     from kdbench.evaluate import Decoder
@@ -139,7 +139,7 @@ def test_continuation_hidden_in_length_groups_equals_each_sequence_alone(model):
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
-def test_reference_kl_through_the_prompt_caches_equals_packed_sequences(model, tmp_path):
+def test_reference_kl_through_the_prompt_caches_equals_packed_sequences(float32_cpu, model, tmp_path):
     """The evaluator computes the reference KL from the decoders' prompt caches; packed whole
     sequences give the same value (the student is the teacher with a perturbed head, so the
     KL is not zero)."""

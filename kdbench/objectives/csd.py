@@ -30,6 +30,67 @@ def _weights(kind, s, t, tau, alpha, cache):
     return cache[kind]
 
 
+def _scaled(w, c):
+    """w ⊙ c row-wise; ``w`` None is the uniform weighting 1/V."""
+    return c / c.shape[-1] if w is None else w * c
+
+
+def _mean(w, d):
+    return d.mean(-1) if w is None else (w * d).sum(-1)
+
+
+def _var(w, c, wc):
+    """Σ w c² as :func:`csd` computes it (``wc`` = w ⊙ c already made)."""
+    return (c * c).mean(-1) if w is None else (wc * c).sum(-1)
+
+
+def _minus_scaled(x, w, r):
+    """x − w ⊙ r in place (``r`` [n, 1]; ``w`` None: the uniform weighting 1/V)."""
+    return x.sub_(r / x.shape[-1]) if w is None else x.addcmul_(w, r, value=-1.0)
+
+
+@torch.no_grad()
+def csd_gradient(s, t, *, w1, w2, tau, alpha):
+    """CSD's per-position values, terms and ∂(Σ values)/∂s in closed form (no autograd).
+
+    With d centred and c_i = d − E_wi[d]: ∂L/∂s[k] = w2(k)·c1[k] + w1(k)·c2[k], and for
+    w1 = w2 = w simply 2·w(k)·c[k]. The centring of d adds nothing: Σ_k ∂L/∂d[k] = 0.
+    In float32 the weighted mean E_w[d] carries a rounding error δ, so c is off by δ; the
+    residual r = Σ_k w(k)·c[k] (= −δ, exactly 0 in exact arithmetic) is subtracted again,
+    as autograd's backward through E_w does (without it, at a student far from the teacher,
+    the (S,S) gradient is 20× less accurate: 3.6e-5 against autograd's 2.0e-6, relative to
+    float64). Values are made exactly as in :func:`csd` (same operations, same order). The
+    training path uses this; the start-up check compares it with autograd on :func:`csd` for
+    every run (kdbench/engine/check.py); benchmarks/bench_objectives.py times both.
+    """
+    d = s - t
+    d = d - d.mean(-1, keepdim=True)
+    cache: dict = {}
+    a = _weights(w1, s, t, tau, alpha, cache)
+    e1 = _mean(a, d)
+    c1 = d - e1.unsqueeze(-1)
+    wc1 = _scaled(a, c1)
+    v1 = _var(a, c1, wc1)
+    r1 = wc1.sum(-1, keepdim=True)
+    if w1 == w2:
+        grad = _minus_scaled(wc1, a, r1).mul_(2.0)
+        return v1, {"var_w1": v1, "var_w2": v1, "mean_gap_sq": torch.zeros_like(v1)}, grad
+    del wc1
+    b = _weights(w2, s, t, tau, alpha, cache)
+    e2 = _mean(b, d)
+    c2 = d.sub_(e2.unsqueeze(-1))  # d is not needed any more
+    bc2 = None if b is None else b * c2
+    v2 = _var(b, c2, bc2)
+    r2 = (c2.mean(-1) if b is None else bc2.sum(-1)).unsqueeze(-1)
+    del bc2
+    gap = (e1 - e2) ** 2
+    # w2·(c1 − r2) + w1·(c2 − r1)
+    grad = _scaled(b, c1.sub_(r2))
+    c2.sub_(r1)
+    grad = grad.add_(c2 / c2.shape[-1]) if a is None else grad.addcmul_(a, c2)
+    return 0.5 * (v1 + v2 + gap), {"var_w1": v1, "var_w2": v2, "mean_gap_sq": gap}, grad
+
+
 @objective(
     "csd",
     behaviour="mode-seeking",
@@ -47,6 +108,7 @@ def _weights(kind, s, t, tau, alpha, cache):
         "csd_us": {"w1": "U", "w2": "S"},
         "csd_ts": {"w1": "T", "w2": "S"},
     },
+    gradient=csd_gradient,
 )
 def csd(s, t, *, w1, w2, tau, alpha):
     """Concrete Score Distillation: match logit differences under two weightings (closed form).
