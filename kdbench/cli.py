@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 from kdbench.errors import KdbenchWarning, RunFailed, UserError
 
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="build what a suite's runs share (teacher fine-tune, teacher cache, reference "
                                         "rows) without training; same options as run")
     _run_options(pr)
+    pr.add_argument("--info-json", default=None, help=argparse.SUPPRESS)  # kdbench sweep reads the fingerprint
 
     sw = sub.add_parser("sweep", help="objectives x parameter grids x seeds x suites, skipping finished runs")
     sw.add_argument("spec", nargs="?", default=None, metavar="SPEC.yaml", help="a sweep file (see docs/sweeps.md)")
@@ -261,7 +264,9 @@ def cmd_prepare(args) -> int:
                      teacher_source=args.teacher_source, lr=args.lr)
     info = prepare_only(req, argv=sys.argv)
     print(f"[kdbench] prepared {info['suite']} v{info['version']}: reference runs {info['reference_runs']}, "
-          f"teacher source {info['teacher_source']}")
+          f"teacher source {info['teacher_source']}, reference fingerprint {info['reference_fingerprint']}")
+    if args.info_json:  # for `kdbench sweep`: which teacher this machine prepared
+        Path(args.info_json).write_text(json.dumps(info, default=str))
     return 0
 
 

@@ -99,9 +99,10 @@ def paired_lines(engine, run_id: int, refs: dict[str, int] | None = None) -> lis
     me = f"run:{run.id}"
     sel = {role: f"run:{rid}" for role, rid in refs.items() if role in (ROLE_TEACHER, ROLE_STUDENT_INIT)}
     out = []
+    version = R.run_version(engine, run.id)  # its teacher group where the version holds several teachers
     for task in R.sample_tasks(engine, run.id):
         for metric in BOOTSTRAPPED:
-            data = PairedData(engine, run.suite, run.suite_version, metric, [task], selectors=[me, *sel.values()])
+            data = PairedData(engine, run.suite, version, metric, [task], selectors=[me, *sel.values()])
             if not data.has(me):
                 continue
             out.append(f"{task} {metric}, paired on the same prompts and sampling seeds (this run − reference):")
@@ -116,7 +117,7 @@ def paired_lines(engine, run_id: int, refs: dict[str, int] | None = None) -> lis
                 if b["mean"] == b["mean"]:
                     ci = f" [{b['lo']:.1f}, {b['hi']:.1f}]" if b["lo"] == b["lo"] else " (no CI: < 2 prompts)"
                     out.append(f"  teacher − undistilled band recovered: {b['mean']:.1f} %{ci}")
-            res = R.resolution(engine, run.suite, run.suite_version, task, metric)
+            res = R.resolution(engine, run.suite, version, task, metric)
             if res["value"] == res["value"]:
                 out.append(f"  smallest resolvable difference on this suite: {res['value']:.2f} (1.96 × pooled paired "
                            f"SE over {res['n_pairs']} {res['basis']})")
@@ -162,7 +163,7 @@ def class_and_repeat_lines(engine, run_id: int) -> list[str]:
     if run.role == "distilled" and run.setting:
         c = class_of(gradient_classes(engine, run.suite), run.setting)
         if c is not None:
-            settings = set(R.list_settings(engine, run.suite, run.suite_version).setting)
+            settings = set(R.list_settings(engine, run.suite, R.run_version(engine, run.id)).setting)
             others = [m for m in c["members"] if m != run.setting]
             missing = [m for m in others if m not in settings]
             out.append(f"gradient class: {c['reason']} (analysis run {c['run_id']})"

@@ -174,7 +174,7 @@ def prepare_only(req: RunRequest, argv: list[str] | None = None) -> dict:
 
         _, desc, _ = make_teacher_source(prep, get_objective("kl"), "cache", req.seed, req.progress)
     return {"suite": prep.suite.name, "version": label, "reference_runs": refs, "teacher_source": desc,
-            "teacher": str(prep.teacher_path)}
+            "teacher": str(prep.teacher_path), "reference_fingerprint": reference_fingerprint(prep)}
 
 
 def run(req: RunRequest, argv: list[str] | None = None) -> int:

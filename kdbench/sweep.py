@@ -175,9 +175,11 @@ def sweep_id(jobs: list[Job]) -> str:
     return hashlib.sha256("\n".join(sorted(j.key for j in jobs)).encode()).hexdigest()[:12]
 
 
-def _status(engine, jobs: list[Job]) -> dict[str, tuple[str, int, bool]]:
+def _status(engine, jobs: list[Job], fingerprints: dict[str, str] | None = None) -> dict[str, tuple[str, int, bool]]:
     """config_hash -> (effective status, run id, has a saved train state) of the run to act on:
-    a finished one if any, else the newest."""
+    a finished one if any, else the newest. With ``fingerprints`` ({job key: the reference
+    fingerprint this machine's preparation gives}), runs recorded under another teacher are left
+    out: they are another machine kind's (or another fine-tune's) results, not this job's."""
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
@@ -188,6 +190,9 @@ def _status(engine, jobs: list[Job]) -> dict[str, tuple[str, int, bool]]:
     with Session(engine) as s:
         rows = s.scalars(select(Run).where(Run.config_hash.in_([j.key for j in jobs])).order_by(Run.id)).all()
         for r in rows:
+            fp = (r.config or {}).get("reference_fingerprint")
+            if fingerprints is not None and fp is not None and fingerprints.get(r.config_hash) not in (None, fp):
+                continue
             st = effective_status(r)
             prev = out.get(r.config_hash)
             if prev is None or prev[0] != "finished":
@@ -210,7 +215,24 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
             out(shlex.join(j.argv(spec, sid)))
         return 0
     engine = open_engine(spec.db)
+    logs = _log_dir(sid)
+    threads = threads_per_worker(spec.workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
     state = _status(engine, jobs)
+    prepared = False
+    if any(st[0] == "finished" for st in state.values()):
+        # A finished run counts only if it was made under the teacher this machine prepares: the same
+        # suite fine-tunes its teacher differently on another machine kind (reference fingerprint).
+        fps = _prepare_suites(spec, jobs, env, logs, out)
+        prepared = True
+        other = sum(1 for j in jobs if state.get(j.key, ("",))[0] == "finished")
+        state = _status(engine, jobs, fps)
+        other -= sum(1 for j in jobs if state.get(j.key, ("",))[0] == "finished")
+        if other:
+            out(f"[sweep {sid}] {other} finished run(s) in the store were made under another teacher (reference "
+                f"fingerprint differs from this machine's): they are run again here, not skipped")
     todo, skipped = [], []
     for j in jobs:
         st = state.get(j.key)
@@ -218,17 +240,13 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
             skipped.append(j)
         else:
             todo.append((j, st[1] if st and st[0] == "interrupted" and st[2] else None))
-    threads = threads_per_worker(spec.workers)
     out(f"[sweep {sid}] {len(jobs)} runs: {len(skipped)} already finished, {len(todo)} to run "
         f"({sum(1 for _, r in todo if r)} to resume) on {spec.workers} worker(s) × {threads} thread(s); "
         f"store {resolve_url(spec.db)}")
     if not todo:
         return 0
-    logs = _log_dir(sid)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    _prepare_suites(spec, todo, env, logs, out)
+    if not prepared:
+        _prepare_suites(spec, [j for j, _ in todo], env, logs, out)
     failed: list[tuple[Job, str]] = []
     done = 0
     durations: list[float] = []
@@ -269,21 +287,25 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
     return 1 if failed else 0
 
 
-def _prepare_suites(spec: SweepSpec, todo, env, logs: Path, out) -> None:
-    """One `kdbench prepare` per distinct suite configuration, before any worker starts."""
-    seen = set()
-    for job, _ in todo:
-        argv = ["prepare"] + job.argv(spec, "prepare")[2:]
+def _prepare_suites(spec: SweepSpec, jobs: list[Job], env, logs: Path, out) -> dict[str, str]:
+    """One `kdbench prepare` per distinct suite configuration, before any worker starts; returns
+    {job key: the reference fingerprint of the teacher prepared for it}."""
+    seen: dict[tuple, str] = {}
+    fps: dict[str, str] = {}
+    for job in jobs:
         ident = (job.suite, json.dumps(spec.run, sort_keys=True), job.train.get("lr"))
-        if ident in seen:
-            continue
-        seen.add(ident)
-        out(f"[sweep] preparing {job.suite} (teacher, teacher cache, reference rows) ...")
-        with open(logs / f"prepare-{job.suite}.log", "a") as fh:
-            rc = subprocess.run([sys.executable, "-m", "kdbench", *argv], stdout=fh, stderr=subprocess.STDOUT,
-                                env={**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}).returncode
-        if rc != 0:
-            raise UserError(f"preparing suite {job.suite} failed; see {logs / f'prepare-{job.suite}.log'}")
+        if ident not in seen:
+            info = logs / f"prepare-{len(seen)}.json"
+            argv = ["prepare"] + job.argv(spec, "prepare")[2:] + ["--info-json", str(info)]
+            out(f"[sweep] preparing {job.suite} (teacher, teacher cache, reference rows) ...")
+            with open(logs / f"prepare-{job.suite}.log", "a") as fh:
+                rc = subprocess.run([sys.executable, "-m", "kdbench", *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                    env={**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}).returncode
+            if rc != 0:
+                raise UserError(f"preparing suite {job.suite} failed; see {logs / f'prepare-{job.suite}.log'}")
+            seen[ident] = json.loads(info.read_text())["reference_fingerprint"]
+        fps[job.key] = seen[ident]
+    return fps
 
 
 def tuning_report(engine, jobs: list[Job]) -> list[str]:

@@ -127,6 +127,19 @@ def test_two_workers_skip_finished_runs_and_survive_a_failed_one(tiny):
     again = sweep(tiny, db, "--objectives", "kl", "rkl", "--seeds", "0", "--workers", "2")
     assert again.returncode == 0 and "2 already finished, 0 to run" in again.stdout
     assert len(runs(db)) == 3
+    # kl's run as if made on another machine kind (another fine-tuned teacher): not this machine's result
+    engine = open_engine(str(db))
+    with Session(engine) as s:
+        kl = s.scalars(select(Run).where(Run.setting == "kl")).one()
+        kl.config = {**kl.config, "reference_fingerprint": "0123456789abcdef"}
+        s.commit()
+    engine.dispose()
+    third = sweep(tiny, db, "--objectives", "kl", "rkl", "--seeds", "0")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "1 finished run(s) in the store were made under another teacher" in third.stdout
+    assert "1 already finished, 1 to run" in third.stdout
+    kls = [r for r in runs(db) if r[1] == "kl"]  # one configuration, two teachers: two experiments
+    assert len(runs(db)) == 4 and len(kls) == 2 and kls[1][3] == "finished" and kls[0][5] == kls[1][5]
 
 
 def test_a_killed_sweep_started_again_resumes_the_interrupted_run(tiny):

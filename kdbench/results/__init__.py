@@ -19,8 +19,13 @@ Statistics (the leaderboard protocol; docs/statistics.md has the full definition
 * Suite versions are never mixed. Without an explicit version a suite is shown in its standard version
   (one without ``+overrides``, the label of quick runs) of the most recent finished run
   (:func:`default_version`).
-* **Repeats**: runs with the same ``config_hash`` (where it is NULL: same row, suite, suite version and
-  training seed) are repeats of one experiment (:func:`list_runs` ``repeats``). Every statistic first
+* **Teachers are never mixed either.** Where one suite version holds finished runs under more than one
+  reference fingerprint (the teacher by content: the same suite fine-tunes its teacher differently on
+  another machine kind), each teacher is its own group, listed and selected as ``VERSION@FP``
+  (``2@7ae36e2a``); every function that takes a version takes a group. :func:`run_version` gives a
+  run's group.
+* **Repeats**: runs with the same ``config_hash`` and reference fingerprint (where the hash is NULL:
+  same row, suite, suite version and training seed) are repeats of one experiment (:func:`list_runs` ``repeats``). Every statistic first
   averages all runs of one (row, training seed) into ONE observation — per sampling seed for the metric
   values, per (prompt, sampling seed) for the per-sample scores — so repeats are never pooled as extra
   samples. ``n_runs`` counts distinct training seeds; ``repeats`` the runs averaged into them.
@@ -94,6 +99,8 @@ from kdbench.results.queries import (
     list_settings,
     list_suites,
     list_tasks,
+    run_version,
+    split_version,
     status_counts,
     store_fingerprint,
     store_state,
@@ -115,6 +122,7 @@ __all__ = [
     "LOWER_IS_BETTER", "REFERENCE_ROLES", "LEADERBOARD_ROLES", "AVERAGE", "CONFIDENCE", "ALPHA", "COST_COLUMNS",
     "lower_is_better", "stat_col", "t_quantile", "t_two_sided_p", "welch",
     "store_state", "store_fingerprint", "list_suites", "default_version", "is_quick_version", "version_label",
+    "run_version", "split_version",
     "list_tasks", "list_metrics", "list_settings", "list_runs", "failed_runs", "status_counts",
     "leaderboard_long", "leaderboard", "run_summary", "run_detail", "run_metrics", "teacher_run_for",
     "curves", "samples", "count_samples", "sample_seeds", "sample_tasks", "score_names",

@@ -36,6 +36,7 @@ from kdbench.results.queries import (
     FINISHED,
     REFERENCE_ROLES,
     experiment_key,
+    fingerprint_col,
     finished_in,
     frame,
     group_label,
@@ -64,16 +65,17 @@ def score_key(metric: str) -> str:
 
 def repeats_of(engine: Engine, run_id: int) -> list[int]:
     """Finished runs of the same experiment as ``run_id`` (the run itself included when finished), by id."""
-    cols = [Run.id, Run.config_hash, Run.role, Run.setting, Run.suite, Run.suite_version, Run.seed, Run.status]
+    cols = [Run.id, Run.config_hash, Run.role, Run.setting, Run.suite, Run.suite_version, Run.seed, Run.status,
+            fingerprint_col().label("fp")]
     with engine.connect() as c:
         me = c.execute(select(*cols).where(Run.id == int(run_id))).first()
         if me is None:
             return []
         same = c.execute(select(*cols).where(Run.suite == me.suite, Run.suite_version == me.suite_version,
                                              Run.status == FINISHED)).all()
-    key = experiment_key(me.config_hash, me.role, me.setting, me.suite, me.suite_version, me.seed)
+    key = experiment_key(me.config_hash, me.role, me.setting, me.suite, me.suite_version, me.seed, me.fp)
     return sorted(int(r.id) for r in same
-                  if experiment_key(r.config_hash, r.role, r.setting, r.suite, r.suite_version, r.seed) == key)
+                  if experiment_key(r.config_hash, r.role, r.setting, r.suite, r.suite_version, r.seed, r.fp) == key)
 
 
 # ---------------------------------------------------------------------------- loading and alignment

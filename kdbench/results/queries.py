@@ -76,9 +76,70 @@ def group_label():
                 else_=Run.role)
 
 
+# ---------------------------------------------------------------------------- teacher groups
+#
+# Reference rows and distilled runs record the *reference fingerprint* of the teacher they were made
+# with (``runs.config["reference_fingerprint"]``: teacher weights by content, student construction, data,
+# protocol). One suite version can hold runs under several teachers: the same suite fine-tunes its
+# teacher differently on another machine kind (bf16 where native, other kernels), or a team store
+# gathers several machines. Numbers made under different teachers are never compared: where a suite
+# version holds finished runs under more than one fingerprint, each is its own *group*, written
+# ``VERSION@FP`` (the first FP_CHARS characters), and every listing and query below takes such a
+# version wherever it takes a version. A version with one teacher stays plain (``2``).
+
+FP_SEP = "@"
+FP_CHARS = 8
+
+
+def fingerprint_col():
+    """SQL expression of a run's reference fingerprint (NULL where it records none)."""
+    return Run.config["reference_fingerprint"].as_string()
+
+
+def split_version(version: str | None) -> tuple[str | None, str | None]:
+    """``"2@7ae36e2a"`` → ``("2", "7ae36e2a")``; ``"2"`` → ``("2", None)``."""
+    if version is None or FP_SEP not in str(version):
+        return version, None
+    v, _, fp = str(version).rpartition(FP_SEP)
+    return v, fp
+
+
+def version_condition(version: str | None):
+    """Runs of a (possibly teacher-qualified) suite version."""
+    v, fp = split_version(version)
+    cond = Run.suite_version == v
+    if fp is not None:
+        cond = and_(cond, func.substr(fingerprint_col(), 1, len(fp)) == fp)
+    return cond
+
+
 def finished_in(suite: str, version: str | None, roles: Iterable[str] = LEADERBOARD_ROLES):
-    """Finished runs of a suite version with one of the roles."""
-    return and_(Run.suite == suite, Run.suite_version == version, Run.status == FINISHED, Run.role.in_(list(roles)))
+    """Finished runs of a suite version (or teacher group ``VERSION@FP``) with one of the roles."""
+    return and_(Run.suite == suite, version_condition(version), Run.status == FINISHED, Run.role.in_(list(roles)))
+
+
+def _split_versions(engine: Engine) -> set[tuple[str, str]]:
+    """(suite, suite_version) pairs whose finished leaderboard runs record more than one fingerprint."""
+    fp = fingerprint_col()
+    stmt = (select(Run.suite, Run.suite_version).where(Run.status == FINISHED, Run.role.in_(list(LEADERBOARD_ROLES)),
+                                                       fp.is_not(None))
+            .group_by(Run.suite, Run.suite_version).having(func.count(func.distinct(fp)) > 1))
+    with engine.connect() as c:
+        return {(a, b) for a, b in c.execute(stmt)}
+
+
+def qualify(split: set, suite, suite_version, fingerprint) -> str:
+    """The version a run is listed under: ``VERSION@FP`` in a split version, else the stored version."""
+    if (suite, suite_version) in split and isinstance(fingerprint, str) and fingerprint:
+        return f"{suite_version}{FP_SEP}{fingerprint[:FP_CHARS]}"
+    return suite_version
+
+
+def run_version(engine: Engine, run_id: int) -> str | None:
+    """The (teacher-qualified) version of one run: what to pass to the listings to see its group."""
+    with engine.connect() as c:
+        r = c.execute(select(Run.suite, Run.suite_version, fingerprint_col()).where(Run.id == int(run_id))).first()
+    return None if r is None else qualify(_split_versions(engine), *r)
 
 
 def selector_condition(sel: str):
@@ -140,16 +201,25 @@ def store_fingerprint(engine: Engine) -> tuple | None:
 
 
 def list_suites(engine: Engine) -> pd.DataFrame:
-    """One row per (suite, suite_version) with run counts and ``quick`` (a non-standard budget). Within a
+    """One row per (suite, suite_version) — per teacher group ``VERSION@FP`` where a version holds runs
+    under several teachers (see above) — with run counts and ``quick`` (a non-standard budget). Within a
     suite: standard versions first, then quick-run versions, each newest activity first — so the first
-    row of a suite is the version :func:`default_version` picks when it has finished runs."""
-    stmt = (select(Run.suite, Run.suite_version,
+    row of a suite is the version :func:`default_version` picks when it has finished runs. In a split
+    version, runs that record no fingerprint (analyses) are not counted in any group."""
+    fp = fingerprint_col().label("fp")
+    stmt = (select(Run.suite, Run.suite_version, fp,
                    func.count(case((Run.status == FINISHED, 1))).label("n_finished"),
                    func.count(case((Run.status == FAILED, 1))).label("n_failed"),
                    func.count(case((Run.status == "running", 1))).label("n_running"),
                    func.max(Run.id).label("last_run_id"))
-            .group_by(Run.suite, Run.suite_version))
-    df = frame(engine, stmt)
+            .group_by(Run.suite, Run.suite_version, fp))
+    raw = frame(engine, stmt)
+    split = _split_versions(engine)
+    raw = raw[[(a, b) not in split or isinstance(f, str) for a, b, f in zip(raw.suite, raw.suite_version, raw.fp)]]
+    raw = raw.assign(suite_version=[qualify(split, a, b, f) for a, b, f in zip(raw.suite, raw.suite_version, raw.fp)])
+    df = (raw.groupby(["suite", "suite_version"], as_index=False, sort=False)
+          .agg(n_finished=("n_finished", "sum"), n_failed=("n_failed", "sum"), n_running=("n_running", "sum"),
+               last_run_id=("last_run_id", "max")))
     df["quick"] = [is_quick_version(v) for v in df.suite_version]
     return df.sort_values(["suite", "quick", "last_run_id"], ascending=[True, True, False],
                           kind="stable").reset_index(drop=True)
@@ -158,14 +228,15 @@ def list_suites(engine: Engine) -> pd.DataFrame:
 def default_version(engine: Engine, suite: str) -> str | None:
     """The version a suite is shown in by default: the standard version (no ``+overrides``) of the most
     recent finished run; without one, the version of the most recent finished run, else of the most
-    recent run; None for an unknown suite."""
+    recent run; None for an unknown suite. In a version split by teacher: the group of that run."""
+    roles = Run.role.in_(list(LEADERBOARD_ROLES))
     with engine.connect() as c:
-        for cond in (and_(Run.status == FINISHED, ~Run.suite_version.contains("+")), Run.status == FINISHED,
-                     literal(True)):
-            v = c.execute(select(Run.suite_version).where(Run.suite == suite, cond)
-                          .order_by(Run.id.desc()).limit(1)).scalar()
-            if v is not None:
-                return v
+        for cond in (and_(Run.status == FINISHED, roles, ~Run.suite_version.contains("+")),
+                     and_(Run.status == FINISHED, roles), Run.status == FINISHED, literal(True)):
+            r = c.execute(select(Run.suite_version, fingerprint_col()).where(Run.suite == suite, cond)
+                          .order_by(Run.id.desc()).limit(1)).first()
+            if r is not None and r[0] is not None:
+                return qualify(_split_versions(engine), suite, r[0], r[1])
     return None
 
 
@@ -212,7 +283,8 @@ def list_runs(engine: Engine, suite: str | None = None, status: str | None = Non
     config_hash, and ``repeats``: the number of finished runs of the same experiment (same config_hash;
     where it is NULL, same row label, suite, suite version and training seed), 0 where none finished."""
     cols = [Run.id.label("run_id"), Run.role, Run.setting, Run.objective, Run.suite, Run.suite_version,
-            Run.seed, Run.status, Run.created_at, Run.finished_at, Run.wall_time_s, Run.error, Run.config_hash]
+            Run.seed, Run.status, Run.created_at, Run.finished_at, Run.wall_time_s, Run.error, Run.config_hash,
+            fingerprint_col().label("reference_fingerprint")]
     stmt = select(*cols)
     if suite is not None:
         stmt = stmt.where(Run.suite == suite)
@@ -221,24 +293,30 @@ def list_runs(engine: Engine, suite: str | None = None, status: str | None = Non
     if roles is not None:
         stmt = stmt.where(Run.role.in_(list(roles)))
     df = frame(engine, stmt.order_by(Run.id.desc()))
-    keys = ["config_hash", "role", "setting", "suite", "suite_version", "seed"]
-    fin = frame(engine, select(*[getattr(Run, k) for k in keys]).where(Run.status == FINISHED), keys)
+    keys = ["config_hash", "role", "setting", "suite", "suite_version", "seed", "reference_fingerprint"]
+    fin = frame(engine, select(*[getattr(Run, k) for k in keys[:-1]], fingerprint_col())
+                .where(Run.status == FINISHED), keys)
     count: dict[str, int] = {}
     for r in fin.itertuples(index=False):
         k = experiment_key(*r)
         count[k] = count.get(k, 0) + 1
     df["repeats"] = [count.get(experiment_key(*r), 0) for r in df[keys].itertuples(index=False)]
+    split = _split_versions(engine)
+    df["suite_version"] = [qualify(split, a, b, f) for a, b, f in
+                           zip(df.suite, df.suite_version, df.reference_fingerprint)]
     return df
 
 
-def experiment_key(config_hash, role, setting, suite, suite_version, seed) -> str:
+def experiment_key(config_hash, role, setting, suite, suite_version, seed, fingerprint=None) -> str:
     """Identity of an experiment: ``runs.config_hash``; where it is NULL (older rows) the row label
-    (setting, or the role of a reference row), suite, suite version and training seed. Finished runs with
-    one key are repeats of one experiment."""
+    (setting, or the role of a reference row), suite, suite version and training seed — and in both cases
+    the reference fingerprint where the run records one (the same configuration under another teacher is
+    another experiment). Finished runs with one key are repeats of one experiment."""
+    teacher = f"|fp:{fingerprint}" if isinstance(fingerprint, str) and fingerprint else ""
     if isinstance(config_hash, str) and config_hash:
-        return f"hash:{config_hash}"
+        return f"hash:{config_hash}{teacher}"
     label = setting if role == ROLE_DISTILLED and isinstance(setting, str) else role
-    return f"row:{label}|{suite}|{suite_version}|{seed}"
+    return f"row:{label}|{suite}|{suite_version}|{seed}{teacher}"
 
 
 def failed_runs(engine: Engine, suite: str | None = None, suite_version: str | None = None) -> pd.DataFrame:
@@ -248,7 +326,7 @@ def failed_runs(engine: Engine, suite: str | None = None, suite_version: str | N
     if suite is not None:
         stmt = stmt.where(Run.suite == suite)
     if suite_version is not None:
-        stmt = stmt.where(Run.suite_version == suite_version)
+        stmt = stmt.where(version_condition(suite_version))
     return frame(engine, stmt.order_by(Run.id.desc()))
 
 
@@ -257,7 +335,7 @@ def status_counts(engine: Engine, suite: str | None = None, suite_version: str |
     if suite is not None:
         stmt = stmt.where(Run.suite == suite)
     if suite_version is not None:
-        stmt = stmt.where(Run.suite_version == suite_version)
+        stmt = stmt.where(version_condition(suite_version))
     with engine.connect() as c:
         return {s: int(n) for s, n in c.execute(stmt)}
 
