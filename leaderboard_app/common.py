@@ -124,6 +124,11 @@ def suite_picker(ctx: Ctx, prefix: str, suite_box=None, version_box=None) -> tup
         key=f"{prefix}_version", format_func=R.version_label,
         help="Results of different suite versions are never mixed. A quick-run version (+steps=…, eval_limit=…) "
              "used a smaller budget than the suite's standard one.")
+    base, fp = R.split_version(version)
+    if fp is not None:
+        st.caption(f"Suite version {base} holds runs made under more than one teacher (reference fingerprints; "
+                   f"e.g. the suite's teacher fine-tuned on another machine kind). This is the group of teacher "
+                   f"`{fp}`; the others are listed beside it and never mixed with it.")
     if R.is_quick_version(version):
         budget = ", ".join(version.split("+", 1)[1].split(","))
         st.warning(f"Suite version `{version}` holds quick runs ({budget}): a reduced budget, not comparable "
