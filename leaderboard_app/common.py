@@ -130,7 +130,7 @@ def suite_picker(ctx: Ctx, prefix: str, suite_box=None, version_box=None) -> tup
                    f"e.g. the suite's teacher fine-tuned on another machine kind). This is the group of teacher "
                    f"`{fp}`; the others are listed beside it and never mixed with it.")
     if R.is_quick_version(version):
-        budget = ", ".join(version.split("+", 1)[1].split(","))
+        budget = ", ".join(base.split("+", 1)[1].split(","))
         st.warning(f"Suite version `{version}` holds quick runs ({budget}): a reduced budget, not comparable "
                    "with the suite's standard version.", icon="⚠️")
     return suite, version
