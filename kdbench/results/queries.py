@@ -229,15 +229,21 @@ def default_version(engine: Engine, suite: str) -> str | None:
     """The version a suite is shown in by default: the standard version (no ``+overrides``) of the most
     recent finished run; without one, the version of the most recent finished run, else of the most
     recent run; None for an unknown suite. In a version split by teacher: the group of that run."""
-    roles = Run.role.in_(list(LEADERBOARD_ROLES))
     with engine.connect() as c:
-        for cond in (and_(Run.status == FINISHED, roles, ~Run.suite_version.contains("+")),
-                     and_(Run.status == FINISHED, roles), Run.status == FINISHED, literal(True)):
-            r = c.execute(select(Run.suite_version, fingerprint_col()).where(Run.suite == suite, cond)
-                          .order_by(Run.id.desc()).limit(1)).first()
-            if r is not None and r[0] is not None:
-                return qualify(_split_versions(engine), suite, r[0], r[1])
-    return None
+        for cond in (and_(Run.status == FINISHED, ~Run.suite_version.contains("+")), Run.status == FINISHED,
+                     literal(True)):
+            v = c.execute(select(Run.suite_version).where(Run.suite == suite, cond)
+                          .order_by(Run.id.desc()).limit(1)).scalar()
+            if v is not None:
+                break
+        else:
+            return None
+        split = _split_versions(engine)
+        if (suite, v) not in split:
+            return v
+        fp = c.execute(select(fingerprint_col()).where(finished_in(suite, v), fingerprint_col().is_not(None))
+                       .order_by(Run.id.desc()).limit(1)).scalar()  # the newest teacher's group
+    return qualify(split, suite, v, fp)
 
 
 def resolve_version(engine: Engine, suite: str, suite_version: str | None) -> str | None:
