@@ -1,0 +1,220 @@
+"""The ``kdbench`` command line's grammar: every subcommand, option, default and argument type.
+
+Commands (what each subcommand does) are in kdbench/cli.py; this module only parses. Argument
+types check their values before anything is opened, and argparse's own mistakes become one
+line (UserError, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from kdbench.errors import UserError
+
+SEED_MAX = 2**32 - 1        # numpy / torch generators take 32-bit seeds
+COUNT_MAX = 10**9           # steps, prompts, documents, batches: anything larger is a typo
+RUN_ID_MAX = 2**63 - 1      # SQLite INTEGER
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own mistakes: one line, exit 2
+        # "argument --steps: --steps must be ..." -> "--steps must be ..."
+        m = re.match(r"argument ([^:]+): (.*)$", message, re.S)
+        if m and m.group(2).startswith(m.group(1).split("/")[0]):
+            message = m.group(2)
+        raise UserError(" ".join(message.split()))
+
+
+def _int_in(flag: str, lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi], checked before anything is opened."""
+    def parse(text: str) -> int:
+        t = text.strip().replace("_", "")
+        if not re.fullmatch(r"[+-]?\d+", t):
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}")
+        v = int(t)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least {lo}, got {text}" if hi >= COUNT_MAX else
+                                             f"{flag} must be in [{lo}, {hi}], got {text}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"{flag} must be at most {hi}, got {text}" if lo > 0 else
+                                             f"{flag} must be in [{lo}, {hi}], got {text}")
+        return v
+    parse.__name__ = flag
+    return parse
+
+
+def _nonempty(flag: str):
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty")
+        return text
+    return parse
+
+
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not (v > 0 and v < 1e6):
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
+        return v
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid choices: cpu, cuda, cuda:N")
+    return text.strip()
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stale-after must be a number of seconds, got {text!r}") from None
+    if not (v > 0 and v < 10**9):
+        raise argparse.ArgumentTypeError(f"--stale-after must be a positive number of seconds, got {text}")
+    return v
+
+
+def parse_params(pairs: list[str] | None) -> dict[str, str]:
+    """``--param key=value`` (repeatable) → {key: "value"}; the registry coerces the types."""
+    params: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"malformed --param {pair!r}; expected key=value, e.g. --param tau=1.5")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+            raise UserError(f"malformed --param {pair!r}: {key.strip()!r} is not a parameter name")
+        if key.strip() in params:
+            raise UserError(f"--param {key.strip()!r} given twice")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def _run_options(r) -> None:
+    """The options of `kdbench run` (and `kdbench prepare`, which builds what those runs share)."""
+    r.add_argument("--objective", default=None, help="objective name (see `kdbench list`) or path/to/file.py:name "
+                   "(required unless --resume)")
+    r.add_argument("--suite", default="micro", help="benchmark suite (default: micro, the embedded CPU suite; "
+                                                    "see `kdbench list` and docs/suites.md)")
+    r.add_argument("--pair", default=None, help="a named teacher/student pair of the suite (default: its default pair)")
+    r.add_argument("--teacher", default=None, metavar="PATH_OR_ID", help="teacher model folder or hub id instead "
+                   "of the pair's (fine-tuned first when the suite fine-tunes its teacher)")
+    r.add_argument("--teacher-finetuned", action="store_true",
+                   help="--teacher is already fine-tuned for the suite: skip the teacher fine-tuning")
+    r.add_argument("--student", default=None, metavar="PATH_OR_ID",
+                   help="pretrained student folder or hub id instead of the pair's (same vocabulary as the teacher)")
+    r.add_argument("--data-dir", default=None, metavar="PATH", help="data root for the paper suites, laid out like "
+                   "../shared/data (default: $KDBENCH_DATA_DIR, else the hub)")
+    r.add_argument("--seed", type=_int_in("--seed", 0, SEED_MAX), default=0, help="training seed (default 0)")
+    r.add_argument("--steps", type=_int_in("--steps", 1, COUNT_MAX), default=None,
+                   help="optimiser steps (default: the suite's budget)")
+    r.add_argument("--eval-limit", type=_int_in("--eval-limit", 1, COUNT_MAX), default=None,
+                   help="test prompts to evaluate (default: the suite's)")
+    r.add_argument("--finetune-steps", type=_int_in("--finetune-steps", 1, COUNT_MAX), default=None,
+                   help="teacher fine-tuning steps for suites that fine-tune (default: the suite's; a quick run's "
+                        "label says so)")
+    r.add_argument("--db", type=_nonempty("--db"), default=None,
+                   help="run store: path or SQLAlchemy URL (default: $KDBENCH_DB or runs.db)")
+    r.add_argument("--param", action="append", metavar="KEY=VALUE", help="objective parameter (repeatable)")
+    r.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    r.add_argument("--no-save", action="store_true", help="do not keep the distilled student's weights")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--teacher-source", choices=("cache", "live"), default="cache",
+                   help="cache (default): the teacher's hidden states computed once per suite version and read from "
+                        "disk; live: run the teacher on every batch")
+    r.add_argument("--lr", type=_positive_float("--lr"), default=None,
+                   help="peak learning rate instead of the suite's (filed under version+lr=X)")
+    r.add_argument("--sweep-id", default=None, help=argparse.SUPPRESS)  # set by `kdbench sweep`
+
+
+def _version_line() -> str:
+    from kdbench import __version__
+    from kdbench.allocator import in_use
+
+    return f"kdbench {__version__} (Python {sys.version.split()[0]}, allocator {in_use()})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kdbench", description="Benchmark knowledge-distillation objectives for LLMs.")
+    p.add_argument("--version", action="version", version=_version_line())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="distil, evaluate and record one run")
+    _run_options(r)
+    r.add_argument("--resume", type=_int_in("--resume", 1, 2**63 - 1), default=None, metavar="RUN_ID",
+                   help="continue an interrupted run from its last checkpoint (takes only --db, --no-progress)")
+
+    pr = sub.add_parser("prepare", help="build what a suite's runs share (teacher fine-tune, teacher cache, reference "
+                                        "rows) without training; same options as run")
+    _run_options(pr)
+    pr.add_argument("--info-json", default=None, help=argparse.SUPPRESS)  # kdbench sweep reads the fingerprint
+
+    sw = sub.add_parser("sweep", help="objectives x parameter grids x seeds x suites, skipping finished runs")
+    sw.add_argument("spec", nargs="?", default=None, metavar="SPEC.yaml", help="a sweep file (see docs/sweeps.md)")
+    sw.add_argument("--objectives", nargs="+", default=None, metavar="SETTING")
+    sw.add_argument("--seeds", nargs="+", type=_int_in("--seeds", 0, SEED_MAX), default=None)
+    sw.add_argument("--suite", nargs="+", default=None, dest="suites")
+    sw.add_argument("--param", action="append", default=None, metavar="KEY=V1,V2",
+                    help="a parameter grid, applied to the objectives that declare it (repeatable)")
+    sw.add_argument("--tune", action="append", default=None, metavar="lr=V1,V2",
+                    help="the same tuning grid for every objective; the best point per objective is chosen on "
+                         "validation")
+    sw.add_argument("--workers", type=_int_in("--workers", 1, 256), default=None)
+    sw.add_argument("--dry-run", action="store_true", help="print one `kdbench run` command line per run")
+    sw.add_argument("--db", type=_nonempty("--db"), default=None)
+    for flag, kw in (("--steps", dict(type=_int_in("--steps", 1, COUNT_MAX))),
+                     ("--eval-limit", dict(type=_int_in("--eval-limit", 1, COUNT_MAX))),
+                     ("--finetune-steps", dict(type=_int_in("--finetune-steps", 1, COUNT_MAX))), ("--pair", {}),
+                     ("--teacher", {}), ("--student", {}), ("--data-dir", {}), ("--device", dict(type=_device)),
+                     ("--teacher-source", dict(choices=("cache", "live")))):
+        sw.add_argument(flag, default=None, help=f"passed to every run ({flag} of `kdbench run`)", **kw)
+    sw.add_argument("--no-save", action="store_true", default=None, help="passed to every run")
+
+    sub.add_parser("list", help="objectives with their parameters, and suites")
+
+    s = sub.add_parser("show", help="a recorded run: configuration, provenance, metrics")
+    s.add_argument("run_id", type=_int_in("run_id", 1, RUN_ID_MAX))
+    s.add_argument("--db", type=_nonempty("--db"), default=None)
+
+    a = sub.add_parser("analyze", help="gradient similarity between objectives on one batch of a suite")
+    a.add_argument("--objectives", nargs="+", default=None, metavar="SETTING",
+                   help="objective names or settings, e.g. kl rkl csd_ss 'csd(tau=1.5)' (default: a standard set)")
+    a.add_argument("--suite", default="micro")
+    a.add_argument("--batches", type=_int_in("--batches", 1, COUNT_MAX), default=1,
+                   help="training batches to average over (default 1)")
+    a.add_argument("--seed", type=_int_in("--seed", 0, SEED_MAX), default=0)
+    a.add_argument("--db", type=_nonempty("--db"), default=None)
+
+    e = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a distilled student and store the results")
+    e.add_argument("run_id", type=_int_in("run_id", 1, RUN_ID_MAX))
+    e.add_argument("--lm-eval", dest="lm_eval", required=True, metavar="TASKS", help="comma-separated lm-eval tasks")
+    e.add_argument("--include-path", default=None, help="folder of extra lm-eval YAML tasks")
+    e.add_argument("--limit", type=_int_in("--limit", 1, COUNT_MAX), default=None)
+    e.add_argument("--db", type=_nonempty("--db"), default=None)
+
+    c = sub.add_parser("cache", help="list or clear the teacher cache (the teacher's hidden states on disk)")
+    csub = c.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
+    csub.add_parser("list", help="entries with their sizes and what they were built from")
+    cc = csub.add_parser("clear", help="remove entries (all, or those named by key prefix)")
+    cc.add_argument("keys", nargs="*", metavar="KEY", help="key prefixes (default: every entry)")
+
+    lb = sub.add_parser("leaderboard", help="start the Streamlit leaderboard on the store")
+    lb.add_argument("--db", type=_nonempty("--db"), default=None)
+    lb.add_argument("--port", type=_int_in("--port", 1, 65535), default=8501)
+
+    g = sub.add_parser("gc", help="runs whose process is gone: list them; mark them interrupted or delete them")
+    g.add_argument("--db", type=_nonempty("--db"), default=None)
+    act = g.add_mutually_exclusive_group()
+    act.add_argument("--mark", action="store_true", help="record them as interrupted")
+    act.add_argument("--delete", action="store_true",
+                     help="delete them with all their rows (metrics, curves, samples, artifacts)")
+    g.add_argument("--yes", action="store_true", help="do not ask before --delete")
+    g.add_argument("--stale-after", type=_seconds, default=None, metavar="SECONDS",
+                   help="a heartbeat older than this means the process is gone (default: 10 x the 30 s interval)")
+    return p
