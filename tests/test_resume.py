@@ -142,3 +142,33 @@ def test_resume_refuses_what_cannot_be_resumed(world, capsys):
     assert "finished" in capsys.readouterr().err
     assert main(["run", "--resume", "999", "--db", str(db)]) == 2
     assert main(["run", "--resume", str(run.id), "--objective", "kl", "--db", str(db)]) == 2
+
+
+def test_resume_after_an_intermediate_best_was_kept(world):
+    """8 steps with validation every epoch (here every 5 steps, then at the last): the first
+    validation's weights are kept as the best so far (a file beside the train state, hard-linked
+    into the checkpoint); the run is killed two steps later and resumed into its own directory —
+    the best file is adopted, not copied onto itself — and gives the uninterrupted result."""
+    args = list(world["args"])
+    args[args.index("--steps") + 1] = "8"
+    straight = world["tmp"] / "best-straight.db"
+    proc = subprocess.run([sys.executable, "-m", "kdbench", *args, "--db", str(straight)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref = result_of(straight)
+    first, last = sorted(step for split, step, _ in ref["curve"] if split == "valid")
+    assert first < last == 8
+    db = world["tmp"] / "best-killed.db"
+    killed_world = {**world, "args": args}
+    assert start_and_stop_at(killed_world, db, f"training@{first + 2}") == -signal.SIGKILL
+    killed = only_run(db)
+    kept = list(Path(killed.state_path).rglob("best.safetensors"))
+    assert kept, "no best weights were kept before the kill"
+    proc = resume(db, killed.id)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = result_of(db)
+    assert got["status"] == "finished" and got["id"] == killed.id
+    assert got["metrics"] == ref["metrics"] and got["samples"] == ref["samples"]  # bit-identical
+    assert got["selected_step"] == ref["selected_step"]
+    steps = [(split, step) for split, step, _ in got["curve"]]
+    assert len(steps) == len(set(steps)) and sorted(got["curve"]) == sorted(ref["curve"])
