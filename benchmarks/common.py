@@ -23,6 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Measure what the kdbench command runs with: mimalloc preloaded where installed
+# (kdbench/allocator.py; KDBENCH_ALLOCATOR=system measures glibc's malloc instead).
+from kdbench.allocator import in_use as allocator_in_use, reexec_with_mimalloc  # noqa: E402
+
+reexec_with_mimalloc()
+
 import torch  # noqa: E402
 
 
@@ -35,8 +41,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    flags = ""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "allocator": allocator_in_use(),
+            "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
