@@ -133,16 +133,23 @@ def _run_options(r) -> None:
     r.add_argument("--sweep-id", default=None, help=argparse.SUPPRESS)  # set by `kdbench sweep`
 
 
-def _version_line() -> str:
-    from kdbench import __version__
-    from kdbench.allocator import in_use
+class _Version(argparse.Action):
+    """``--version``: the line is made only when asked for (it reads /proc/self/maps)."""
 
-    return f"kdbench {__version__} (Python {sys.version.split()[0]}, allocator {in_use()})"
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from kdbench import __version__
+        from kdbench.allocator import in_use
+
+        print(f"kdbench {__version__} (Python {sys.version.split()[0]}, allocator {in_use()})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kdbench", description="Benchmark knowledge-distillation objectives for LLMs.")
-    p.add_argument("--version", action="version", version=_version_line())
+    p.add_argument("--version", action=_Version, help="print kdbench's version and allocator, then exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="distil, evaluate and record one run")

@@ -69,6 +69,15 @@ class Objective:
         per_row, terms = self.per_position(s, t, labels)
         return per_row.sum(), {k: v.detach().sum() for k, v in terms.items()}
 
+    def _call_args(self, s: Tensor, t: Tensor | None, labels: Tensor | None):
+        """Rows in the compute dtype (float32; float64 stays) and the keyword arguments of the objective's
+        functions (its parameters, plus ``labels`` where it needs them)."""
+        dtype = _losses.compute_dtype(s.dtype)
+        kwargs = dict(self.params)
+        if self.spec.needs_labels:
+            kwargs["labels"] = labels
+        return s.to(dtype), None if t is None else t.to(dtype), kwargs
+
     @property
     def has_gradient(self) -> bool:
         """True when the objective declares a closed-form gradient (``@objective(gradient=...)``)."""
@@ -77,12 +86,7 @@ class Objective:
     def row_sums_grad(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """``(Σ loss, {term: Σ}, ∂Σloss/∂s [N, V])`` from the declared closed form, no autograd
         (the training path's row function when there is one; only with :attr:`has_gradient`)."""
-        dtype = _losses.compute_dtype(s.dtype)
-        s = s.detach().to(dtype)
-        t = None if t is None else t.detach().to(dtype)
-        kwargs = dict(self.params)
-        if self.spec.needs_labels:
-            kwargs["labels"] = labels
+        s, t, kwargs = self._call_args(s.detach(), None if t is None else t.detach(), labels)
         with torch.no_grad(), torch.autocast(device_type=s.device.type, enabled=False):
             per_row, terms, grad = self.spec.gradient(s, t, **kwargs)
         if tuple(per_row.shape) != (s.shape[0],) or tuple(grad.shape) != tuple(s.shape):
@@ -92,12 +96,7 @@ class Objective:
 
     def per_position(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective on rows ``[N, V]`` (no masking, no chunking): ``([N], {term: [N]})``."""
-        dtype = _losses.compute_dtype(s.dtype)
-        s = s.to(dtype)
-        t = None if t is None else t.to(dtype)
-        kwargs = dict(self.params)
-        if self.spec.needs_labels:
-            kwargs["labels"] = labels
+        s, t, kwargs = self._call_args(s, t, labels)
         with torch.autocast(device_type=s.device.type, enabled=False):  # objective math in float32
             out = self.spec.fn(s, t, **kwargs)
         if isinstance(out, tuple):

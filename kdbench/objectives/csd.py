@@ -127,21 +127,15 @@ def csd(s, t, *, w1, w2, tau, alpha):
     d = d - d.mean(-1, keepdim=True)
     cache: dict = {}
 
-    def weights(kind):
-        return _weights(kind, s, t, tau, alpha, cache)
-
-    def moments(w):
-        if w is None:
-            mean = d.mean(-1)
-            c = d - mean.unsqueeze(-1)
-            return mean, (c * c).mean(-1)
-        mean = (w * d).sum(-1)
+    def moments(kind):  # the same helpers, in the same order, as csd_gradient: identical values
+        w = _weights(kind, s, t, tau, alpha, cache)
+        mean = _mean(w, d)
         c = d - mean.unsqueeze(-1)
-        return mean, (w * c * c).sum(-1)
+        return mean, _var(w, c, None if w is None else w * c)
 
-    e1, v1 = moments(weights(w1))
+    e1, v1 = moments(w1)
     if w1 == w2:
         return v1, {"var_w1": v1, "var_w2": v1, "mean_gap_sq": torch.zeros_like(v1)}
-    e2, v2 = moments(weights(w2))
+    e2, v2 = moments(w2)
     gap = (e1 - e2) ** 2
     return 0.5 * (v1 + v2 + gap), {"var_w1": v1, "var_w2": v2, "mean_gap_sq": gap}
