@@ -201,13 +201,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             with torch.no_grad():
                 t = None if h_t is None else _logits(h_t[start:stop], w_t, b_t)
             y = None if labels is None else labels[start:stop]
+            with torch.no_grad():
+                s = _logits(hs.detach(), w_s.detach(), None if b_s is None else b_s.detach())
             if row_grad is not None:  # the objective's closed form: no autograd graph over [n, V]
                 with torch.no_grad():
-                    s = _logits(hs.detach(), w_s.detach(), None if b_s is None else b_s.detach())
                     loss_sum, term_sums, g = row_grad(s, t, y)
             else:
                 with torch.enable_grad():
-                    s = _logits(hs.detach(), w_s.detach(), None if b_s is None else b_s.detach()).requires_grad_(True)
+                    s.requires_grad_(True)  # a leaf: the chunk's graph starts at its logits
                     loss_sum, term_sums = row_fn(s, t, y)
                     g = torch.autograd.grad(loss_sum, s, allow_unused=True)[0] if loss_sum.requires_grad else None
             if g is None:  # the loss does not depend on the student here (e.g. a constant)
