@@ -34,9 +34,12 @@ def main() -> None:
     ap.add_argument("--db", required=True)
     ap.add_argument("--objective", default="csd")
     ap.add_argument("--mmap-threshold", type=int, default=0)
+    ap.add_argument("--in-step", action="store_true", help="also mark after the forward, the loss and the backward")
     args = ap.parse_args()
     if args.mmap_threshold:
         print("mallopt(M_MMAP_THRESHOLD) ->", ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold))
+
+    import torch
 
     import kdbench.runner as R
     from kdbench.config import RunRequest
@@ -51,17 +54,31 @@ def main() -> None:
     threading.Thread(target=sample, daemon=True).start()
 
     def mark(name: str) -> None:
-        print(f"[memory] {name:22s} rss {status_mb('VmRSS'):5d} MB  peak since last {peak[0]:5d} MB  "
-              f"hwm {status_mb('VmHWM'):5d} MB", flush=True)
+        peak[0] = max(peak[0], status_mb("VmRSS"))
+        print(f"[memory] {name:22s} rss {status_mb('VmRSS'):5d} MB (anon {status_mb('RssAnon'):5d}, file "
+              f"{status_mb('RssFile'):4d})  peak since last {peak[0]:5d} MB  hwm {status_mb('VmHWM'):5d} MB", flush=True)
         peak[0] = 0
 
     train, validation_score, evaluate_all = R.train, R.validation_score, R.evaluate_all
 
     def traced_train(**kw):
         on_step = kw["on_step"]
+        if args.in_step:  # marks inside each step: after the forward, the loss, the backward
+            objective, from_hidden, clip = kw["objective"], kw["objective"].from_hidden, torch.nn.utils.clip_grad_norm_
+
+            def traced_from_hidden(*a, **k):
+                mark("  student forward")
+                out = from_hidden(*a, **k)
+                mark("  loss (chunked heads)")
+                return out
+
+            def traced_clip(*a, **k):
+                mark("  backward")
+                return clip(*a, **k)
+            objective.from_hidden, torch.nn.utils.clip_grad_norm_ = traced_from_hidden, traced_clip
 
         def step(st, opt):
-            mark(f"step {st.step}")
+            mark(f"step {st.step} (optimiser)")
             on_step(st, opt)
         return train(**{**kw, "on_step": step})
 
