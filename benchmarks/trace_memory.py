@@ -4,12 +4,16 @@ Prints the resident set (VmRSS) after every training step and around validation 
 evaluation, with the peak since the previous line (sampled every 50 ms) and the kernel's
 high-water mark (VmHWM). ``--mmap-threshold BYTES`` first sets glibc's M_MMAP_THRESHOLD
 (allocations of at least that size get their own mapping and are returned on free), which
-separates live tensors from memory the allocator keeps after frees. Run alone, on a store
+separates live tensors from memory the allocator keeps after frees. ``--in-step`` adds marks
+inside each step (after the student forward, the chunked loss and the backward; the step's
+own line comes after the optimiser step). Each line splits the resident set into anonymous
+and file-backed pages (RssAnon / RssFile). Run alone, on a store
 with the suite's reference rows (a copy of the committed runs.db):
 
     cp runs.db /tmp/mem.db
     .venv/bin/python benchmarks/trace_memory.py --db /tmp/mem.db
     .venv/bin/python benchmarks/trace_memory.py --db /tmp/mem.db --mmap-threshold 1048576
+    .venv/bin/python benchmarks/trace_memory.py --db /tmp/mem.db --in-step
 """
 
 from __future__ import annotations
