@@ -25,8 +25,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Measure what the kdbench command runs with: mimalloc preloaded where installed
 # (kdbench/allocator.py; KDBENCH_ALLOCATOR=system measures glibc's malloc instead).
-from kdbench.allocator import in_use as allocator_in_use, reexec_with_mimalloc  # noqa: E402
+from kdbench.allocator import bound_kernel_caches, in_use as allocator_in_use, kernel_caches, reexec_with_mimalloc  # noqa: E402,E501
 
+bound_kernel_caches()
 reexec_with_mimalloc()
 
 import torch  # noqa: E402
@@ -47,7 +48,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "allocator": allocator_in_use(),
+            "python": platform.python_version(), "allocator": allocator_in_use(), "kernel_caches": kernel_caches(),
             "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -1,8 +1,9 @@
 import sys
 
-from kdbench.allocator import reexec_with_mimalloc
+from kdbench.allocator import bound_kernel_caches, reexec_with_mimalloc
 
-reexec_with_mimalloc()  # before torch is imported: see kdbench/allocator.py
+bound_kernel_caches()  # before torch is imported: see kdbench/allocator.py
+reexec_with_mimalloc()
 
 from kdbench.cli import main  # noqa: E402
 

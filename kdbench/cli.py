@@ -302,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The ``kdbench`` console script: with mimalloc preloaded where installed (kdbench/allocator.py)."""
-    from kdbench.allocator import reexec_with_mimalloc
+    """The ``kdbench`` console script: bounded kernel caches, and mimalloc preloaded where installed
+    (kdbench/allocator.py)."""
+    from kdbench.allocator import bound_kernel_caches, reexec_with_mimalloc
 
+    bound_kernel_caches()
     reexec_with_mimalloc()
     return main()
 

@@ -141,15 +141,16 @@ class _Version(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from kdbench import __version__
-        from kdbench.allocator import in_use
+        from kdbench.allocator import in_use, kernel_caches
 
-        print(f"kdbench {__version__} (Python {sys.version.split()[0]}, allocator {in_use()})")
+        caches = ", ".join(f"{k}={v or 'default'}" for k, v in kernel_caches().items())
+        print(f"kdbench {__version__} (Python {sys.version.split()[0]}, allocator {in_use()}, kernel caches {caches})")
         parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kdbench", description="Benchmark knowledge-distillation objectives for LLMs.")
-    p.add_argument("--version", action=_Version, help="print kdbench's version and allocator, then exit")
+    p.add_argument("--version", action=_Version, help="print kdbench's version, allocator and kernel-cache bounds, then exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="distil, evaluate and record one run")

