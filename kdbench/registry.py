@@ -29,7 +29,8 @@ Using::
 Discovery is lazy (first lookup): every module of the built-in ``kdbench.objectives`` package
 (inside kdbench, so an ``objectives/`` folder in the working directory can never shadow it),
 then only what the user names: the ``kdbench.objectives`` entry-point group, the folders of
-``$KDBENCH_PLUGIN_PATH`` and files named as ``path/to/file.py:name`` (:func:`load_plugin_file`).
+``$KDBENCH_PLUGIN_PATH`` and files named as ``path/to/file.py:name`` (:func:`load_plugin_file`;
+finding and importing them is kdbench/plugins.py).
 A plug-in that fails to load (import error, syntax error, bad or duplicate declaration) is
 skipped with one :class:`~kdbench.errors.KdbenchWarning` naming it; asking for it by name
 raises that failure as an :class:`ObjectiveError`.
@@ -37,21 +38,16 @@ raises that failure as an :class:`ObjectiveError`.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.metadata
-import importlib.util
 import inspect
-import os
 import pkgutil
-import re
-import sys
 import threading
 import types
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from kdbench import plugins
 from kdbench.errors import KdbenchWarning, did_you_mean
 
 # Declarations (objective_spec) and the callable objective (objective) live in their own modules;
@@ -84,9 +80,8 @@ __all__ = [
 ]
 
 BEHAVIOURS = ("mode-seeking", "mode-covering", "balanced", "supervised")
-ENTRY_POINT_GROUP = "kdbench.objectives"
-PLUGIN_PATH_VAR = "KDBENCH_PLUGIN_PATH"
-_PLUGIN_PREFIX = "_kdbench_plugin_"
+ENTRY_POINT_GROUP = plugins.ENTRY_POINT_GROUP
+PLUGIN_PATH_VAR = plugins.PLUGIN_PATH_VAR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +189,6 @@ class _State:
 
 _state = _State()
 _lock = threading.RLock()
-_plugin_modules: dict[str, types.ModuleType] = {}
 
 
 def _same(a: ObjectiveSpec, b: ObjectiveSpec) -> bool:
@@ -250,18 +244,6 @@ def _register_object(obj: Any) -> list[ObjectiveSpec]:
     return [spec]
 
 
-def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    """Installed plugins (monkeypatched in tests)."""
-    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if isinstance(exc, ObjectiveError):
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _guarded(key: str, label: str, load: Callable[[], Any]) -> None:
     """Load one plug-in; on any failure undo what it registered and remember it as broken."""
     with _lock:
@@ -272,7 +254,7 @@ def _guarded(key: str, label: str, load: Callable[[], Any]) -> None:
                 raise ObjectiveError("it declares no objective (use @objective(...))")
         except Exception as exc:  # a broken third-party plug-in must not take the others down
             _state.specs, _state.aliases = specs, aliases
-            reason = _one_line(exc)
+            reason = plugins.one_line(exc)
             _state.broken[key] = (f"objective plug-in {label} failed to load: {reason}" if label.startswith("entry")
                                   else f"{reason} ({label})")
 
@@ -283,7 +265,7 @@ def _discover() -> None:
     with _lock:
         if _state.discovered:
             return
-        dirs = plugin_dirs()  # a bad $KDBENCH_PLUGIN_PATH is an error before anything loads
+        dirs = plugins.plugin_dirs()  # a bad $KDBENCH_PLUGIN_PATH is an error before anything loads
         _state.broken = {}
         package = importlib.import_module(BUILTIN_PACKAGE)
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
@@ -291,30 +273,11 @@ def _discover() -> None:
                 continue
             module = importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
             _register_object(module)  # a broken built-in is our bug: let it raise
-        for ep in _entry_points():
+        for ep in plugins.entry_points():
             _guarded(ep.name, f"entry point {ep.name!r} ({ep.value})", lambda ep=ep: _register_object(ep.load()))
-        for folder in dirs:
-            for path in sorted(folder.glob("*.py")):
-                if not path.name.startswith("_"):
-                    _guarded(path.stem, f"from ${PLUGIN_PATH_VAR}", lambda path=path: _load_file(path))
+        for path in plugins.plugin_files(dirs):
+            _guarded(path.stem, f"from ${PLUGIN_PATH_VAR}", lambda path=path: _load_file(path))
         _state.discovered = True
-
-
-def plugin_dirs() -> list[Path]:
-    """Folders named in ``$KDBENCH_PLUGIN_PATH`` (os.pathsep-separated): every ``*.py`` in them
-    (not starting with ``_``) is loaded at discovery, so dropping a file there is enough to add an
-    objective. A named folder that does not exist is an error (a typo must not pass silently)."""
-    raw = os.environ.get(PLUGIN_PATH_VAR, "")
-    out = []
-    for part in raw.split(os.pathsep):
-        if not part.strip():
-            continue
-        p = Path(part.strip()).expanduser()
-        if not p.is_dir():
-            why = "is not a directory" if p.exists() else "does not exist"
-            raise ObjectiveError(f"${PLUGIN_PATH_VAR} names {str(p)!r}, which {why}")
-        out.append(p)
-    return out
 
 
 def broken_plugins() -> dict[str, str]:
@@ -347,36 +310,17 @@ def load_plugin_file(path: str | Path) -> list[ObjectiveSpec]:
 
 
 def _load_file(path: str | Path) -> list[ObjectiveSpec]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        why = "is a directory, not a file" if p.is_dir() else "not found"
-        raise ObjectiveError(f"objective plugin file {why}: {str(path)!r}")
-    p = p.resolve()
-    key = str(p)
     with _lock:
-        module = _plugin_modules.get(key)
-        if module is None:
-            stem = re.sub(r"\W", "_", p.stem)
-            modname = f"{_PLUGIN_PREFIX}{hashlib.sha1(key.encode()).hexdigest()[:10]}_{stem}"
-            spec = importlib.util.spec_from_file_location(modname, p)
-            if spec is None or spec.loader is None:
-                raise ObjectiveError(f"cannot import objective plugin file {key!r}")
-            module = importlib.util.module_from_spec(spec)
-            module.__kdbench_plugin_path__ = key
-            sys.modules[modname] = module
-            specs, aliases = dict(_state.specs), dict(_state.aliases)
-            try:
-                spec.loader.exec_module(module)
-            except BaseException as exc:
-                sys.modules.pop(modname, None)
-                _state.specs, _state.aliases = specs, aliases  # nothing half-registered stays
-                if not isinstance(exc, Exception):
-                    raise
-                raise ObjectiveError(f"objective plugin file {key!r} failed to import: {_one_line(exc)}") from None
-            _plugin_modules[key] = module
+        specs, aliases = dict(_state.specs), dict(_state.aliases)
+        try:
+            module = plugins.import_file(path)
+        except BaseException:
+            _state.specs, _state.aliases = specs, aliases  # nothing half-registered stays
+            raise
         found = _register_object(module)
     if not found:
-        raise ObjectiveError(f"objective plugin file {key!r} declares no objective (use @objective(...))")
+        raise ObjectiveError(f"objective plugin file {module.__kdbench_plugin_path__!r} declares no objective "
+                             f"(use @objective(...))")
     return found
 
 

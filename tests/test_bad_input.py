@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbench import registry
+from kdbench import plugins, registry
 from kdbench.cli import main
 from kdbench.store import RunWriter, open_engine
 
@@ -439,7 +439,7 @@ def isolated(world, monkeypatch):
     import transformers
 
     monkeypatch.setattr(registry, "_state", registry._State())
-    monkeypatch.setattr(registry, "_plugin_modules", {})
+    monkeypatch.setattr(plugins, "_modules", {})
     for var in ("KDBENCH_DB", "KDBENCH_PLUGIN_PATH", "KDBENCH_DATA_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbench import registry
+from kdbench import plugins, registry
 from kdbench.catalogue import format_catalogue, main as catalogue_main, render_objectives_md
 from kdbench.errors import KdbenchWarning, UserError
 from kdbench.registry import (
@@ -39,7 +39,7 @@ REQUIRED = ["ab", "akl", "ce", "csd", "dld", "hinton", "jeffreys", "jsd", "kl", 
 def fresh_registry(monkeypatch):
     """An empty, undiscovered registry state for this test only (built-ins are re-found)."""
     monkeypatch.setattr(registry, "_state", registry._State())
-    monkeypatch.setattr(registry, "_plugin_modules", {})
+    monkeypatch.setattr(plugins, "_modules", {})
     return registry
 
 
@@ -247,7 +247,7 @@ def test_entry_point_plugins(fresh_registry, tmp_path, monkeypatch):
         importlib.metadata.EntryPoint(name="epfn", value="kdb_ep_function:epfn", group="kdbench.objectives"),
         importlib.metadata.EntryPoint(name="gone", value="kdb_no_such_module", group="kdbench.objectives"),
     ]
-    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
+    monkeypatch.setattr(plugins, "entry_points", lambda: eps)
     with pytest.warns(UserWarning, match="'gone'"):
         names = [s.name for s in list_objectives()]
     assert {"epmod", "epfn", "csd"} <= set(names)
@@ -259,7 +259,7 @@ def test_duplicate_entry_point_is_reported_and_skipped(fresh_registry, tmp_path,
     write_plugin(tmp_path, "kdb_ep_dup.py", "rkl")
     monkeypatch.syspath_prepend(str(tmp_path))
     eps = [importlib.metadata.EntryPoint(name="dup", value="kdb_ep_dup", group="kdbench.objectives")]
-    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
+    monkeypatch.setattr(plugins, "entry_points", lambda: eps)
     with pytest.warns(KdbenchWarning, match="'dup'.*'rkl' is declared twice"):
         names = [s.name for s in list_objectives()]
     assert "rkl" in names and registry._state.specs["rkl"].source == "kdbench.objectives.rkl"
