@@ -7,6 +7,10 @@ for anything else).
 
 Construction (deterministic, documented in README "The micro suite"):
 * every consecutive pair of turns (a, b) in a conversation is an instruction → response pair;
+  a "conversation" that is not a list of turns is skipped (``trivia.yml`` holds one written
+  as a plain string, which micro v2 read character by character: 22 one-character
+  "prompts" such as ``'d' → 'u'``, in v2's split 41 training examples, 1 validation and 5
+  test prompts);
 * prompts are grouped by their normalised text (lower-case, collapsed whitespace); all
   distinct responses to the same prompt become that prompt's references (ROUGE-L takes the
   maximum over references), so no prompt appears in two splits;
@@ -51,6 +55,8 @@ def read_pairs(directory: Path) -> dict[str, dict]:
         doc = yaml.safe_load(f.read_text(encoding="utf-8"))
         category = f.stem
         for conv in doc.get("conversations", []):
+            if not isinstance(conv, list):  # a string here is not a conversation (see the module docstring)
+                continue
             for a, b in zip(conv, conv[1:]):
                 if not (isinstance(a, str) and isinstance(b, str)) or not a.strip() or not b.strip():
                     continue
