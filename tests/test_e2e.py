@@ -16,7 +16,7 @@ from kdbench.cli import main
 from tests.fixtures_store import rows
 from kdbench.store import CurvePoint, Metric, Run, Sample, open_engine
 
-STEPS, PROMPTS, SEEDS = 3, 3, 3
+STEPS, PROMPTS, SEEDS = 3, 3, 5  # micro samples the open task over 5 seeds
 # micro fine-tunes its teacher first (~15 min for the suite's 2 epochs): 2 steps here, a labelled quick run
 TINY = ["--finetune-steps", "2", "--steps", str(STEPS), "--eval-limit", str(PROMPTS), "--no-save", "--no-progress"]
 
@@ -35,7 +35,7 @@ def test_run_writes_reference_rows_and_the_distilled_run(store):
     run = runs["distilled"]
     assert run.objective == "csd" and run.params["tau"] == 1.5
     assert run.setting == "csd(alpha=0.15,tau=1.5,w1=S,w2=S)" or run.setting.startswith("csd(")
-    assert run.suite == "micro" and run.suite_version == f"2+finetune_steps=2,steps={STEPS},eval_limit={PROMPTS}"
+    assert run.suite == "micro" and run.suite_version == f"3+finetune_steps=2,steps={STEPS},eval_limit={PROMPTS}"
     assert run.config["suite"]["train"]["steps"] == STEPS
     assert run.config["reference_runs"] == {"teacher": runs["teacher"].id, "student-init": runs["student-init"].id}
     assert run.provenance["packages"]["torch"] and run.provenance["host"]["cpu_count"]
@@ -44,18 +44,22 @@ def test_run_writes_reference_rows_and_the_distilled_run(store):
 
 def test_metrics_per_seed_and_samples(store):
     run = rows(store, Run, role="distilled")[0]
-    rouge = rows(store, Metric, run_id=run.id, metric="rougeL")
-    assert sorted(m.seed for m in rouge) == [10, 20, 30]
+    rouge = rows(store, Metric, run_id=run.id, metric="rougeL", task="chatterbot")
+    assert sorted(m.seed for m in rouge) == [10, 20, 30, 40, 50]
     assert all(0.0 <= m.value <= 100.0 for m in rouge)
-    samples = rows(store, Sample, run_id=run.id)
+    samples = rows(store, Sample, run_id=run.id, task="chatterbot")
     assert len(samples) == PROMPTS * SEEDS
     # the per-seed metric is the mean of the stored per-sample scores: aggregates are recomputable
     for m in rouge:
         per = [s.scores["rougeL"] for s in samples if s.seed == m.seed]
         assert m.value == pytest.approx(sum(per) / len(per))
     assert all(json.loads(s.reference) for s in samples)
-    names = {m.metric for m in rows(store, Metric, run_id=run.id)}
+    names = {m.metric for m in rows(store, Metric, run_id=run.id, task="chatterbot")}
     assert {"self_bleu", "distinct_1", "distinct_2", "fkl_tok", "rkl_tok", "teacher_logprob"} <= names
+    # closed-book trivia: one greedy decode per prompt, scored by exact answer (seed NULL)
+    trivia = rows(store, Metric, run_id=run.id, task="trivia", metric="accuracy")
+    assert [m.seed for m in trivia] == [None] and 0.0 <= trivia[0].value <= 100.0
+    assert len(rows(store, Sample, run_id=run.id, task="trivia")) == PROMPTS
 
 
 def test_training_curve_has_loss_and_csd_terms(store):

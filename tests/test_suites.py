@@ -29,10 +29,13 @@ def test_spine_imports_and_micro_shape_are_kept():
     assert MICRO.teacher == "embedded:smollm2-135m-instruct"
     assert MICRO.student == {"kind": "layer_subset", "keep": STUDENT_BLOCKS, "from": "teacher"}
     assert len(STUDENT_BLOCKS) == 24 and MICRO.finetune is not None and MICRO.system_prompt == ""
-    assert MICRO.data == {"loader": "micro", "valid_frac": 0.05, "test_frac": 0.12}
-    assert [t.name for t in MICRO.tasks] == ["chatterbot"] and MICRO.tasks[0].headline == "rougeL"
+    assert MICRO.data == {"loader": "micro", "valid_frac": 0.08, "test_frac": 0.25, "closed_book": ["trivia"]}
+    # the headline is the open task (first); closed-book trivia is scored apart by exact answer
+    assert [t.name for t in MICRO.tasks] == ["chatterbot", "trivia"] and MICRO.tasks[0].headline == "rougeL"
+    assert (MICRO.tasks[1].kind, MICRO.tasks[1].source, MICRO.tasks[1].greedy) == ("exact", "closed_book", True)
+    assert MICRO.eval.seeds == (10, 20, 30, 40, 50)  # the paper's five sampling seeds
     d = MICRO.to_dict()
-    assert d["teacher"] == MICRO.teacher and d["train"]["steps"] == MICRO.train.steps and d["version"] == "2"
+    assert d["teacher"] == MICRO.teacher and d["train"]["steps"] == MICRO.train.steps and d["version"] == "3"
 
 
 @pytest.mark.parametrize("name", sorted(SUITES))
@@ -78,9 +81,9 @@ def test_paper_protocol_values():
 
 @needs_data
 def test_version_labels():
-    assert label() == MICRO.version == "2"
-    assert label(steps=3, eval_limit=3) == "2+steps=3,eval_limit=3"
-    assert label(finetune_steps=2, steps=3) == "2+finetune_steps=2,steps=3"
+    assert label() == MICRO.version == "3"
+    assert label(steps=3, eval_limit=3) == "3+steps=3,eval_limit=3"
+    assert label(finetune_steps=2, steps=3) == "3+finetune_steps=2,steps=3"
     assert label(suite="paper-instruct", data_dir=str(DATA)) == "1+data=standin"  # dolly/dev.jsonl stands in for train
     assert label(suite="paper-instruct", pair="gpt2-xl-to-base", data_dir=str(DATA)) == "1+data=standin"
     assert label(suite="paper-instruct", pair="gpt2-xl-to-medium", steps=5, data_dir=str(DATA)) == \

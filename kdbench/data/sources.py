@@ -189,7 +189,18 @@ def build_micro(suite, root) -> SuiteData:
     from kdbench.data.micro import build_splits
 
     s = build_splits(suite.data["valid_frac"], suite.data["test_frac"])
-    return SuiteData(s["train"], s["valid"], {"test": s["test"]}, {"corpus": "chatterbot-corpus (PyPI)"})
+    # Closed-book categories (trivia: "Galileo was the citizen of which country?") are trained on
+    # like the rest but scored apart, as the exact-answer source "closed_book": a short factual
+    # answer is an exact match or nothing, and mixed into the open task's ROUGE-L it measured
+    # the facts a cut-down student has lost, not the conversation it learned (docs/suites.md).
+    closed = set(suite.data.get("closed_book", ()))
+    is_open = [e for e in s["test"] if e.meta["category"] not in closed]
+    tests = {"test": is_open}
+    if closed:
+        tests["closed_book"] = [e for e in s["test"] if e.meta["category"] in closed]
+    valid = [e for e in s["valid"] if e.meta["category"] not in closed]  # selection uses the headline task
+    manifest = {"corpus": "chatterbot-corpus (PyPI)", "closed_book": sorted(closed)}
+    return SuiteData(s["train"], valid, tests, manifest)
 
 
 def build_micro_task(suite, root) -> SuiteData:
