@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from kdbench.results.detail import references
 from kdbench.results.leaderboard import leaderboard_long
 from kdbench.results.paired import PairedData
-from kdbench.results.queries import finished_in, frame, list_tasks, resolve_version, selector_condition
+from kdbench.results.queries import finished_in, frame, metric_tasks, resolve_version, selector_condition
 from kdbench.results.stats import ALPHA, AVERAGE, lower_is_better, welch
 from kdbench.store import Run, Sample
 
@@ -34,7 +34,7 @@ def compare(engine: Engine, suite: str, setting_a: str, setting_b: str, metric: 
     direction. An ``average`` row (the mean over the tasks) follows when several tasks are compared."""
     version = resolve_version(engine, suite, suite_version)
     if tasks is None:
-        tasks = list_tasks(engine, suite, version, metric=metric)
+        tasks = metric_tasks(engine, suite, version, metric)
     tasks = list(tasks)
     sides = []
     for sel in (setting_a, setting_b):

@@ -19,7 +19,7 @@ from kdbench.results.queries import (
     frame,
     group_label,
     list_metrics,
-    list_tasks,
+    metric_tasks,
     order_rows,
     resolve_version,
 )
@@ -86,7 +86,7 @@ def leaderboard_long(engine: Engine, suite: str, metric: str, tasks: Sequence[st
     n_runs."""
     version = resolve_version(engine, suite, suite_version)
     if tasks is None:
-        tasks = list_tasks(engine, suite, version, metric=metric)
+        tasks = metric_tasks(engine, suite, version, metric)
     tasks = list(tasks)
     if not tasks:
         return pd.DataFrame(columns=["setting", "role", "task", *STAT_COLUMNS[3:]])
@@ -226,7 +226,7 @@ def leaderboard(engine: Engine, suite: str, metric: str, tasks: Sequence[str] | 
     See :mod:`kdbench.results` for the statistics."""
     version = resolve_version(engine, suite, suite_version)
     if tasks is None:
-        tasks = list_tasks(engine, suite, version, metric=metric)
+        tasks = metric_tasks(engine, suite, version, metric)
     tasks = list(tasks)
     keys = tasks + ([AVERAGE] if len(tasks) > 1 else [])
     rank_by = AVERAGE if len(tasks) > 1 else (tasks[0] if tasks else None)

@@ -40,7 +40,7 @@ from kdbench.results.queries import (
     finished_in,
     frame,
     group_label,
-    list_tasks,
+    metric_tasks,
     resolve_version,
     selector_condition,
 )
@@ -106,7 +106,7 @@ class PairedData:
         self.suite, self.metric = suite, metric
         self.version = resolve_version(engine, suite, suite_version)
         self.score = score_key(metric)
-        self.tasks = list(tasks) if tasks is not None else list_tasks(engine, suite, self.version, metric=metric)
+        self.tasks = list(tasks) if tasks is not None else metric_tasks(engine, suite, self.version, metric)
         score = Sample.scores[self.score].as_float()
         parts = []
         for sel in ([None] if selectors is None else list(selectors)):

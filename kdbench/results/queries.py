@@ -11,6 +11,7 @@ import pandas as pd
 from sqlalchemy import and_, case, func, inspect, literal, select
 from sqlalchemy.engine import Engine
 
+from kdbench.suites.spec import HEADLINE
 from kdbench.store import (
     ROLE_ANALYSIS,
     ROLE_DISTILLED,
@@ -258,6 +259,28 @@ def list_tasks(engine: Engine, suite: str, suite_version: str | None = None, met
         stmt = stmt.where(Metric.metric == metric)
     with engine.connect() as c:
         return list(c.execute(stmt.distinct().order_by(Metric.task)).scalars())
+
+
+def metric_tasks(engine: Engine, suite: str, suite_version: str | None, metric: str) -> list[str]:
+    """The tasks a metric is read on when none are named: those whose **headline** it is; for a
+    metric that is no task's headline, the tasks of the first (headline) task's kind; every task
+    having the metric where the stored suite spec (of the version's newest finished run) says
+    neither. micro v3 scores ROUGE-L and the teacher's likelihood on both its open task and its
+    exact-answer trivia task; its leaderboard for either is the open task's, not an average with
+    a task whose headline is accuracy."""
+    version = resolve_version(engine, suite, suite_version)
+    tasks = list_tasks(engine, suite, version, metric=metric)
+    stmt = select(Run.config).where(finished_in(suite, version)).order_by(Run.id.desc()).limit(1)
+    with engine.connect() as c:
+        config = c.execute(stmt).scalar() or {}
+    spec = config.get("suite") if isinstance(config, dict) else None  # the resolved SuiteSpec, as a dict
+    specs = (spec.get("tasks") or []) if isinstance(spec, dict) else []
+    kinds = {t["name"]: t.get("kind", "open") for t in specs if isinstance(t, dict) and "name" in t}
+    heads = [t for t in tasks if HEADLINE.get(kinds.get(t)) == metric]
+    if heads or not kinds:
+        return heads or tasks
+    first = kinds[next(iter(kinds))]
+    return [t for t in tasks if kinds.get(t) == first] or tasks
 
 
 def list_metrics(engine: Engine, suite: str, task: str | None = None, suite_version: str | None = None) -> list[str]:
