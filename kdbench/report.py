@@ -102,6 +102,8 @@ def paired_lines(engine, run_id: int, refs: dict[str, int] | None = None) -> lis
     version = R.run_version(engine, run.id)  # its teacher group where the version holds several teachers
     for task in R.sample_tasks(engine, run.id):
         for metric in BOOTSTRAPPED:
+            if task not in R.metric_tasks(engine, run.suite, version, metric):
+                continue  # not what this task is read by (micro v3: trivia is read by accuracy, not ROUGE-L)
             data = PairedData(engine, run.suite, version, metric, [task], selectors=[me, *sel.values()])
             if not data.has(me):
                 continue

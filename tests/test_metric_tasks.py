@@ -62,3 +62,14 @@ def test_the_rouge_leaderboard_is_the_open_tasks_not_an_average_with_trivia(tmp_
 def test_without_a_stored_task_spec_every_task_having_the_metric_is_read(tmp_path):
     engine = _store(tmp_path / "runs.db", tasks=None)
     assert metric_tasks(engine, SUITE, None, "rougeL") == ["chatterbot", "trivia"]
+
+
+def test_a_runs_report_pairs_each_task_on_its_own_headline(tmp_path):
+    from kdbench.report import paired_lines
+    from kdbench.store import Run
+    from tests.fixtures_store import rows
+
+    engine = _store(tmp_path / "runs.db")
+    kl = next(r for r in rows(tmp_path / "runs.db", Run) if r.setting == "kl")
+    heads = [line.split(",")[0] for line in paired_lines(engine, kl.id) if not line.startswith(" ")]
+    assert heads == ["chatterbot rougeL", "trivia accuracy"]
