@@ -1,0 +1,67 @@
+"""Helpers shared by the store's tests (test_store_reliability.py, test_store_lifecycle.py): small stores,
+byte digests, read-only counts and the CLI with its one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+from kdbench.cli import main
+from kdbench.store import RunWriter, open_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1", "MKL_NUM_THREADS": "1"}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def start_run(engine, **kw):
+    return RunWriter.start(engine, role="distilled", suite="micro", suite_version="1", seed=kw.pop("seed", 0),
+                           config={}, provenance={}, objective="kl", params={}, setting="kl", **kw)
+
+
+def new_store(path: Path, n_runs: int = 1) -> Path:
+    engine = open_engine(str(path))
+    for i in range(n_runs):
+        w = start_run(engine, seed=i)
+        w.metrics([("chatterbot", "rougeL", 10.0 + i, 10)])
+        w.finish()
+    engine.dispose()
+    checkpoint(path)
+    return path
+
+
+def checkpoint(path: Path) -> None:
+    """Fold the -wal into the file so byte comparisons see every row."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+
+
+def count(path: Path, sql: str):
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def cli(capsys, *args, stdin: str | None = None, monkeypatch=None):
+    if monkeypatch is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kdbench: error:") and "Traceback" not in err, err
+    return lines[0]
