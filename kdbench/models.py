@@ -188,6 +188,29 @@ def _file_sha256(f: Path) -> str:
     return memo[key]
 
 
+# tokenizer_config.json also records how the tokenizer was *loaded*: transformers 5 saves
+# ``local_files_only`` (true under HF_HUB_OFFLINE=1), so one fine-tune made with and without the
+# variable gave two digests and a newcomer never matched the committed reference rows. Such
+# load options say nothing about the tokenizer and are left out of its identity.
+LOAD_OPTIONS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "use_auth_token", "revision",
+                "subfolder", "trust_remote_code", "_commit_hash")
+
+
+def _content_sha256(f: Path) -> str:
+    """A file's identity: its sha256, except that a tokenizer_config.json is hashed as canonical JSON
+    without :data:`LOAD_OPTIONS`."""
+    if f.name != "tokenizer_config.json":
+        return _file_sha256(f)
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return _file_sha256(f)
+    if not isinstance(config, dict):
+        return _file_sha256(f)
+    kept = {k: v for k, v in config.items() if k not in LOAD_OPTIONS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def content_digest(path: str | Path, patterns: tuple[str, ...]) -> str:
     """sha256 over (file name, file sha256) of the files in ``path`` matching ``patterns``;
     a hub id (not a folder) is identified by its name."""
@@ -198,7 +221,7 @@ def content_digest(path: str | Path, patterns: tuple[str, ...]) -> str:
     files = sorted({f for pat in patterns for f in p.glob(pat) if f.is_file()})
     for f in files:
         h.update(f.name.encode())
-        h.update(_file_sha256(f).encode())
+        h.update(_content_sha256(f).encode())
     return h.hexdigest()
 
 
