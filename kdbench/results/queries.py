@@ -11,7 +11,6 @@ import pandas as pd
 from sqlalchemy import and_, case, func, inspect, literal, select
 from sqlalchemy.engine import Engine
 
-from kdbench.suites.spec import HEADLINE
 from kdbench.store import (
     ROLE_ANALYSIS,
     ROLE_DISTILLED,
@@ -23,6 +22,7 @@ from kdbench.store import (
     Run,
     Sample,
 )
+from kdbench.suites.spec import HEADLINE
 
 REFERENCE_ROLES = (ROLE_TEACHER, ROLE_STUDENT_INIT)
 LEADERBOARD_ROLES = (*REFERENCE_ROLES, ROLE_DISTILLED)
