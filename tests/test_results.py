@@ -33,6 +33,11 @@ except ImportError:  # tests/ itself on sys.path
     from fixtures_store import (ARITH, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, FAILED_SETTING, KL, QUICK, RKL,
                                 SUITE, TEST, build_fixture_store, build_versions_store)
 
+try:
+    from tests.results_helpers import P_FLOOR, cells, row
+except ImportError:  # tests/ itself on sys.path
+    from results_helpers import P_FLOOR, cells, row
+
 from kdbench import results as R
 from kdbench.store import RunWriter, open_engine
 
@@ -43,7 +48,6 @@ T10 = 2.2281389
 Z = 1.959964
 PLUG_IN = math.sqrt(19 / 20)  # bootstrap SE / closed-form SE over 20 prompts
 SD_P = math.sqrt(35 / 20)  # per unit slope difference: closed-form paired SE on one task
-P_FLOOR = 2 / 2001  # the smallest p of 2000 bootstrap replicates
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +61,6 @@ def store(tmp_path_factory):
 
 def normal_p(z: float) -> float:
     return math.erfc(abs(z) / math.sqrt(2))
-
-
-def row(df: pd.DataFrame, setting: str) -> pd.Series:
-    hit = df[df.setting == setting]
-    assert len(hit) == 1, f"{setting!r} not exactly once in {list(df.setting)}"
-    return hit.iloc[0]
 
 
 # ---------------------------------------------------------------------------- t distribution
@@ -449,10 +447,6 @@ def test_grad_similarity(store):
     assert c["reason"] == (f"{CSD_SS} ∥ {RKL}: same direction, gradient ×2.00 — under AdamW at most an effective "
                            "learning-rate factor")
     assert R.grad_similarity(engine, "other-suite") is None
-
-
-def cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def test_to_markdown(store):

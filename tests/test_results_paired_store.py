@@ -14,20 +14,14 @@ try:
 except ImportError:  # tests/ itself on sys.path
     from fixtures_store import CE, CSD_SS, KL, PAIRED_TASK, RKL, SUITE, build_paired_store
 
+try:
+    from tests.results_helpers import P_FLOOR, cells, row
+except ImportError:  # tests/ itself on sys.path
+    from results_helpers import P_FLOOR, cells, row
+
 from kdbench import results as R
 from kdbench.store import open_engine
 
-P_FLOOR = 2 / 2001  # the smallest p of 2000 bootstrap replicates
-
-
-def row(df: pd.DataFrame, setting: str) -> pd.Series:
-    hit = df[df.setting == setting]
-    assert len(hit) == 1, f"{setting!r} not exactly once in {list(df.setting)}"
-    return hit.iloc[0]
-
-
-def cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 @pytest.fixture(scope="module")
