@@ -262,12 +262,9 @@ def list_tasks(engine: Engine, suite: str, suite_version: str | None = None, met
 
 
 def metric_tasks(engine: Engine, suite: str, suite_version: str | None, metric: str) -> list[str]:
-    """The tasks a metric is read on when none are named: those whose **headline** it is; for a
-    metric that is no task's headline, the tasks of the first (headline) task's kind; every task
-    having the metric where the stored suite spec (of the version's newest finished run) says
-    neither. micro v3 scores ROUGE-L and the teacher's likelihood on both its open task and its
-    exact-answer trivia task; its leaderboard for either is the open task's, not an average with
-    a task whose headline is accuracy."""
+    """The tasks a metric is read on when none are named: those it is the headline of, else those of
+    the first task's kind, else (no suite spec stored) all that have it. micro v3's ROUGE-L is its open
+    task's, not an average with the trivia task, whose headline is accuracy."""
     version = resolve_version(engine, suite, suite_version)
     tasks = list_tasks(engine, suite, version, metric=metric)
     stmt = select(Run.config).where(finished_in(suite, version)).order_by(Run.id.desc()).limit(1)
