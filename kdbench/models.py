@@ -188,18 +188,26 @@ def _file_sha256(f: Path) -> str:
     return memo[key]
 
 
-# tokenizer_config.json also records how the tokenizer was *loaded*: transformers 5 saves
-# ``local_files_only`` (true under HF_HUB_OFFLINE=1), so one fine-tune made with and without the
-# variable gave two digests and a newcomer never matched the committed reference rows. Such
-# load options say nothing about the tokenizer and are left out of its identity.
+# Some JSON files also record how they were *written* or *loaded*, which says nothing about the
+# model: transformers 5 saves ``local_files_only`` in tokenizer_config.json (true under
+# HF_HUB_OFFLINE=1: one fine-tune made with and without the variable gave two digests) and its
+# own version as ``transformers_version`` in config.json (5.24 and 5.25 saved the same weights
+# under two digests). Either way a newcomer never matched the committed reference rows. These
+# fields are left out of a file's identity; the package versions stay in each run's provenance.
 LOAD_OPTIONS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "use_auth_token", "revision",
                 "subfolder", "trust_remote_code", "_commit_hash")
+WRITER_FIELDS = {
+    "tokenizer_config.json": frozenset(LOAD_OPTIONS),
+    "config.json": frozenset({"transformers_version"}),
+    "generation_config.json": frozenset({"transformers_version"}),
+}
 
 
 def _content_sha256(f: Path) -> str:
-    """A file's identity: its sha256, except that a tokenizer_config.json is hashed as canonical JSON
-    without :data:`LOAD_OPTIONS`."""
-    if f.name != "tokenizer_config.json":
+    """A file's identity: its sha256, except that a JSON file named in :data:`WRITER_FIELDS` is
+    hashed as canonical JSON without those fields."""
+    drop = WRITER_FIELDS.get(f.name)
+    if drop is None:
         return _file_sha256(f)
     try:
         config = json.loads(f.read_text(encoding="utf-8"))
@@ -207,7 +215,7 @@ def _content_sha256(f: Path) -> str:
         return _file_sha256(f)
     if not isinstance(config, dict):
         return _file_sha256(f)
-    kept = {k: v for k, v in config.items() if k not in LOAD_OPTIONS}
+    kept = {k: v for k, v in config.items() if k not in drop}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -24,11 +24,14 @@ def test_student_keeps_every_other_block_and_the_last():
     assert layer_subset(5, 2) == [0, 2, 4]
 
 
-def _model_folder(root, tokenizer_config: dict):
+CONFIG = {"model_type": "llama", "num_hidden_layers": 2, "transformers_version": "5.24.0"}
+
+
+def _model_folder(root, tokenizer_config: dict, config: dict = CONFIG):
     import json
 
     root.mkdir(parents=True)
-    (root / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+    (root / "config.json").write_text(json.dumps(config, indent=2))
     (root / "model.safetensors").write_bytes(b"\x00weights\x01" * 64)
     (root / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0, "b": 1}}}')
     (root / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
@@ -49,3 +52,17 @@ def test_fingerprints_are_by_content_not_by_folder_or_load_options(tmp_path, mon
     c = _model_folder(tmp_path / "c", {**base, "chat_template": "{{ other }}"})
     assert tokenizer_digest(c) != tokenizer_digest(a) and fingerprint(c) != fingerprint(a)
     assert fingerprint(a, {"eval": 2}) != fingerprint(a, {"eval": 1})
+
+
+def test_fingerprints_ignore_the_transformers_version_that_saved_the_model(tmp_path, monkeypatch):
+    from kdbench.models import fingerprint, model_digest
+
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    tok = {"model_max_length": 8192}
+    a = _model_folder(tmp_path / "a", tok)
+    # the same weights saved by the next transformers release (5.24 -> 5.25 did exactly this)
+    b = _model_folder(tmp_path / "b", tok, {**CONFIG, "transformers_version": "5.25.0"})
+    assert model_digest(a) == model_digest(b) and fingerprint(a) == fingerprint(b)
+    # what the config *says* about the model still counts
+    c = _model_folder(tmp_path / "c", tok, {**CONFIG, "num_hidden_layers": 3})
+    assert model_digest(c) != model_digest(a) and fingerprint(c) != fingerprint(a)
