@@ -224,6 +224,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     grad_w.addmm_(g.t(), hs.to(g.dtype))
                 if grad_b is not None:
                     grad_b += g.sum(0)
+            # dropped before the next chunk's logits are made, not when they replace these
+            del s, t, g
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         return total

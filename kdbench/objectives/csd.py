@@ -21,8 +21,8 @@ def _weights(kind, s, t, tau, alpha, cache):
     if kind == "U":
         return None
     if kind not in cache:
-        if kind == "S":
-            cache[kind] = (s / tau).softmax(-1)
+        if kind == "S":  # s / 1.0 is s exactly: no [n, V] copy for the default τ
+            cache[kind] = (s if tau == 1.0 else s / tau).softmax(-1)
         elif kind == "T":
             cache[kind] = t.softmax(-1)
         else:
@@ -63,18 +63,25 @@ def csd_gradient(s, t, *, w1, w2, tau, alpha):
     training path uses this; the start-up check compares it with autograd on :func:`csd` for
     every run (kdbench/engine/check.py); benchmarks/bench_objectives.py times both.
     """
+    # In place wherever a buffer is not read again (the same operations on the same values as
+    # csd, so bitwise the same results): each [n, V] float32 buffer of a 256-row chunk is 50 MB,
+    # and this is where a training step's memory peaks.
     d = s - t
-    d = d - d.mean(-1, keepdim=True)
+    d.sub_(d.mean(-1, keepdim=True))
     cache: dict = {}
     a = _weights(w1, s, t, tau, alpha, cache)
     e1 = _mean(a, d)
+    if w1 == w2:
+        c1 = d.sub_(e1.unsqueeze(-1))  # d is not needed any more
+        wc1 = _scaled(a, c1)
+        v1 = c1.mul_(c1).mean(-1) if a is None else c1.mul_(wc1).sum(-1)  # = _var(a, c1, wc1); c1 is spent
+        del c1, d
+        grad = _minus_scaled(wc1, a, wc1.sum(-1, keepdim=True)).mul_(2.0)
+        return v1, {"var_w1": v1, "var_w2": v1, "mean_gap_sq": torch.zeros_like(v1)}, grad
     c1 = d - e1.unsqueeze(-1)
     wc1 = _scaled(a, c1)
     v1 = _var(a, c1, wc1)
     r1 = wc1.sum(-1, keepdim=True)
-    if w1 == w2:
-        grad = _minus_scaled(wc1, a, r1).mul_(2.0)
-        return v1, {"var_w1": v1, "var_w2": v1, "mean_gap_sq": torch.zeros_like(v1)}, grad
     del wc1
     b = _weights(w2, s, t, tau, alpha, cache)
     e2 = _mean(b, d)
