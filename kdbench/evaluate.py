@@ -181,7 +181,7 @@ def reference_kl(student, teacher, refs: Sequence[Encoded], device: torch.device
     :class:`Decoder` of a side whose prompts are the references' prompts reuses its prompt
     cache (only the response tokens are run); otherwise that side runs packed sequences."""
     ws = output_head(student).weight.float()
-    wt = output_head(teacher).weight.float() if isinstance(teacher, torch.nn.Module) else teacher.head.weight
+    wt = output_head(teacher).weight.float() if isinstance(teacher, torch.nn.Module) else teacher.head.weight.float()
     ids = list(ref_ids) if ref_ids is not None else [str(i) for i in range(len(refs))]
     prompts = [e.ids[:e.n_prompt] for e in refs]
     responses = [e.ids[e.n_prompt:] for e in refs]

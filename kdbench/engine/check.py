@@ -90,7 +90,7 @@ def startup_check(model, objective, batch: Batch, teacher, chunk_size: int) -> C
         t_head = teacher.head if objective.needs_teacher else None
         t_rows = None
         if t_hidden is not None:
-            t_rows = F.linear(t_hidden.float(), t_head.weight, t_head.bias)
+            t_rows = F.linear(t_hidden.float(), t_head.weight.float(), t_head.bias)
 
         def dense():
             hh, ww = h_dense.clone().requires_grad_(True), w.clone().requires_grad_(True)

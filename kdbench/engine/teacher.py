@@ -26,10 +26,18 @@ from kdbench.engine.forward import final_hidden
 
 
 class TeacherHead:
-    """The frozen output head in float32: ``weight [V, d]`` (and ``bias [V]``), no gradient."""
+    """The frozen output head: ``weight [V, d]`` (and ``bias [V]``, float32), no gradient.
+
+    The weight is held in bfloat16 when that represents it exactly (a bf16 teacher's head, or
+    its float32 copy in the cache), else in float32: the losses make float32 logits from it per
+    chunk (kdbench/losses.py ``_logits``), so the logits are bitwise the same either way, and a
+    training step holds 57 MB instead of 113 MB for SmolLM2's 49,152 x 576 head (at the step's
+    memory peak, docs/performance.md "Session 8")."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
-        self.weight = weight.detach().float()
+        w = weight.detach()
+        narrow = w.to(torch.bfloat16)
+        self.weight = narrow if torch.equal(narrow.to(w.dtype), w) else w.float()
         self.bias = None if bias is None else bias.detach().float()
 
     @classmethod

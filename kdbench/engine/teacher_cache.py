@@ -210,7 +210,7 @@ def _write(folder: Path, key: str, inputs: dict, teacher, examples, device, prog
     if n_rows == 0:  # keep the file size consistent with n_rows = 0
         (folder / "hidden.bin").write_bytes(b"")
     head = TeacherHead.of(teacher)
-    tensors = {"weight": head.weight.contiguous().cpu()}
+    tensors = {"weight": head.weight.float().contiguous().cpu()}  # the file keeps float32 (format 1)
     if head.bias is not None:
         tensors["bias"] = head.bias.contiguous().cpu()
     save_file(tensors, str(folder / "head.safetensors"))
