@@ -1,0 +1,160 @@
+"""The exact teacher cache (kdbench/engine/teacher_cache.py): cached teacher logits equal the
+live teacher's, keys follow every input, a stale or half-written entry is never read, two
+processes building one entry build it once, and `kdbench cache list|clear`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kdbench.engine import teacher_cache
+from kdbench.engine.batches import PackedBatches
+from kdbench.engine.teacher import CachedTeacher, LiveTeacher, TeacherHead
+from kdbench.losses import _logits
+
+try:
+    from tests.tiny_models import make_tiny_pair
+except ImportError:  # run from inside tests/
+    from tiny_models import make_tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from kdbench.data.batching import encode
+    from kdbench.data.micro import build_splits
+    from kdbench.models import load_causal_lm, load_tokenizer
+
+    teacher_path, _ = make_tiny_pair(tmp_path_factory.mktemp("cache_models"))
+    tok = load_tokenizer(teacher_path)
+    examples = [(e.id, encode(tok, e.prompt, e.references[0], 48, 64, "")) for e in build_splits(0.05, 0.12)["train"][:20]]
+    return {"path": teacher_path, "teacher": load_causal_lm(teacher_path).eval().requires_grad_(False),
+            "examples": examples}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "teacher-hidden"
+
+
+def _build(tiny, key="k1", inputs=None):
+    return teacher_cache.get_or_build(key, inputs or {"test": key}, tiny["teacher"], tiny["examples"],
+                                      torch.device("cpu"), progress=False, log=lambda *_: None)
+
+
+def test_cached_teacher_logits_equal_the_live_teachers(tiny, cache):
+    entry, built_s = _build(tiny)
+    assert built_s > 0 and entry.meta["n_examples"] == len(tiny["examples"])
+    live, cached = LiveTeacher(tiny["teacher"]), CachedTeacher(entry)
+    # training batches are other compositions than the build's (16 examples per forward)
+    for batch in [next(PackedBatches(tiny["examples"], 4, seed=s)) for s in range(3)]:
+        h_live, h_cached = live.hidden(batch), cached.hidden(batch)
+        assert h_cached.shape == (batch.n_counted, h_live.shape[1])
+        t_live = _logits(h_live, live.head.weight, live.head.bias)
+        t_cached = _logits(h_cached, cached.head.weight, cached.head.bias)
+        # the tolerance: float32 rounding of different batch shapes (packed attention over other rows)
+        torch.testing.assert_close(t_cached, t_live, rtol=1e-5, atol=1e-5)
+    assert _build(tiny)[1] == 0.0  # the second request reuses the entry
+
+
+def test_the_key_follows_every_input_and_a_stale_entry_is_never_read(tiny, cache):
+    from kdbench.runner import teacher_cache_inputs
+
+    suite = SimpleNamespace(train=SimpleNamespace(bf16_autocast=False, max_prompt_tokens=48, max_tokens=64),
+                            system_prompt="")
+    prep = SimpleNamespace(suite=suite, device=torch.device("cpu"),
+                           teacher_identity=lambda: {"weights": "w0", "tokenizer": "t0"})
+    base = teacher_cache_inputs(prep, tiny["examples"])
+    changed = [
+        {**base, "teacher": {"weights": "w1", "tokenizer": "t0"}},
+        {**base, "teacher": {"weights": "w0", "tokenizer": "t1"}},
+        teacher_cache_inputs(prep, tiny["examples"][:-1]),  # the encoded data
+        {**base, "max_prompt_tokens": 47}, {**base, "max_tokens": 63}, {**base, "system_prompt": "Be brief."},
+        {**base, "dtype": "bfloat16"}, {**base, "device": "cuda"},
+    ]
+    keys = {teacher_cache.cache_key(x) for x in changed}
+    assert teacher_cache.cache_key(base) not in keys and len(keys) == len(changed)
+    assert teacher_cache.cache_key(dict(reversed(base.items()))) == teacher_cache.cache_key(base)  # canonical
+
+    entry, _ = _build(tiny, teacher_cache.cache_key(base), base)
+    ids = [i for i, _ in tiny["examples"]]
+    before = entry.rows(ids).clone()
+    assert teacher_cache.lookup(teacher_cache.cache_key(changed[0])) is None  # a changed key: a new entry
+    # an entry without meta.json (a build that died before publishing) or with a truncated file is not one
+    (entry.path / "meta.json").rename(entry.path / "meta.bak")
+    assert teacher_cache.lookup(entry.key) is None
+    (entry.path / "meta.bak").rename(entry.path / "meta.json")
+    with open(entry.path / "hidden.bin", "r+b") as fh:
+        fh.truncate(entry.path.joinpath("hidden.bin").stat().st_size - 2)
+    assert teacher_cache.lookup(entry.key) is None
+    rebuilt, built_s = _build(tiny, entry.key, base)  # rebuilt in place, complete again
+    assert built_s > 0 and teacher_cache.lookup(entry.key) is not None
+    assert torch.equal(rebuilt.rows(ids), before)
+
+
+BUILDER = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from kdbench.data.batching import encode
+    from kdbench.data.micro import build_splits
+    from kdbench.engine import teacher_cache
+    from kdbench.models import load_causal_lm, load_tokenizer
+    path = sys.argv[1]
+    tok = load_tokenizer(path)
+    ex = [(e.id, encode(tok, e.prompt, e.references[0], 48, 64, "")) for e in build_splits(0.05, 0.12)["train"][:20]]
+    entry, built = teacher_cache.get_or_build("shared", {"test": "shared"}, lambda: load_causal_lm(path).eval(), ex,
+                                              torch.device("cpu"), progress=False, log=lambda *_: None)
+    print("BUILT" if built > 0 else "REUSED", entry.meta["n_rows"])
+""")
+
+
+def test_two_processes_building_one_entry_build_it_once(tiny, cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(tiny["path"])], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    words = sorted(out.split()[0] for out, _ in outs)
+    assert words == ["BUILT", "REUSED"]  # one built it under the lock, the other waited and read it
+    assert len({out.split()[1] for out, _ in outs}) == 1
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    assert teacher_cache.lookup("shared") is not None
+
+
+def test_a_bf16_exact_head_is_held_in_bf16_and_gives_bitwise_the_same_logits():
+    g = torch.Generator().manual_seed(0)
+    w32 = torch.randn(37, 8, generator=g).bfloat16().float()  # a bf16 teacher's head, stored as float32
+    head = TeacherHead(w32)
+    assert head.weight.dtype == torch.bfloat16
+    h = torch.randn(5, 8, generator=g)
+    assert torch.equal(_logits(h, head.weight, None), _logits(h, w32, None))
+    not_exact = w32 + 1e-4
+    assert TeacherHead(not_exact).weight.dtype == torch.float32  # kept as it is: never rounded
+
+
+def test_cache_list_and_clear_from_the_command_line(tiny, cache, capsys):
+    from kdbench.cli import main
+
+    _build(tiny, "abc123")
+    _build(tiny, "def456")
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "2 entries" in out and "abc123" in out and "def456" in out and "positions of 20 examples" in out
+    assert main(["cache", "clear", "abc"]) == 0
+    assert "removed abc123" in capsys.readouterr().out
+    assert teacher_cache.lookup("abc123") is None and teacher_cache.lookup("def456") is not None
+    assert main(["cache", "clear", "nosuch"]) != 0  # a clear one-line error, nothing removed
+    err = capsys.readouterr().err
+    assert "no teacher-cache entry matches nosuch" in err and "Traceback" not in err
+    assert teacher_cache.lookup("def456") is not None
+    assert main(["cache", "clear"]) == 0 and teacher_cache.list_entries() == []
