@@ -27,7 +27,7 @@ from kdbench import provenance
 from kdbench.config import RunRequest, resolve, resolve_suite, run_key  # noqa: F401  (RunRequest re-exported)
 from kdbench.device import default_threads, inference_dtype, peak_memory_mb, release_memory  # noqa: F401
 from kdbench.engine import state as train_state
-from kdbench.engine import teacher_cache
+from kdbench.engine import teacher_cache, trainer
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.check import startup_check
 from kdbench.engine.teacher import CachedTeacher, LiveTeacher
@@ -151,7 +151,8 @@ def _setup(req: RunRequest, argv, *, check: bool = True) -> Setup:
         "objective": objective.name, "params": objective.params, "setting": objective.setting,
         "objective_version": getattr(objective.spec, "version", None),
         "suite": suite.to_dict(), "suite_version": label, "seed": req.seed, "device": req.device,
-        "torch_threads": torch.get_num_threads(), "teacher": prep.teacher_identity(),
+        "torch_threads": torch.get_num_threads(), "activation_checkpointing": trainer.ACTIVATION_CHECKPOINTING,
+        "teacher": prep.teacher_identity(),
         "teacher_path": str(prep.teacher_path), "teacher_source": desc, "data_order": batches.describe(),
         "startup_check": result, "reference_runs": ref_ids, "reference_fingerprint": reference_fingerprint(prep),
         "student_keep": prep.student_keep, "data_sources": prep.data_manifest, "sweep_id": req.sweep_id,

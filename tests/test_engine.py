@@ -386,6 +386,28 @@ def test_nan_in_the_loss_or_the_gradient_stops_training(tiny, tmp_path):
         _train(tiny, fresh(tiny), 2, objective=spec.name)
 
 
+def _checkpointing(model) -> bool:  # the layers' own flag (transformers renames the model-level one)
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_activation_checkpointing_trains_bitwise_the_same(tiny, bf16):
+    """Recomputing the blocks' activations in backward (the default) changes memory and time,
+    never a bit of the result: same losses, same weights after the steps."""
+    spec = dataclasses.replace(SPEC, steps=3, bf16_autocast=bf16)
+    runs = []
+    for ckpt in (False, True):
+        model, losses, during = fresh(tiny), [], []
+        train(model=model, objective=get_objective("csd"), batches=PackedBatches(tiny["enc"], 4, 0),
+              teacher=LiveTeacher(tiny["teacher"]), spec=spec, device=torch.device("cpu"),
+              log=lambda s, p: losses.append(p["loss"]), activation_checkpointing=ckpt, progress=False,
+              on_step=lambda st, opt: during.append(_checkpointing(model)))
+        assert during == [ckpt] * 3 and not _checkpointing(model)  # handed back as it came
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
 def test_teacher_finetuning_runs_on_the_trainer_and_matches_a_plain_ce_loop(tiny):
     """The trainer with `ce` (no teacher) is the landed fine-tuning: padded batches, full logits,
     cross-entropy on the response tokens, the same AdamW and schedule."""

@@ -9,6 +9,8 @@ the model's own logits (a head with soft-capping or a logit scale would fail it)
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,36 @@ def final_hidden(model, batch: Batch) -> Tensor:
     out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     h = out.last_hidden_state
     return h.reshape(-1, h.shape[-1]).index_select(0, batch.counted)
+
+
+def set_activation_checkpointing(model, enabled: bool) -> bool:
+    """Recompute each decoder block's activations in backward instead of keeping them from the
+    forward (transformers' checkpointing, non-reentrant). The same operations run on the same
+    inputs, so the gradients are bitwise the same (tests/test_engine.py; the standard micro run
+    gave the committed run's 1,035 samples); what changes is memory and time: on that run (AMX,
+    docs/performance.md "Session 8") peak 3,474 -> 3,107 MB, training 49 -> 54 s. Returns
+    whether the model is now checkpointing (False for a model that cannot: anything but a
+    transformers model declaring support)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    # transformers >= 5.25 names it activation_checkpointing_*; earlier 5.x gradient_checkpointing_*
+    new = hasattr(model, "activation_checkpointing_enable")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if enabled:
+            kwargs = {"use_reentrant": False}
+            if new:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            if new:
+                model.activation_checkpointing_disable()
+            else:
+                model.gradient_checkpointing_disable()
+            if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+                model.disable_input_require_grads()  # the enable call added this hook; disable leaves it
+    return enabled
 
 
 def output_head(model):

@@ -22,6 +22,7 @@ precision helpers (kdbench/device.py).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,8 +30,15 @@ from typing import Callable
 import torch
 
 from kdbench.device import autocast_context
-from kdbench.engine.forward import final_hidden, output_head
+from kdbench.engine.forward import final_hidden, output_head, set_activation_checkpointing
 from kdbench.engine.state import TrainState, lr_at
+
+
+#: Recompute the student's block activations in backward rather than keep them (bitwise the same
+#: gradients; kdbench/engine/forward.py). On the default run it is what brings the peak under
+#: 3 GB, for ~10% more training time (docs/performance.md "Session 8").
+#: ``KDBENCH_ACTIVATION_CHECKPOINTING=0`` trades the memory back for speed.
+ACTIVATION_CHECKPOINTING = os.environ.get("KDBENCH_ACTIVATION_CHECKPOINTING", "1") != "0"
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,6 +85,7 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     on_step: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,  # after each step (checkpoints)
     chunk_size: int = 0,                       # counted positions per logits chunk (0: losses.HIDDEN_CHUNK_SIZE)
+    activation_checkpointing: bool | None = None,  # None: ACTIVATION_CHECKPOINTING
     progress: bool = True,
 ) -> TrainResult:
     from tqdm.auto import tqdm
@@ -84,6 +93,8 @@ def train(
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"objective {objective.setting} needs a teacher source")
     model.train()
+    checkpointing = set_activation_checkpointing(
+        model, ACTIVATION_CHECKPOINTING if activation_checkpointing is None else activation_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     head = output_head(model)
     opt = optimizer or make_optimizer(model, spec, device)
@@ -144,6 +155,8 @@ def train(
             on_step(state, opt)
 
     bar.close()
+    if checkpointing:  # evaluation and later training calls get the model as it came
+        set_activation_checkpointing(model, False)
     if state.best_step is not None and state.best_step != spec.steps:
         state.best.restore(model)
     rule = (f"best validation score every {valid_every} steps (ties: earliest)" if validate is not None and valid_every
