@@ -3,8 +3,11 @@
 Arms (same teacher, student recipe, examples, batch order, batch size 8, bf16 autocast where
 native, forward KL unless --objective):
   landed        the v1 loop (benchmarks/landed_loop.py): padded batches, full logits
-  engine-live   kdbench/engine/trainer.py with the live teacher
+  engine-live   kdbench/engine/trainer.py with the live teacher, as kdbench runs it (activation
+                checkpointing on: kdbench/engine/trainer.py ACTIVATION_CHECKPOINTING)
   engine-cache  the same with the teacher cache (built before timing, for these batches)
+  engine-live-keep, engine-cache-keep   the same two keeping the activations (checkpointing
+                off: more memory, less time; KDBENCH_ACTIVATION_CHECKPOINTING=0 in a run)
   trl-gkd       TRL's GKDTrainer (lmbda=0, beta=0: supervised forward KL; its defaults
                 otherwise, incl. gradient checkpointing), if `trl` is installed
 
@@ -51,7 +54,7 @@ def arm_landed(teacher, new_student, tok, enc, objective, spec, device, warmup):
     return window_rate(points, warmup)
 
 
-def arm_engine(teacher_source, new_student, tok, enc, objective, spec, device, warmup):
+def arm_engine(teacher_source, new_student, tok, enc, objective, spec, device, warmup, checkpointing):
     from kdbench.engine.batches import PackedBatches
     from kdbench.engine.trainer import train
 
@@ -59,7 +62,8 @@ def arm_engine(teacher_source, new_student, tok, enc, objective, spec, device, w
     student = new_student()
     train(model=student, objective=objective, batches=PackedBatches(enc, spec.batch_size, 0, tok.pad_token_id),
           teacher=teacher_source, spec=spec, device=device,
-          log=lambda step, p: points.append((step, p["tokens"], p["elapsed_s"])), progress=False)
+          log=lambda step, p: points.append((step, p["tokens"], p["elapsed_s"])), progress=False,
+          activation_checkpointing=checkpointing)
     return window_rate(points, warmup)
 
 
@@ -114,7 +118,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="measured steps")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--objective", default="kl")
-    ap.add_argument("--arms", nargs="+", default=["landed", "engine-live", "engine-cache", "trl-gkd"])
+    ap.add_argument("--arms", nargs="+", default=["landed", "engine-live", "engine-live-keep", "engine-cache",
+                                                   "engine-cache-keep", "trl-gkd"])
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
@@ -144,15 +149,18 @@ def main() -> None:
         gc.collect()
         if arm == "landed":
             rate = arm_landed(teacher, new_student, tok, enc, objective, spec, device, args.warmup)
-        elif arm == "engine-live":
-            rate = arm_engine(LiveTeacher(teacher), new_student, tok, enc, objective, spec, device, args.warmup)
-        elif arm == "engine-cache":
-            os.environ["KDBENCH_CACHE"] = tempfile.mkdtemp(prefix="kdbench-bench-cache-")
-            entry, build_s = teacher_cache.get_or_build("bench", {"bench": True}, teacher, subset, device,
+        elif arm in ("engine-live", "engine-live-keep"):
+            rate = arm_engine(LiveTeacher(teacher), new_student, tok, enc, objective, spec, device, args.warmup,
+                              checkpointing=not arm.endswith("-keep"))
+        elif arm in ("engine-cache", "engine-cache-keep"):
+            if "cache_build_s" not in results:  # one entry for both cache arms
+                os.environ["KDBENCH_CACHE"] = tempfile.mkdtemp(prefix="kdbench-bench-cache-")
+                _, build_s = teacher_cache.get_or_build("bench", {"bench": True}, teacher, subset, device,
                                                         progress=False, log=lambda *_: None)
-            results["cache_build_s"] = round(build_s, 2)
+                results["cache_build_s"] = round(build_s, 2)
+            entry = teacher_cache.lookup("bench")
             rate = arm_engine(CachedTeacher(entry, device), new_student, tok, enc, objective, spec, device,
-                              args.warmup)
+                              args.warmup, checkpointing=not arm.endswith("-keep"))
         elif arm == "trl-gkd":
             try:
                 import trl  # noqa: F401
@@ -178,7 +186,7 @@ def main() -> None:
         if isinstance(results.get(a), dict) and isinstance(results.get(b), dict):
             results[f"{a} / {b}"] = round(results[a]["tokens_per_s"] / results[b]["tokens_per_s"], 2)
 
-    for a in ("engine-live", "engine-cache"):
+    for a in ("engine-live", "engine-live-keep", "engine-cache", "engine-cache-keep"):
         for b in ("landed", "trl-gkd"):
             ratio(a, b)
     report("train tokens/s (micro)", results, "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]))
