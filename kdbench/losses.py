@@ -29,6 +29,10 @@ CHUNK_SIZE = 4096
 #: Positions per chunk in the hidden-state path (:func:`chunked_head_loss`): 256 rows of a
 #: 49,152-token vocabulary are 50 MB of float32 logits (TRL's chunked JSD uses 256 too).
 HIDDEN_CHUNK_SIZE = 256
+#: Bytes of one row block inside a chunk (:func:`blockwise_rows`): an objective's row function runs
+#: on ~1 MB of logits per call (5 rows of a 49,152-token vocabulary), so its [rows, V]
+#: intermediates stay in the CPU's caches instead of streaming 50 MB buffers through memory.
+ROW_BLOCK_BYTES = 1 << 20
 #: Recompute each chunk in backward instead of keeping its float32 intermediates:
 #: True / False, or None = only when there is more than one chunk (big batches; small ones
 #: run at full speed). The hidden-state path needs none: it makes its gradients per chunk.
@@ -138,6 +142,46 @@ def counted_rows(mask: Tensor | None, lead_shape: torch.Size, device) -> tuple[T
         return None, n_all
     idx = flat.nonzero().squeeze(1)
     return idx, int(idx.numel())
+
+
+def blockwise_rows(per_row_grad: Callable[..., "tuple[Tensor, dict[str, Tensor], Tensor | None]"], s: Tensor,
+                   t: Tensor | None, y: Tensor | None, block_rows: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """``(Σ loss, {term: Σ}, ∂Σloss/∂s [n, V])`` of a chunk, its row function run on blocks of rows.
+
+    ``per_row_grad(s_b, t_b, y_b) -> ([b] values, {term: [b]}, ∂Σvalues/∂s_b [b, V] or None)``.
+    Rows are independent (the start-up check refuses an objective whose rows are not), so a
+    block's values and gradient are those of the same rows in the whole chunk, and the sums are
+    taken over the concatenated per-row values, as over the chunk's. Measured bitwise the same
+    as the whole chunk for every registered objective at a 49,152 vocabulary, 1 and 2 threads
+    (the micro suites' runs reproduce theirs); at widths that are not a multiple of the vector
+    length, the transcendental functions' vector and scalar tails fall on other elements and
+    jsd / srkl gradients moved by ~1e-12. Blocks of ``block_rows`` rows (default:
+    :data:`ROW_BLOCK_BYTES` of float32 logits, at least 2): measured on 2 cores (AMX), one
+    256-row chunk of a 49,152 vocabulary, the row function forward + backward of kl took
+    147 ms whole and 49 ms in 4-row blocks, csd (T,S) 203 and 59 ms, (S,S) 93 and 36 ms,
+    against 263 ms for the chunk's four head matmuls.
+    """
+    n, v = s.shape
+    rows = max(2, int(block_rows) or ROW_BLOCK_BYTES // (v * 4))
+    if n <= rows + 1:
+        values, terms, g = per_row_grad(s, t, y)
+        return values.sum(), {k: x.sum() for k, x in terms.items()}, torch.zeros_like(s) if g is None else g
+    # Never a block of one row: with several threads torch reduces a lone row by splitting it
+    # between them (another summation order); two or more rows are split by rows, each row summed
+    # as in the whole chunk. So a 1-row remainder joins the last block.
+    starts = list(range(0, n, rows))
+    if n - starts[-1] == 1:
+        starts.pop()
+    g = torch.empty_like(s)
+    values, terms = [], {}
+    for i, j in zip(starts, starts[1:] + [n]):
+        rs = slice(i, j)
+        vb, tb, gb = per_row_grad(s[rs], None if t is None else t[rs], None if y is None else y[rs])
+        g[rs] = 0.0 if gb is None else gb
+        values.append(vb)
+        for k, x in tb.items():
+            terms.setdefault(k, []).append(x)
+    return torch.cat(values).sum(), {k: torch.cat(x).sum() for k, x in terms.items()}, g
 
 
 def check_labels(labels: Tensor, vocab: int) -> None:

@@ -84,15 +84,29 @@ class Objective:
         return self.spec.gradient is not None
 
     def row_sums_grad(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """``(Σ loss, {term: Σ}, ∂Σloss/∂s [N, V])`` from the declared closed form, no autograd
-        (the training path's row function when there is one; only with :attr:`has_gradient`)."""
-        s, t, kwargs = self._call_args(s.detach(), None if t is None else t.detach(), labels)
+        """``(Σ loss, {term: Σ}, ∂Σloss/∂s [N, V])`` of a chunk of rows, the training path's row
+        function for every objective: :meth:`per_position_grad` on blocks of rows
+        (:func:`kdbench.losses.blockwise_rows`)."""
+        return _losses.blockwise_rows(self.per_position_grad, s, t, labels)
+
+    def per_position_grad(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """``([N] values, {term: [N]}, ∂Σvalues/∂s [N, V])``, no graph kept: from the declared closed
+        form where the objective has one (:attr:`has_gradient`), else by autograd on
+        :meth:`per_position` (None: the values do not depend on ``s``)."""
+        s, t = s.detach(), None if t is None else t.detach()
+        if not self.has_gradient:
+            with torch.enable_grad():
+                leaf = s.requires_grad_(True)  # a detached alias: the caller's tensor is untouched
+                per_row, terms = self.per_position(leaf, t, labels)
+                grad = torch.autograd.grad(per_row.sum(), leaf)[0] if per_row.requires_grad else None
+            return per_row.detach(), {k: v.detach() for k, v in terms.items()}, grad
+        s, t, kwargs = self._call_args(s, t, labels)
         with torch.no_grad(), torch.autocast(device_type=s.device.type, enabled=False):
             per_row, terms, grad = self.spec.gradient(s, t, **kwargs)
         if tuple(per_row.shape) != (s.shape[0],) or tuple(grad.shape) != tuple(s.shape):
             raise RuntimeError(f"objective {self.name!r}: its gradient must return per-position values ({s.shape[0]},) "
                                f"and a gradient {tuple(s.shape)}, got {tuple(per_row.shape)} and {tuple(grad.shape)}")
-        return per_row.sum(), {k: v.sum() for k, v in (terms or {}).items()}, grad
+        return per_row, dict(terms or {}), grad
 
     def per_position(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective on rows ``[N, V]`` (no masking, no chunking): ``([N], {term: [N]})``."""
@@ -233,6 +247,6 @@ class Objective:
             _losses.check_labels(lab, w_s.shape[0])
         loss_sum, term_sums = _losses.chunked_head_loss(self.row_sums, sh, w_s, b_s, th, w_t, b_t, lab,
                                                         chunk_size=chunk_size or 0,
-                                                        row_grad=self.row_sums_grad if self.has_gradient else None)
+                                                        row_grad=self.row_sums_grad)
         denom = max(n, 1)
         return ObjectiveOutput(loss_sum / denom, {k: (v / denom).detach() for k, v in term_sums.items()})
