@@ -140,3 +140,31 @@ def test_all_masked_and_errors(batch):
     ce = loss_from_hidden("ce", batch["h_s"], batch["w_s"], None, None, batch["mask"], batch["labels"])
     ref = get_objective("ce")(batch["h_s"] @ batch["w_s"].T, None, batch["mask"], batch["labels"])
     assert ce.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_blocks_give_the_whole_chunks_values_and_gradient_bitwise(threads):
+    """The training path runs each objective's row function on blocks of a few rows
+    (kdbench/losses.py blockwise_rows). At a vocabulary width of the micro suites (a multiple of
+    the vector length, rows long enough that torch parallelises inside one) every block size --
+    including a remainder of one row, which must join the last block -- gives the whole chunk's
+    values, terms and gradient to the bit, on one thread and on two."""
+    from kdbench.losses import blockwise_rows
+    from kdbench.registry import list_objectives
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, v = 7, 49152
+        s, t = randn(n, v, scale=3.0, seed=5), randn(n, v, scale=3.0, seed=6)
+        y = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(7))
+        for spec in list_objectives(include_plugins=False):
+            obj = get_objective(spec.name)
+            values, terms, grad = obj.per_position_grad(s, t, y)  # the whole chunk at once
+            for rows in (0, 2, 3, 6):  # 0: the default (5 rows here); 3 and 6 leave one row over
+                total, term_sums, g = blockwise_rows(obj.per_position_grad, s, t, y, rows)
+                assert torch.equal(total, values.sum()), (spec.name, rows)
+                assert torch.equal(g, grad), (spec.name, rows)
+                assert all(torch.equal(term_sums[k], terms[k].sum()) for k in terms), (spec.name, rows)
+    finally:
+        torch.set_num_threads(before)
