@@ -36,7 +36,7 @@ from kdbench.engine.state import TrainState, lr_at
 
 #: Recompute the student's block activations in backward rather than keep them (bitwise the same
 #: gradients; kdbench/engine/forward.py). On the default run it is what brings the peak under
-#: 3 GB, for ~10% more training time (docs/performance.md "Session 8").
+#: 3 GB, for ~25% more training time, ~10% of the run (docs/performance.md "Session 8").
 #: ``KDBENCH_ACTIVATION_CHECKPOINTING=0`` trades the memory back for speed.
 ACTIVATION_CHECKPOINTING = os.environ.get("KDBENCH_ACTIVATION_CHECKPOINTING", "1") != "0"
 
