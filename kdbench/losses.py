@@ -153,7 +153,7 @@ def blockwise_rows(per_row_grad: Callable[..., "tuple[Tensor, dict[str, Tensor],
     block's values and gradient are those of the same rows in the whole chunk, and the sums are
     taken over the concatenated per-row values, as over the chunk's. Measured bitwise the same
     as the whole chunk for every registered objective at a 49,152 vocabulary, 1 and 2 threads
-    (the micro suites' runs reproduce theirs); at widths that are not a multiple of the vector
+    (the micro standard run reproduced its committed samples); at widths not a multiple of the vector
     length, the transcendental functions' vector and scalar tails fall on other elements and
     jsd / srkl gradients moved by ~1e-12. Blocks of ``block_rows`` rows (default:
     :data:`ROW_BLOCK_BYTES` of float32 logits, at least 2): measured on 2 cores (AMX), one
