@@ -2,7 +2,7 @@
 
 import torch
 
-from kdbench.losses import kl_rows
+from kdbench.numerics import kl_rows
 from kdbench.registry import Param, objective
 
 

@@ -1,6 +1,6 @@
 """Hinton KD: temperature-softened forward KL, scaled by τ²."""
 
-from kdbench.losses import kl_rows
+from kdbench.numerics import kl_rows
 from kdbench.registry import Param, objective
 
 

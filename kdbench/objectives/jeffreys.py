@@ -1,6 +1,6 @@
 """Jeffreys divergence (forward + reverse KL)."""
 
-from kdbench.losses import kl_rows
+from kdbench.numerics import kl_rows
 from kdbench.registry import objective
 
 

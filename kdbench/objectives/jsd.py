@@ -1,6 +1,6 @@
 """Generalised Jensen–Shannon divergence, normalised so that β → 0 / 1 give forward / reverse KL."""
 
-from kdbench.losses import scaled_kl_to_mixture
+from kdbench.numerics import scaled_kl_to_mixture
 from kdbench.registry import Param, objective
 
 

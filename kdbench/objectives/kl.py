@@ -1,6 +1,6 @@
 """Forward KL (word-level KD)."""
 
-from kdbench.losses import kl_rows
+from kdbench.numerics import kl_rows
 from kdbench.registry import objective
 
 

@@ -1,6 +1,6 @@
 """Reverse KL (MiniLLM)."""
 
-from kdbench.losses import kl_rows
+from kdbench.numerics import kl_rows
 from kdbench.registry import objective
 
 

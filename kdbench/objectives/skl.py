@@ -1,6 +1,6 @@
 """Skew KL (DistiLLM)."""
 
-from kdbench.losses import scaled_kl_to_mixture
+from kdbench.numerics import scaled_kl_to_mixture
 from kdbench.registry import Param, objective
 
 

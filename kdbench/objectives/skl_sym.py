@@ -1,6 +1,6 @@
 """Symmetric (weighted) KL: (1 − λ)·fkl + λ·rkl."""
 
-from kdbench.losses import kl_rows
+from kdbench.numerics import kl_rows
 from kdbench.registry import Param, objective
 
 
