@@ -36,8 +36,11 @@ class TeacherHead:
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         w = weight.detach()
-        narrow = w.to(torch.bfloat16)
-        self.weight = narrow if torch.equal(narrow.to(w.dtype), w) else w.float()
+        if w.dtype == torch.bfloat16:
+            self.weight = w
+        else:  # a float copy (the cache's file): narrowed only when no value changes
+            narrow = w.to(torch.bfloat16)
+            self.weight = narrow if torch.equal(narrow.to(w.dtype), w) else w.float()
         self.bias = None if bias is None else bias.detach().float()
 
     @classmethod
