@@ -1,4 +1,5 @@
-"""Where one evaluation's time goes: each phase of evaluating the undistilled micro v2 student
+"""Where one evaluation's time goes: each phase of evaluating the undistilled micro student (or a
+saved distilled one, ``--student``)
 (prefill, decode per seed, teacher prefill and scoring, text metrics, reference KL) timed
 alone; with ``--profile`` also a torch-profiler table of one decode. Run alone:
 
@@ -15,6 +16,7 @@ from common import ROOT  # noqa: F401  (sets sys.path)
 ap = argparse.ArgumentParser()
 ap.add_argument("--db", required=True)
 ap.add_argument("--profile", action="store_true")
+ap.add_argument("--student", help="a saved student folder (a distilled run's checkpoint_path); default: the undistilled student")
 args = ap.parse_args()
 torch.manual_seed(0)
 from kdbench.config import RunRequest, resolve
@@ -27,7 +29,12 @@ req = RunRequest(objective="csd", params={}, db=args.db)
 obj, suite, label, engine = resolve(req)
 dev = torch.device("cpu")
 prep = prepare(suite, dev, progress=False)
-st = prep.new_student().eval()
+if args.student:
+    from kdbench.models import load_causal_lm
+    from kdbench.device import inference_dtype
+    st = load_causal_lm(args.student, inference_dtype(dev)).eval()
+else:
+    st = prep.new_student().eval()
 te = prep.teacher().eval()
 task = prep.suite.tasks[0]
 inp = prep.task_inputs(task.name)
@@ -47,6 +54,7 @@ with torch.no_grad():
     T("teacher logprobs", lambda: sc.logprobs(ids))
     outs = T("decode texts", lambda: decode_texts(tok, ids))
     T("score_decode", lambda: score_decode(task, inp.examples, outs))
+    T("self_bleu per prompt (5 seeds)", lambda: M.self_bleu_per_prompt({e.id: [o] * 5 for e, o in zip(inp.examples, outs)}))
     T("self_bleu across", lambda: M.self_bleu_across_prompts(outs))
     T("distinct", lambda: (M.distinct_n(outs,1), M.distinct_n(outs,2)))
     refs = prep.reference_teacher(task.name)
