@@ -89,6 +89,11 @@ class Decoder:
                 self._prefixes = [prefill(self.model, c, pad_id=self.pad_id, device=self.device) for c in self.chunks]
         return self._prefixes
 
+    def release(self) -> None:
+        """Drop the prompts' cache (a float32 student's on micro: ~330 MB); a later use
+        prefills again, with the same result."""
+        self._prefixes = None
+
     def generate(self, seed: int | None, *, eos_id: int, greedy: bool = False,
                  max_new_tokens: int | None = None) -> list[list[int]]:
         """One response per prompt as token ids, cut after the first end-of-turn (kept): sampled
@@ -180,19 +185,34 @@ def reference_kl(student, teacher, refs: Sequence[Encoded], device: torch.device
     hidden states for ``ref_ids`` (the suite's cached teacher on the test references). A
     :class:`Decoder` of a side whose prompts are the references' prompts reuses its prompt
     cache (only the response tokens are run); otherwise that side runs packed sequences."""
-    ws = output_head(student).weight.float()
-    wt = output_head(teacher).weight.float() if isinstance(teacher, torch.nn.Module) else teacher.head.weight.float()
-    ids = list(ref_ids) if ref_ids is not None else [str(i) for i in range(len(refs))]
+    h_s = reference_hidden(student, refs, device, ref_ids, decoder=student_decoder)
+    h_t = reference_hidden(teacher, refs, device, ref_ids, decoder=teacher_decoder)
+    return kl_from_hidden(h_s, output_head(student), h_t, head_of(teacher))
+
+
+def head_of(model_or_source):
+    """The output head of a model, or of a teacher source (its ``head``)."""
+    return output_head(model_or_source) if isinstance(model_or_source, torch.nn.Module) else model_or_source.head
+
+
+@torch.no_grad()
+def reference_hidden(model_or_source, refs: Sequence[Encoded], device: torch.device,
+                     ref_ids: Sequence[str] | None = None, *, decoder: Decoder | None = None) -> torch.Tensor:
+    """``[n, d]``: the final hidden states predicting the references' response tokens, in order:
+    through ``decoder``'s prompt cache when it serves exactly these prompts, else from packed
+    sequences (a model) or the cached rows (a teacher source)."""
     prompts = [e.ids[:e.n_prompt] for e in refs]
-    responses = [e.ids[e.n_prompt:] for e in refs]
+    if decoder is not None and decoder.serves(prompts) and isinstance(model_or_source, torch.nn.Module):
+        return torch.cat(decoder.hidden([e.ids[e.n_prompt:] for e in refs]))
+    ids = list(ref_ids) if ref_ids is not None else [str(i) for i in range(len(refs))]
+    return torch.cat(_rows_packed(model_or_source, refs, ids, device))
 
-    def rows(model, decoder):
-        if decoder is not None and decoder.serves(prompts) and isinstance(model, torch.nn.Module):
-            return decoder.hidden(responses)
-        return _rows_packed(model, refs, ids, device)
 
-    h_s = torch.cat(rows(student, student_decoder))
-    h_t = torch.cat(rows(teacher, teacher_decoder))
+@torch.no_grad()
+def kl_from_hidden(h_s: torch.Tensor, head_s, h_t: torch.Tensor, head_t) -> tuple[float, float]:
+    """Mean token-level KL(teacher‖student) and KL(student‖teacher) over the rows of ``h_s`` /
+    ``h_t`` (``[n, d]`` each, row-aligned), logits made through the heads in float32 per chunk."""
+    ws, wt = head_s.weight.float(), head_t.weight.float()
     fkl = rkl = 0.0
     for a in range(0, h_s.shape[0], HEAD_CHUNK):
         ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), ws).log_softmax(-1)
@@ -225,15 +245,29 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
     examples = inputs.examples
     new_tokens = task.max_new_tokens or spec.max_new_tokens
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    scores_self = is_teacher or model is teacher
     decoder = Decoder(model, inputs.prompt_ids, spec, device, pad_id=pad)
-    scorer = decoder if is_teacher or model is teacher else Decoder(teacher, inputs.prompt_ids, spec, device, pad_id=pad)
+    seeds = list(task.seeds or spec.seeds) if task.sample else []
+
+    # 1. The model's decodes, as token ids: greedy (seed None) and / or one per sampling seed.
+    #    Each decode seeds the global generator itself, so the samples do not depend on when the
+    #    teacher scores them.
+    decodes = ([(None, True)] if task.greedy else []) + [(seed, False) for seed in seeds]
+    ids = [decoder.generate(seed, eos_id=eos, greedy=greedy, max_new_tokens=new_tokens) for seed, greedy in decodes]
+    # 2. The model's side of the reference KL while its prompts' cache exists; then the cache goes,
+    #    so it never coexists with the teacher's (on micro in float32: ~330 + ~410 MB).
+    h_model = None if is_teacher else reference_hidden(model, inputs.references, device,
+                                                       [e.id for e in examples], decoder=decoder)
+    if not scores_self:
+        decoder.release()
+    # 3. The teacher scores every decode through its own prompts' cache, then the metrics.
+    scorer = decoder if scores_self else Decoder(teacher, inputs.prompt_ids, spec, device, pad_id=pad)
     result = EvalResult()
     greedy_names: set[str] = set()
-
-    def decode_and_score(seed, greedy):
-        ids = decoder.generate(seed, eos_id=eos, greedy=greedy, max_new_tokens=new_tokens)
-        outputs = decode_texts(tokenizer, ids)
-        logprobs = scorer.logprobs(ids)
+    by_prompt: dict[str, list[str]] = {e.id: [] for e in examples}
+    for (seed, greedy), decoded in zip(decodes, ids):
+        outputs = decode_texts(tokenizer, decoded)
+        logprobs = scorer.logprobs(decoded)
         per, mets = score_decode(task, examples, outputs)
         mets["teacher_logprob"] = statistics.fmean(logprobs)
         suffix = "_sampled" if task.greedy and not greedy else ""  # sample scores named like their metrics
@@ -241,29 +275,25 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
             scores = {k + suffix: v for k, v in {**s, "teacher_logprob": lp}.items() if not _nan(v)}
             result.samples.append({"task": task.name, "prompt_id": e.id, "seed": seed, "prompt": e.prompt,
                                    "output": o, "reference": list(e.references), "scores": scores})
-        return outputs, mets
-
-    if task.greedy:
-        _, mets = decode_and_score(None, greedy=True)
-        greedy_names = set(mets)
-        result.metrics += [(task.name, m, v, None) for m, v in mets.items()]
-    if task.sample:
-        by_prompt: dict[str, list[str]] = {e.id: [] for e in examples}
-        for seed in task.seeds or spec.seeds:
-            outputs, mets = decode_and_score(seed, greedy=False)
-            for e, o in zip(examples, outputs):
-                by_prompt[e.id].append(o)
-            mets.update(self_bleu=M.self_bleu_across_prompts(outputs), distinct_1=M.distinct_n(outputs, 1),
-                        distinct_2=M.distinct_n(outputs, 2))
-            result.metrics += [(task.name, m + "_sampled" if m in greedy_names else m, v, seed)
-                               for m, v in mets.items() if not (greedy_names and m.startswith("accuracy_"))]
-        if len(task.seeds or spec.seeds) > 1:
-            result.metrics.append((task.name, "self_bleu_across_seeds", M.self_bleu_per_prompt(by_prompt), None))
+        if greedy:
+            greedy_names = set(mets)
+            result.metrics += [(task.name, m, v, None) for m, v in mets.items()]
+            continue
+        for e, o in zip(examples, outputs):
+            by_prompt[e.id].append(o)
+        mets.update(self_bleu=M.self_bleu_across_prompts(outputs), distinct_1=M.distinct_n(outputs, 1),
+                    distinct_2=M.distinct_n(outputs, 2))
+        result.metrics += [(task.name, m + "_sampled" if m in greedy_names else m, v, seed)
+                           for m, v in mets.items() if not (greedy_names and m.startswith("accuracy_"))]
+    if len(seeds) > 1:
+        result.metrics.append((task.name, "self_bleu_across_seeds", M.self_bleu_per_prompt(by_prompt), None))
     if is_teacher:
         fkl = rkl = 0.0
     else:
-        fkl, rkl = reference_kl(model, teacher_refs or teacher, inputs.references, device,
-                                [e.id for e in examples], student_decoder=decoder, teacher_decoder=scorer)
+        teacher_side = teacher_refs or teacher
+        h_teacher = reference_hidden(teacher_side, inputs.references, device, [e.id for e in examples],
+                                     decoder=scorer)
+        fkl, rkl = kl_from_hidden(h_model, output_head(model), h_teacher, head_of(teacher_side))
     result.metrics += [(task.name, "fkl_tok", fkl, None), (task.name, "rkl_tok", rkl, None)]
     # Undefined values (Self-BLEU of a single response, ...) are left out rather than stored as NaN.
     result.metrics = [m for m in result.metrics if not math.isnan(m[2])]

@@ -1,0 +1,108 @@
+"""kdbench.evaluate.evaluate_model runs the model's decodes first, drops the model's prompt cache,
+then lets the teacher score: the same samples, scores and metrics as decoding and scoring seed
+by seed, without the two prompt caches ever held at once (tiny random Llamas, real tokenizer)."""
+
+from __future__ import annotations
+
+import statistics
+import weakref
+
+import pytest
+import torch
+
+try:
+    from tests.tiny_models import make_tiny_pair
+except ImportError:  # run from inside tests/
+    from tiny_models import make_tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = ["What is a computer?", "Tell me a joke.", "Who wrote Hamlet?", "Do you like music?", "Hi"]
+REFERENCES = [["A machine that computes."], ["Why did the chicken cross the road?"], ["Shakespeare."],
+              ["Yes, very much.", "I do."], ["Hello!"]]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from kdbench.data.records import Example
+    from kdbench.evaluate import TaskInputs
+    from kdbench.models import load_causal_lm, load_tokenizer
+
+    t_path, s_path = make_tiny_pair(tmp_path_factory.mktemp("evaluate_order"))
+    teacher, student = load_causal_lm(t_path).eval(), load_causal_lm(s_path).eval()
+    tok = load_tokenizer(t_path)
+    examples = [Example(id=f"t:{i}", prompt=p, references=r, task="t") for i, (p, r) in enumerate(zip(PROMPTS, REFERENCES))]
+    inputs = TaskInputs.build(tok, examples, max_prompt_tokens=64, max_tokens=96)
+    return teacher, student, tok, inputs
+
+
+def seed_by_seed(student, teacher, tok, inputs, task, spec, dev):
+    """The order evaluate_model had before: decode a seed, let the teacher score it, next seed;
+    the reference KL at the end from both prompt caches."""
+    from kdbench.evaluate import Decoder, decode_texts, reference_kl
+    from kdbench.scoring import score_decode
+
+    dec = Decoder(student, inputs.prompt_ids, spec, dev, pad_id=tok.pad_token_id)
+    scorer = Decoder(teacher, inputs.prompt_ids, spec, dev, pad_id=tok.pad_token_id)
+    samples, means = [], {}
+    runs = ([(None, True)] if task.greedy else []) + [(s, False) for s in spec.seeds]
+    for seed, greedy in runs:
+        ids = dec.generate(seed, eos_id=tok.eos_token_id, greedy=greedy, max_new_tokens=task.max_new_tokens)
+        outs = decode_texts(tok, ids)
+        lps = scorer.logprobs(ids)
+        per, mets = score_decode(task, inputs.examples, outs)
+        samples += [(seed, o, s["rougeL"], lp) for o, s, lp in zip(outs, per, lps)]
+        means[seed] = statistics.fmean(lps)
+    kl = reference_kl(student, teacher, inputs.references, dev, [e.id for e in inputs.examples],
+                      student_decoder=dec, teacher_decoder=scorer)
+    return samples, means, kl
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_the_staged_order_gives_what_seed_by_seed_gave(setup, greedy):
+    from kdbench.evaluate import evaluate_model
+    from kdbench.suites import EvalSpec, TaskSpec
+
+    teacher, student, tok, inputs = setup
+    dev = torch.device("cpu")
+    spec = EvalSpec(seeds=(10, 20, 30), max_new_tokens=6, batch_size=3)
+    task = TaskSpec("t", source="test", greedy=greedy, max_new_tokens=6)
+    want_samples, want_means, want_kl = seed_by_seed(student, teacher, tok, inputs, task, spec, dev)
+
+    res = evaluate_model(student, teacher=teacher, tokenizer=tok, inputs=inputs, task=task, spec=spec, device=dev)
+    def suffixed(sample):  # with a greedy headline, the sampled decode's scores are named *_sampled
+        return "_sampled" if greedy and sample["seed"] is not None else ""
+
+    got = [(s["seed"], s["output"], s["scores"]["rougeL" + suffixed(s)], s["scores"]["teacher_logprob" + suffixed(s)])
+           for s in res.samples]
+    assert got == want_samples  # same order, same texts, same scores, bit for bit
+    for seed, mean in want_means.items():
+        name = "teacher_logprob_sampled" if greedy and seed is not None else "teacher_logprob"
+        assert [v for t, m, v, s in res.metrics if m == name and s == seed] == [mean]
+    metric = {m: v for t, m, v, s in res.metrics if s is None}
+    assert (metric["fkl_tok"], metric["rkl_tok"]) == want_kl and want_kl[0] > 0
+    assert len({s for _, _, _, s in res.metrics if s is not None}) == 3
+
+
+def test_the_models_prompt_cache_is_gone_before_the_teacher_makes_its_own(setup, monkeypatch):
+    import kdbench.evaluate as ev
+    from kdbench.suites import EvalSpec, TaskSpec
+
+    teacher, student, tok, inputs = setup
+    made: list[tuple[object, weakref.ref]] = []
+    alive_at_teacher_prefill: list[int] = []
+    real = ev.prefill
+
+    def tracking(model, prompts, **kw):
+        if model is teacher:
+            alive_at_teacher_prefill.append(sum(1 for m, r in made if m is student and r() is not None))
+        out = real(model, prompts, **kw)
+        made.append((model, weakref.ref(out)))
+        return out
+
+    monkeypatch.setattr(ev, "prefill", tracking)
+    spec = EvalSpec(seeds=(10, 20), max_new_tokens=4, batch_size=2)
+    ev.evaluate_model(student, teacher=teacher, tokenizer=tok, inputs=inputs, task=TaskSpec("t", source="test"),
+                      spec=spec, device=torch.device("cpu"))
+    assert sum(1 for m, _ in made if m is student) == 3  # 5 prompts in batches of 2: prefilled once each
+    assert alive_at_teacher_prefill and set(alive_at_teacher_prefill) == {0}
