@@ -188,7 +188,7 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from kdbench.engine import teacher_cache
+    from kdbench.engine import prompt_cache, teacher_cache
 
     if args.cache_command == "list":
         entries = teacher_cache.list_entries()
@@ -198,15 +198,22 @@ def cmd_cache(args) -> int:
             print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MB  {e.meta['n_rows']} positions of {e.meta['n_examples']} "
                   f"examples, {e.meta['dtype']}, teacher {str(inp.get('teacher', {}).get('weights', '?'))[:12]}, "
                   f"built {e.meta.get('created_at', '?')}")
-        total = sum(e.size_bytes for e in entries)
+        prompts = prompt_cache.list_entries()
+        print(f"teacher prompt cache in {prompt_cache.cache_root()}: {len(prompts)} entr{'y' if len(prompts) == 1 else 'ies'}")
+        for e in prompts:
+            inp = e.meta.get("inputs", {})
+            print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MB  {e.meta['batches']} batches of prompts, {inp.get('dtype')}, "
+                  f"{inp.get('threads')} thread(s), teacher {str(inp.get('teacher', {}).get('weights', '?'))[:12]}, "
+                  f"built {e.meta.get('created_at', '?')}")
+        total = sum(e.size_bytes for e in entries) + sum(e.size_bytes for e in prompts)
         print(f"  total {total / 2**20:.1f} MB")
         return 0
     if args.keys:
-        known = [e.key for e in teacher_cache.list_entries()]
+        known = [e.key for e in teacher_cache.list_entries()] + [e.key for e in prompt_cache.list_entries()]
         unknown = [k for k in args.keys if not any(key.startswith(k) for key in known)]
         if unknown:
             raise UserError(f"no teacher-cache entry matches {', '.join(unknown)} (see `kdbench cache list`)")
-    removed = teacher_cache.clear(args.keys or None)
+    removed = teacher_cache.clear(args.keys or None) + prompt_cache.clear(args.keys or None)
     for key, size in removed:
         print(f"removed {key} ({size / 2**20:.1f} MB)")
     print(f"[kdbench] freed {sum(s for _, s in removed) / 2**20:.1f} MB")

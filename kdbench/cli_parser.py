@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=_int_in("--limit", 1, COUNT_MAX), default=None)
     e.add_argument("--db", type=_nonempty("--db"), default=None)
 
-    c = sub.add_parser("cache", help="list or clear the teacher cache (the teacher's hidden states on disk)")
+    c = sub.add_parser("cache", help="list or clear the teacher caches on disk (hidden states; the evaluation prompts' prefill)")
     csub = c.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
     csub.add_parser("list", help="entries with their sizes and what they were built from")
     cc = csub.add_parser("clear", help="remove entries (all, or those named by key prefix)")

@@ -16,7 +16,9 @@ seed, by the teacher's scoring and by the reference KL; generation is batched wi
 padding and the KV cache, finished responses leaving the batch (kdbench/sampling.py); the
 teacher scores the **sampled token ids** themselves (never a decode → re-encode round trip)
 through its prompt cache, in groups of similar length, and the reference KL runs only the
-reference tokens through both prompt caches.
+reference tokens through both prompt caches. The teacher's prompt cache is the same in every
+run of a suite: the first evaluation stores it, later ones load it
+(kdbench/engine/prompt_cache.py).
 """
 
 from __future__ import annotations
@@ -77,17 +79,23 @@ class Decoder:
     scoring of responses. Batches are fixed by prompt order (EvalSpec.batch_size), so a seed
     gives the same samples for the same model whatever else runs."""
 
-    def __init__(self, model, prompt_ids: Sequence[list[int]], spec: EvalSpec, device: torch.device, *, pad_id: int):
+    def __init__(self, model, prompt_ids: Sequence[list[int]], spec: EvalSpec, device: torch.device, *, pad_id: int,
+                 stored=None):
         self.model, self.spec, self.device, self.pad_id = model.eval(), spec, device, pad_id
         self.chunks = [list(prompt_ids[a:a + spec.batch_size]) for a in range(0, len(prompt_ids), spec.batch_size)]
+        self.stored = stored  # a PromptCache (kdbench/engine/prompt_cache.py) of this model on these prompts
         self._prefixes = None
 
     @property
     def prefixes(self):
         if self._prefixes is None:
-            with autocast_context(self.device, True):
-                self._prefixes = [prefill(self.model, c, pad_id=self.pad_id, device=self.device) for c in self.chunks]
+            self._prefixes = (self.stored.prefixes(self._prefill, self.device, getattr(self.model, "config", None))
+                              if self.stored else self._prefill())
         return self._prefixes
+
+    def _prefill(self) -> list:
+        with autocast_context(self.device, True):
+            return [prefill(self.model, c, pad_id=self.pad_id, device=self.device) for c in self.chunks]
 
     def release(self) -> None:
         """Drop the prompts' cache (a float32 student's on micro: ~330 MB); a later use
@@ -232,12 +240,14 @@ def as_task(task) -> TaskSpec:
 
 
 def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec: EvalSpec, device: torch.device,
-                   is_teacher: bool = False, teacher_refs=None) -> EvalResult:
+                   is_teacher: bool = False, teacher_refs=None, teacher_prompts=None) -> EvalResult:
     """Decode, score and collect everything the store keeps for one model on one task.
 
     ``teacher`` scores the samples (the prompts' cache shared with the decode when the model is
     the teacher); ``teacher_refs``, a teacher source serving the test references (the suite's
-    cached teacher), replaces a teacher forward in the reference KL. The headline decode is
+    cached teacher), replaces a teacher forward in the reference KL; ``teacher_prompts``, a
+    :class:`kdbench.engine.prompt_cache.PromptCache`, serves the teacher's prompt cache from
+    disk instead of a prefill (the same tensors). The headline decode is
     the greedy one when ``task.greedy`` (samples with seed NULL), else the sampled one; metrics
     of the sampled decode that the greedy decode also reports get the suffix ``_sampled``, and
     so do the sampled decode's per-sample score names."""
@@ -246,7 +256,7 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
     new_tokens = task.max_new_tokens or spec.max_new_tokens
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     scores_self = is_teacher or model is teacher
-    decoder = Decoder(model, inputs.prompt_ids, spec, device, pad_id=pad)
+    decoder = Decoder(model, inputs.prompt_ids, spec, device, pad_id=pad, stored=teacher_prompts if scores_self else None)
     seeds = list(task.seeds or spec.seeds) if task.sample else []
 
     # 1. The model's decodes, as token ids: greedy (seed None) and / or one per sampling seed.
@@ -261,7 +271,8 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
     if not scores_self:
         decoder.release()
     # 3. The teacher scores every decode through its own prompts' cache, then the metrics.
-    scorer = decoder if scores_self else Decoder(teacher, inputs.prompt_ids, spec, device, pad_id=pad)
+    scorer = decoder if scores_self else Decoder(teacher, inputs.prompt_ids, spec, device, pad_id=pad,
+                                                 stored=teacher_prompts)
     result = EvalResult()
     greedy_names: set[str] = set()
     by_prompt: dict[str, list[str]] = {e.id: [] for e in examples}

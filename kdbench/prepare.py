@@ -131,6 +131,16 @@ class Prepared:
             self._cache[key] = CachedTeacher(entry, self.device)
         return self._cache[key]
 
+    def teacher_prompts(self, task: str):
+        """Where the teacher's prefill of the task's test prompts is kept between runs
+        (kdbench/engine/prompt_cache.py): computed by the first evaluation, loaded by later ones."""
+        from kdbench.engine import prompt_cache
+
+        inputs = prompt_cache.key_inputs(self.teacher_identity(), self.task_inputs(task).prompt_ids,
+                                         self.suite.eval.batch_size, self.device,
+                                         inference_dtype(self.device, self.suite.train.bf16_autocast))
+        return prompt_cache.PromptCache(prompt_cache.entry_key(inputs), inputs)
+
     # -- identities --------------------------------------------------------------------------
     def teacher_identity(self) -> dict:
         return {"weights": model_digest(self.teacher_path), "tokenizer": tokenizer_digest(self.teacher_path)}

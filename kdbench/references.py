@@ -25,7 +25,7 @@ def evaluate_all(model, prep: Prepared, is_teacher: bool = False) -> EvalResult:
         refs = None if is_teacher else prep.reference_teacher(task.name)
         res = evaluate_model(model, teacher=prep.teacher(), tokenizer=prep.tokenizer, inputs=prep.task_inputs(task.name),
                              task=task, spec=prep.suite.eval, device=prep.device, is_teacher=is_teacher,
-                             teacher_refs=refs)
+                             teacher_refs=refs, teacher_prompts=prep.teacher_prompts(task.name))
         out.metrics += res.metrics
         out.samples += res.samples
     return out

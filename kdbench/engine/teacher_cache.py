@@ -128,8 +128,8 @@ class Entry:
 
 
 @contextmanager
-def _lock(key: str):
-    root = cache_root()
+def lock(root: Path, key: str):
+    """An exclusive ``flock`` on ``root/<key>.lock`` (held while an entry is built or removed)."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{key}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -151,7 +151,7 @@ def get_or_build(key: str, inputs: dict, teacher, examples: Sequence[tuple[str, 
     entry = lookup(key)
     if entry is not None:
         return entry, 0.0
-    with _lock(key):
+    with lock(cache_root(), key):
         entry = lookup(key)  # another process built it while we waited
         if entry is not None:
             return entry, 0.0
@@ -245,7 +245,7 @@ def clear(keys: Sequence[str] | None = None) -> list[tuple[str, int]]:
     removed = []
     for entry in list_entries():
         if keys is None or entry.key in keys or any(entry.key.startswith(k) for k in keys):
-            with _lock(entry.key):
+            with lock(cache_root(), entry.key):
                 size = entry.size_bytes
                 shutil.rmtree(entry.path, ignore_errors=True)
             (cache_root() / f"{entry.key}.lock").unlink(missing_ok=True)

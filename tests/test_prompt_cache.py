@@ -1,0 +1,179 @@
+"""The teacher's prompt prefill on disk (kdbench/engine/prompt_cache.py): a loaded prefix is the
+computed one bit for bit (decodes, scores and whole evaluations equal), the key follows every
+input, an incomplete entry is never read, a cache it cannot store is used live, and
+`kdbench cache list|clear` show and remove entries (tiny random Llamas, real tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+try:
+    from tests.tiny_models import make_tiny_pair
+except ImportError:  # run from inside tests/
+    from tiny_models import make_tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = ["What is a computer?", "Tell me a joke.", "Who wrote Hamlet?", "Do you like music?", "Hi"]
+REFERENCES = [["A machine that computes."], ["Why did the chicken cross the road?"], ["Shakespeare."],
+              ["Yes, very much."], ["Hello!"]]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from kdbench.data.records import Example
+    from kdbench.evaluate import TaskInputs
+    from kdbench.models import load_causal_lm, load_tokenizer
+
+    t_path, s_path = make_tiny_pair(tmp_path_factory.mktemp("prompt_cache"))
+    teacher, student = load_causal_lm(t_path).eval(), load_causal_lm(s_path).eval()
+    tok = load_tokenizer(t_path)
+    examples = [Example(id=f"t:{i}", prompt=p, references=r, task="t") for i, (p, r) in enumerate(zip(PROMPTS, REFERENCES))]
+    return teacher, student, tok, TaskInputs.build(tok, examples, max_prompt_tokens=64, max_tokens=96)
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def entry_for(inputs, batch_size=2, teacher_identity=None):
+    from kdbench.engine import prompt_cache
+
+    key_inputs = prompt_cache.key_inputs(teacher_identity or {"weights": "w", "tokenizer": "t"}, inputs.prompt_ids,
+                                         batch_size, CPU, torch.float32)
+    return prompt_cache.PromptCache(prompt_cache.entry_key(key_inputs), key_inputs)
+
+
+def test_a_loaded_prefix_is_the_computed_one_bit_for_bit(setup, cache_home):
+    from kdbench.evaluate import Decoder
+    from kdbench.suites import EvalSpec
+
+    teacher, _, tok, inputs = setup
+    spec = EvalSpec(seeds=(1,), max_new_tokens=8, batch_size=2)
+    entry = entry_for(inputs)
+    live = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id)
+    first = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry)
+    assert not entry.path.exists()
+    computed = first.prefixes  # computes and publishes
+    assert (entry.path / "meta.json").is_file()
+    calls = []
+    loaded_decoder = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry)
+    loaded_decoder._prefill = lambda: calls.append(1)  # must not run: the entry is published
+    loaded = loaded_decoder.prefixes
+    assert calls == [] and len(loaded) == len(computed) == 3
+    for a, b in zip(computed, loaded):
+        assert torch.equal(a.last_hidden, b.last_hidden) and torch.equal(a.mask, b.mask)
+        assert torch.equal(a.next_pos, b.next_pos)
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+    eos = tok.eos_token_id
+    for greedy in (False, True):
+        want = live.generate(3, eos_id=eos, greedy=greedy)
+        assert loaded_decoder.generate(3, eos_id=eos, greedy=greedy) == want
+    want_lp = live.logprobs(want)
+    assert loaded_decoder.logprobs(want) == want_lp  # floats equal, not close
+
+
+def test_an_evaluation_through_the_stored_prefill_equals_the_live_one(setup, cache_home):
+    from kdbench.evaluate import evaluate_model
+    from kdbench.suites import EvalSpec, TaskSpec
+
+    teacher, student, tok, inputs = setup
+    spec = EvalSpec(seeds=(10, 20), max_new_tokens=6, batch_size=2)
+    task = TaskSpec("t", source="test", max_new_tokens=6)
+    entry = entry_for(inputs)
+
+    def run(**kw):
+        res = evaluate_model(student, teacher=teacher, tokenizer=tok, inputs=inputs, task=task, spec=spec, device=CPU, **kw)
+        return res.metrics, res.samples
+
+    live = run()
+    assert run(teacher_prompts=entry) == live  # computes and publishes
+    assert entry.path.is_dir()
+    assert run(teacher_prompts=entry) == live  # loads
+    # the teacher's own reference evaluation decodes from the same stored prefill
+    teacher_live = evaluate_model(teacher, teacher=teacher, tokenizer=tok, inputs=inputs, task=task, spec=spec,
+                                  device=CPU, is_teacher=True)
+    teacher_stored = evaluate_model(teacher, teacher=teacher, tokenizer=tok, inputs=inputs, task=task, spec=spec,
+                                    device=CPU, is_teacher=True, teacher_prompts=entry)
+    assert (teacher_stored.metrics, teacher_stored.samples) == (teacher_live.metrics, teacher_live.samples)
+
+
+def test_the_key_follows_every_input(setup):
+    from kdbench.engine import prompt_cache
+
+    inputs = setup[3]
+    base = dict(teacher_identity={"weights": "w", "tokenizer": "t"}, prompt_ids=inputs.prompt_ids, batch_size=2,
+                device=CPU, dtype=torch.float32)
+    key = prompt_cache.entry_key(prompt_cache.key_inputs(**base))
+    changed = [dict(base, teacher_identity={"weights": "w2", "tokenizer": "t"}),
+               dict(base, teacher_identity={"weights": "w", "tokenizer": "t2"}),
+               dict(base, prompt_ids=[p + [1] for p in inputs.prompt_ids]),
+               dict(base, batch_size=3), dict(base, dtype=torch.bfloat16), dict(base, device=torch.device("meta"))]
+    keys = {prompt_cache.entry_key(prompt_cache.key_inputs(**c)) for c in changed}
+    assert key not in keys and len(keys) == len(changed)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(before + 1)
+        assert prompt_cache.entry_key(prompt_cache.key_inputs(**base)) != key  # threads can change the rounding
+    finally:
+        torch.set_num_threads(before)
+    assert prompt_cache.entry_key(prompt_cache.key_inputs(**base)) == key
+
+
+def test_an_incomplete_or_foreign_entry_is_never_read(setup, cache_home):
+    from kdbench.engine import prompt_cache
+    from kdbench.evaluate import Decoder
+    from kdbench.suites import EvalSpec
+
+    teacher, _, tok, inputs = setup
+    spec = EvalSpec(seeds=(1,), max_new_tokens=4, batch_size=2)
+    entry = entry_for(inputs)
+    Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry).prefixes
+    meta = json.loads((entry.path / "meta.json").read_text())
+    (entry.path / "meta.json").unlink()  # as if the writer died before publishing
+    assert prompt_cache._load(entry.path, CPU) is None
+    (entry.path / "meta.json").write_text(json.dumps({**meta, "format": prompt_cache.FORMAT + 1}))
+    assert prompt_cache._load(entry.path, CPU) is None
+    # a decoder facing the broken entry computes the prefill and publishes a good one in its place
+    calls = []
+    dec = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry)
+    live = dec._prefill
+    dec._prefill = lambda: calls.append(1) or live()
+    dec.prefixes
+    assert calls == [1] and prompt_cache._load(entry.path, CPU) is not None
+
+
+def test_a_cache_that_cannot_be_stored_is_used_live(setup, cache_home):
+    from kdbench.engine import prompt_cache
+    from kdbench.sampling import Prefix
+
+    class SlidingLayer:  # not a DynamicLayer
+        keys = values = torch.zeros(1)
+
+    odd = [Prefix(type("Cache", (), {"layers": [SlidingLayer()]})(), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))]
+    entry = entry_for(setup[3])
+    assert entry.prefixes(lambda: odd, CPU) is odd
+    assert not entry.path.exists() and prompt_cache.list_entries() == []
+
+
+def test_cache_list_and_clear_show_and_remove_prompt_entries(setup, cache_home, capsys):
+    from kdbench.cli import main
+    from kdbench.evaluate import Decoder
+    from kdbench.suites import EvalSpec
+
+    teacher, _, tok, inputs = setup
+    entry = entry_for(inputs)
+    Decoder(teacher, inputs.prompt_ids, EvalSpec(batch_size=2), CPU, pad_id=tok.pad_token_id, stored=entry).prefixes
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher prompt cache in" in out and entry.key in out and "3 batches of prompts" in out
+    assert main(["cache", "clear", entry.key[:8]]) == 0
+    assert f"removed {entry.key}" in capsys.readouterr().out
+    assert not entry.path.exists()
