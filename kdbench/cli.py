@@ -187,25 +187,25 @@ def cmd_leaderboard(args) -> int:
     return 0  # not reached
 
 
+def _cache_listing(title: str, root, entries, describe) -> None:
+    print(f"{title} in {root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for e in entries:
+        teacher = str(e.meta.get("inputs", {}).get("teacher", {}).get("weights", "?"))[:12]
+        print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MB  {describe(e)}, teacher {teacher}, "
+              f"built {e.meta.get('created_at', '?')}")
+
+
 def cmd_cache(args) -> int:
     from kdbench.engine import prompt_cache, teacher_cache
 
     if args.cache_command == "list":
-        entries = teacher_cache.list_entries()
-        print(f"teacher cache in {teacher_cache.cache_root()}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
-        for e in entries:
-            inp = e.meta.get("inputs", {})
-            print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MB  {e.meta['n_rows']} positions of {e.meta['n_examples']} "
-                  f"examples, {e.meta['dtype']}, teacher {str(inp.get('teacher', {}).get('weights', '?'))[:12]}, "
-                  f"built {e.meta.get('created_at', '?')}")
-        prompts = prompt_cache.list_entries()
-        print(f"teacher prompt cache in {prompt_cache.cache_root()}: {len(prompts)} entr{'y' if len(prompts) == 1 else 'ies'}")
-        for e in prompts:
-            inp = e.meta.get("inputs", {})
-            print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MB  {e.meta['batches']} batches of prompts, {inp.get('dtype')}, "
-                  f"{inp.get('threads')} thread(s), teacher {str(inp.get('teacher', {}).get('weights', '?'))[:12]}, "
-                  f"built {e.meta.get('created_at', '?')}")
-        total = sum(e.size_bytes for e in entries) + sum(e.size_bytes for e in prompts)
+        entries, prompts = teacher_cache.list_entries(), prompt_cache.list_entries()
+        _cache_listing("teacher cache", teacher_cache.cache_root(), entries,
+                       lambda e: f"{e.meta['n_rows']} positions of {e.meta['n_examples']} examples, {e.meta['dtype']}")
+        _cache_listing("teacher prompt cache", prompt_cache.cache_root(), prompts,
+                       lambda e: f"{e.meta['batches']} batches of prompts, {e.meta['inputs'].get('dtype')}, "
+                                 f"{e.meta['inputs'].get('threads')} thread(s)")
+        total = sum(e.size_bytes for e in [*entries, *prompts])
         print(f"  total {total / 2**20:.1f} MB")
         return 0
     if args.keys:

@@ -11,29 +11,16 @@ import pytest
 import torch
 
 try:
-    from tests.tiny_models import make_tiny_pair
+    from tests.tiny_models import tiny_eval_setup
 except ImportError:  # run from inside tests/
-    from tiny_models import make_tiny_pair
+    from tiny_models import tiny_eval_setup
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-PROMPTS = ["What is a computer?", "Tell me a joke.", "Who wrote Hamlet?", "Do you like music?", "Hi"]
-REFERENCES = [["A machine that computes."], ["Why did the chicken cross the road?"], ["Shakespeare."],
-              ["Yes, very much.", "I do."], ["Hello!"]]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from kdbench.data.records import Example
-    from kdbench.evaluate import TaskInputs
-    from kdbench.models import load_causal_lm, load_tokenizer
-
-    t_path, s_path = make_tiny_pair(tmp_path_factory.mktemp("evaluate_order"))
-    teacher, student = load_causal_lm(t_path).eval(), load_causal_lm(s_path).eval()
-    tok = load_tokenizer(t_path)
-    examples = [Example(id=f"t:{i}", prompt=p, references=r, task="t") for i, (p, r) in enumerate(zip(PROMPTS, REFERENCES))]
-    inputs = TaskInputs.build(tok, examples, max_prompt_tokens=64, max_tokens=96)
-    return teacher, student, tok, inputs
+    return tiny_eval_setup(tmp_path_factory.mktemp("evaluate_order"))
 
 
 def seed_by_seed(student, teacher, tok, inputs, task, spec, dev):

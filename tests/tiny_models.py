@@ -28,3 +28,23 @@ def make_tiny_pair(root: Path) -> tuple[Path, Path]:
             tok.save_pretrained(path)
         out.append(path)
     return out[0], out[1]
+
+
+EVAL_PROMPTS = ["What is a computer?", "Tell me a joke.", "Who wrote Hamlet?", "Do you like music?", "Hi"]
+EVAL_REFERENCES = [["A machine that computes."], ["Why did the chicken cross the road?"], ["Shakespeare."],
+                   ["Yes, very much.", "I do."], ["Hello!"]]
+
+
+def tiny_eval_setup(root: Path):
+    """A tiny teacher and student (eval mode), their tokenizer and five chat prompts with
+    references as evaluation inputs: ``(teacher, student, tokenizer, TaskInputs)``."""
+    from kdbench.data.records import Example
+    from kdbench.evaluate import TaskInputs
+    from kdbench.models import load_causal_lm, load_tokenizer
+
+    t_path, s_path = make_tiny_pair(root)
+    teacher, student = load_causal_lm(t_path).eval(), load_causal_lm(s_path).eval()
+    tok = load_tokenizer(t_path)
+    examples = [Example(id=f"t:{i}", prompt=p, references=r, task="t")
+                for i, (p, r) in enumerate(zip(EVAL_PROMPTS, EVAL_REFERENCES))]
+    return teacher, student, tok, TaskInputs.build(tok, examples, max_prompt_tokens=64, max_tokens=96)

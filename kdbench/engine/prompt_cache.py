@@ -37,6 +37,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from kdbench.engine.teacher_cache import Published, lock, remove
+
 FORMAT = 1  # bump when kdbench.sampling.prefill computes something else
 
 
@@ -80,8 +82,6 @@ class PromptCache:
         """The prompts' :class:`kdbench.sampling.Prefix` per batch: loaded when published, else
         ``compute()`` (the live prefill), published for the next run. ``config``: the model's
         (its cache layers are made from it, as the model's own forward makes them)."""
-        from kdbench.engine.teacher_cache import lock
-
         loaded = _load(self.path, device, config)
         if loaded is not None:
             return loaded
@@ -155,23 +155,8 @@ def _load(path: Path, device: torch.device, config=None) -> list | None:
     return out
 
 
-@dataclass
-class StoredEntry:
-    """A published entry, as `kdbench cache list` shows it."""
-
-    path: Path
-    meta: dict
-
-    @property
-    def key(self) -> str:
-        return self.meta["key"]
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
-
-
-def list_entries() -> list[StoredEntry]:
+def list_entries() -> list[Published]:
+    """The published entries, by key."""
     root = cache_root()
     if not root.is_dir():
         return []
@@ -179,7 +164,7 @@ def list_entries() -> list[StoredEntry]:
     for p in sorted(root.iterdir()):
         try:
             if p.is_dir() and not p.name.startswith("."):
-                out.append(StoredEntry(p, json.loads((p / "meta.json").read_text())))
+                out.append(Published(p, json.loads((p / "meta.json").read_text())))
         except (OSError, ValueError):
             continue
     return out
@@ -187,14 +172,4 @@ def list_entries() -> list[StoredEntry]:
 
 def clear(keys: Sequence[str] | None = None) -> list[tuple[str, int]]:
     """Remove the named entries (all when ``keys`` is None); returns (key, bytes freed)."""
-    from kdbench.engine.teacher_cache import lock
-
-    removed = []
-    for entry in list_entries():
-        if keys is None or any(entry.key.startswith(k) for k in keys):
-            with lock(cache_root(), entry.key):
-                size = entry.size_bytes
-                shutil.rmtree(entry.path, ignore_errors=True)
-            (cache_root() / f"{entry.key}.lock").unlink(missing_ok=True)
-            removed.append((entry.key, size))
-    return removed
+    return remove(cache_root(), list_entries(), keys)

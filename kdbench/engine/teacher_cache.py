@@ -70,16 +70,40 @@ def cache_key(inputs: dict) -> str:
 
 
 @dataclass
-class Entry:
-    """A published cache entry (read-only)."""
+class Published:
+    """A published entry: its folder and its ``meta.json`` (the file written last)."""
 
     path: Path
     meta: dict
-    index: dict
 
     @property
     def key(self) -> str:
         return self.meta["key"]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+def remove(root: Path, entries: Sequence[Published], keys: Sequence[str] | None) -> list[tuple[str, int]]:
+    """Remove the entries whose key starts with one of ``keys`` (all when None), each under its
+    lock; returns (key, bytes freed)."""
+    removed = []
+    for entry in entries:
+        if keys is None or any(entry.key.startswith(k) for k in keys):
+            with lock(root, entry.key):
+                size = entry.size_bytes
+                shutil.rmtree(entry.path, ignore_errors=True)
+            (root / f"{entry.key}.lock").unlink(missing_ok=True)
+            removed.append((entry.key, size))
+    return removed
+
+
+@dataclass
+class Entry(Published):
+    """A published teacher-cache entry (read-only)."""
+
+    index: dict
 
     @classmethod
     def open(cls, path: Path) -> "Entry | None":
@@ -121,11 +145,6 @@ class Entry:
 
         tensors = load_file(str(self.path / "head.safetensors"))
         return TeacherHead(tensors["weight"], tensors.get("bias"))
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
-
 
 @contextmanager
 def lock(root: Path, key: str):
@@ -242,12 +261,4 @@ def list_entries() -> list[Entry]:
 
 def clear(keys: Sequence[str] | None = None) -> list[tuple[str, int]]:
     """Remove the named entries (all when ``keys`` is None); returns (key, bytes freed)."""
-    removed = []
-    for entry in list_entries():
-        if keys is None or entry.key in keys or any(entry.key.startswith(k) for k in keys):
-            with lock(cache_root(), entry.key):
-                size = entry.size_bytes
-                shutil.rmtree(entry.path, ignore_errors=True)
-            (cache_root() / f"{entry.key}.lock").unlink(missing_ok=True)
-            removed.append((entry.key, size))
-    return removed
+    return remove(cache_root(), list_entries(), keys)
