@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kdbench.engine.teacher_cache import Published, lock, remove
+from kdbench.engine.teacher_cache import Published, cache_key, lock, publish, remove
 
 FORMAT = 1  # bump when kdbench.sampling.prefill computes something else
 
@@ -62,8 +59,7 @@ def key_inputs(teacher_identity: dict, prompt_ids, batch_size: int, device: torc
 
 
 def entry_key(inputs: dict) -> str:
-    blob = json.dumps({"format": FORMAT, **inputs}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return cache_key({"prompt_cache_format": FORMAT, **inputs})
 
 
 @dataclass
@@ -113,20 +109,15 @@ def _publish(final: Path, key: str, inputs: dict, prefixes) -> None:
             tensors[f"{i}.k.{n}"], tensors[f"{i}.v.{n}"] = _own(layer.keys), _own(layer.values)
         tensors[f"{i}.last_hidden"] = _own(p.last_hidden)
         tensors[f"{i}.mask"], tensors[f"{i}.next_pos"] = _own(p.mask), _own(p.next_pos)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # an inconsistent leftover (never published completely)
-        shutil.rmtree(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
-    try:
-        torch.save(tensors, tmp / "prefix.pt")
-        meta = {"key": key, "format": FORMAT, "inputs": inputs, "batches": len(prefixes),
-                "layers": len(prefixes[0].cache.layers) if prefixes else 0,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    meta = {"key": key, "format": FORMAT, "inputs": inputs, "batches": len(prefixes),
+            "layers": len(prefixes[0].cache.layers) if prefixes else 0,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def write(folder: Path) -> None:
+        torch.save(tensors, folder / "prefix.pt")
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    publish(final, write)
 
 
 def _load(path: Path, device: torch.device, config=None) -> list | None:

@@ -146,6 +146,21 @@ class Entry(Published):
         tensors = load_file(str(self.path / "head.safetensors"))
         return TeacherHead(tensors["weight"], tensors.get("bias"))
 
+def publish(final: Path, write) -> None:
+    """Make the entry folder ``final`` with ``write(folder)`` in a temporary sibling renamed into
+    place when complete (a reader never sees half an entry); call under the entry's lock."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():  # an inconsistent leftover (never published completely)
+        shutil.rmtree(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def lock(root: Path, key: str):
     """An exclusive ``flock`` on ``root/<key>.lock`` (held while an entry is built or removed)."""
@@ -176,16 +191,8 @@ def get_or_build(key: str, inputs: dict, teacher, examples: Sequence[tuple[str, 
             return entry, 0.0
         t0 = time.perf_counter()
         final = cache_root() / key
-        if final.exists():  # an inconsistent leftover (never published completely)
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root()))
-        try:
-            model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
-            _write(tmp, key, inputs, model, examples, device, progress)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
+        publish(final, lambda folder: _write(folder, key, inputs, model, examples, device, progress))
         seconds = time.perf_counter() - t0
         entry = Entry.open(final)
         assert entry is not None, f"teacher cache entry {final} failed its own consistency check"
