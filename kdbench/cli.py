@@ -26,7 +26,8 @@ def cmd_run(args) -> int:
     if args.resume is not None:
         from kdbench.runner import resume
 
-        given = [f for f in ("objective", "param", "steps", "eval_limit", "finetune_steps", "pair", "teacher", "student", "data_dir")
+        given = [f for f in ("objective", "param", "steps", "eval_limit", "finetune_steps", "pair", "teacher", "student",
+                             "data_dir", "keep_activations")
                  if getattr(args, f) not in (None, [], False)]
         if given or args.suite != "micro" or args.seed != 0:
             raise UserError("--resume continues a run with its own configuration; it takes only --db and --no-progress")
@@ -38,7 +39,8 @@ def cmd_run(args) -> int:
                      steps=args.steps, eval_limit=args.eval_limit, finetune_steps=args.finetune_steps, db=args.db,
                      device=args.device, save_student=not args.no_save, progress=not args.no_progress, pair=args.pair,
                      teacher=args.teacher, student=args.student, teacher_finetuned=args.teacher_finetuned,
-                     data_dir=args.data_dir, teacher_source=args.teacher_source, sweep_id=args.sweep_id, lr=args.lr)
+                     data_dir=args.data_dir, teacher_source=args.teacher_source, sweep_id=args.sweep_id, lr=args.lr,
+                     keep_activations=args.keep_activations)
     run_id = run(req, argv=sys.argv)
     return _print_run_table(args.db, run_id)
 

@@ -125,6 +125,9 @@ def _run_options(r) -> None:
     r.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     r.add_argument("--no-save", action="store_true", help="do not keep the distilled student's weights")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--keep-activations", action="store_true",
+                   help="keep the student's activations for backward instead of recomputing them: the same "
+                        "result bit for bit, less training time, more memory (docs/performance.md)")
     r.add_argument("--teacher-source", choices=("cache", "live"), default="cache",
                    help="cache (default): the teacher's hidden states computed once per suite version and read from "
                         "disk; live: run the teacher on every batch")
@@ -183,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                      ("--teacher-source", dict(choices=("cache", "live")))):
         sw.add_argument(flag, default=None, help=f"passed to every run ({flag} of `kdbench run`)", **kw)
     sw.add_argument("--no-save", action="store_true", default=None, help="passed to every run")
+    sw.add_argument("--keep-activations", action="store_true", default=None,
+                    help="passed to every run (--keep-activations of `kdbench run`)")
 
     sub.add_parser("list", help="objectives with their parameters, and suites")
 

@@ -45,6 +45,8 @@ class RunRequest:
     sweep_id: str | None = None    # the `kdbench sweep` this run belongs to
     lr: float | None = None        # peak learning rate instead of the suite's (`kdbench sweep --tune lr=...`)
     finetune_steps: int | None = None  # teacher fine-tuning budget instead of the suite's (quick runs, tests)
+    keep_activations: bool = False  # keep the student's block activations for backward instead of recomputing
+    #                                 them: bitwise the same result, less time, more memory (sweeps on big machines)
 
 
 def _model_ref(flag: str, value: str | None) -> str | None:

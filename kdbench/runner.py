@@ -86,6 +86,13 @@ def make_teacher_source(prep: Prepared, objective, kind: str, seed: int = 0, pro
             {"kind": "cache", "key": key, "rows": entry.meta["n_rows"], "examples": entry.meta["n_examples"]}, built_s)
 
 
+def checkpointing(req: RunRequest) -> bool:
+    """Whether this run recomputes the student's block activations in backward: the trainer's
+    default (on; ``KDBENCH_ACTIVATION_CHECKPOINTING=0`` turns it off) unless the run asked to keep
+    them (``--keep-activations``). Either way the result is bitwise the same; only time and memory move."""
+    return trainer.ACTIVATION_CHECKPOINTING and not req.keep_activations
+
+
 def selection_rule(suite: SuiteSpec, n_valid: int) -> str:
     task = suite.valid_task
     decode = "greedy" if task.greedy else "sampled (seed 1)"
@@ -151,7 +158,7 @@ def _setup(req: RunRequest, argv, *, check: bool = True) -> Setup:
         "objective": objective.name, "params": objective.params, "setting": objective.setting,
         "objective_version": getattr(objective.spec, "version", None),
         "suite": suite.to_dict(), "suite_version": label, "seed": req.seed, "device": req.device,
-        "torch_threads": torch.get_num_threads(), "activation_checkpointing": trainer.ACTIVATION_CHECKPOINTING,
+        "torch_threads": torch.get_num_threads(), "activation_checkpointing": checkpointing(req),
         "teacher": prep.teacher_identity(),
         "teacher_path": str(prep.teacher_path), "teacher_source": desc, "data_order": batches.describe(),
         "startup_check": result, "reference_runs": ref_ids, "reference_fingerprint": reference_fingerprint(prep),
@@ -268,7 +275,8 @@ def _execute(s: Setup, writer: RunWriter, restored, t0: float) -> int:
             result = train(model=s.student, objective=s.objective, batches=s.batches, teacher=s.teacher,
                            spec=suite.train, device=device, log=log, validate=validate,
                            valid_every=suite.eval.valid_every, log_valid=log_valid, state=state,
-                           optimizer=optimizer, on_step=on_step, progress=s.req.progress)
+                           optimizer=optimizer, on_step=on_step, activation_checkpointing=checkpointing(s.req),
+                           progress=s.req.progress)
         finally:
             GRACEFUL.armed = False
         cost["train_s"] = result.train_time_s

@@ -44,7 +44,7 @@ TUNABLE = ("lr",)                     # TrainSpec fields `--tune` may grid over 
 RUN_OPTIONS = {"steps": "--steps", "eval_limit": "--eval-limit", "finetune_steps": "--finetune-steps", "pair": "--pair", "teacher": "--teacher",
                "student": "--student", "data_dir": "--data-dir", "device": "--device",
                "teacher_source": "--teacher-source", "lr": "--lr"}
-RUN_FLAGS = {"no_save": "--no-save", "teacher_finetuned": "--teacher-finetuned"}
+RUN_FLAGS = {"no_save": "--no-save", "teacher_finetuned": "--teacher-finetuned", "keep_activations": "--keep-activations"}
 
 
 @dataclass

@@ -142,6 +142,8 @@ def test_resume_refuses_what_cannot_be_resumed(world, capsys):
     assert "finished" in capsys.readouterr().err
     assert main(["run", "--resume", "999", "--db", str(db)]) == 2
     assert main(["run", "--resume", str(run.id), "--objective", "kl", "--db", str(db)]) == 2
+    assert main(["run", "--resume", str(run.id), "--keep-activations", "--db", str(db)]) == 2
+    assert "takes only --db and --no-progress" in capsys.readouterr().err  # the run keeps its own setting
 
 
 def test_resume_after_an_intermediate_best_was_kept(world):

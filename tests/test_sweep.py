@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from kdbench.cli import main
 from kdbench.errors import UserError
-from kdbench.store import Run, open_engine
+from kdbench.store import Metric, Run, open_engine
 from kdbench.suites import get_suite
 from kdbench.sweep import SweepSpec, expand, sweep_id, threads_per_worker
 
@@ -47,12 +47,12 @@ def test_expansion_applies_grids_where_they_belong():
 
 def test_dry_run_prints_one_kdbench_run_line_per_run(capsys):
     assert main(["sweep", "--objectives", "kl", "rkl", "csd_ss", "--seeds", "0", "1", "2", "--dry-run",
-                 "--steps", "5", "--db", "x.db"]) == 0
+                 "--steps", "5", "--db", "x.db", "--keep-activations"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
     assert len(lines) == 9 and all(ln.startswith("kdbench run --objective ") for ln in lines)
     argv = shlex.split(lines[0])
     assert argv[argv.index("--steps") + 1] == "5" and argv[argv.index("--db") + 1] == "x.db"
-    assert "--sweep-id" in argv and "--seed" in argv
+    assert "--sweep-id" in argv and "--seed" in argv and "--keep-activations" in argv
 
 
 def test_a_spec_file_and_its_mistakes(tmp_path, capsys):
@@ -113,10 +113,27 @@ def runs(db):
     return out
 
 
+def config(db, run_id):
+    engine = open_engine(str(db), readonly=True)
+    with Session(engine) as s:
+        out = s.get(Run, run_id).config
+    engine.dispose()
+    return out
+
+
+def metrics(db, run_id):
+    engine = open_engine(str(db), readonly=True)
+    with Session(engine) as s:
+        out = sorted((m.task, m.metric, m.seed if m.seed is not None else -1, m.value)
+                     for m in s.scalars(select(Metric).where(Metric.run_id == run_id)))
+    engine.dispose()
+    return out
+
+
 def test_two_workers_skip_finished_runs_and_survive_a_failed_one(tiny):
     db = tiny["tmp"] / "two.db"
     objectives = ["kl", "rkl", f"{tiny['plugin']}:always_nan"]
-    res = sweep(tiny, db, "--objectives", *objectives, "--seeds", "0", "--workers", "2")
+    res = sweep(tiny, db, "--objectives", *objectives, "--seeds", "0", "--workers", "2", "--keep-activations")
     assert res.returncode == 1, res.stdout + res.stderr  # one run failed: the sweep says so in its exit code
     out = res.stdout
     assert "2 worker(s)" in out and "failed: always_nan seed 0" in out and "3/3 done, 1 failed" in out
@@ -140,6 +157,10 @@ def test_two_workers_skip_finished_runs_and_survive_a_failed_one(tiny):
     assert "1 already finished, 1 to run" in third.stdout
     kls = [r for r in runs(db) if r[1] == "kl"]  # one configuration, two teachers: two experiments
     assert len(runs(db)) == 4 and len(kls) == 2 and kls[1][3] == "finished" and kls[0][5] == kls[1][5]
+    # the first sweep kept the student's activations, the third recomputed them (the default): the
+    # same teacher in fact, so the same numbers bit for bit -- the flag trades memory for time only
+    assert [config(db, r[0])["activation_checkpointing"] for r in kls] == [False, True]
+    assert metrics(db, kls[0][0]) == metrics(db, kls[1][0]) and len(metrics(db, kls[0][0])) > 5
 
 
 def test_a_killed_sweep_started_again_resumes_the_interrupted_run(tiny):
