@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Tests build tiny teachers, teacher caches and prompt caches: they go to a cache of the tests'
+# own (kept between local runs, so a second run is fast; gitignored), never into the user's
+# $KDBENCH_CACHE or ~/.cache/kdbench, where `kdbench cache list` would show them as clutter.
+# KDBENCH_TEST_CACHE chooses another place; tests that need an empty cache make their own.
+os.environ["KDBENCH_CACHE"] = os.environ.get("KDBENCH_TEST_CACHE", str(ROOT / ".kdbench-cache" / "tests"))
+
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
