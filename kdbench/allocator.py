@@ -29,6 +29,19 @@ environment win). Measured on the standard run (2-core Xeon with AMX, bf16;
 against these, one after the other: peak 3,938 → 3,253 MB, training 43 → 42 s, the 390 samples
 identical. A oneDNN capacity of 0 recompiles every primitive (training 5× slower); ideep's
 must stay ≥ 1 (0 segfaults torch 2.13).
+
+**Purging.** mimalloc hands freed memory back to the OS (``MADV_DONTNEED``) once it has been
+free for ``MIMALLOC_PURGE_DELAY`` ms (mimalloc 3.4: 1,000). A training step takes about a
+second and frees its gradients (model-sized, dropped before the next forward to keep them out
+of the step's peak) and its activations, so every step faulted the same pages in again: a
+20-step profile made 345k minor page faults (88k with purging off), and zero-filling the
+tied embedding's 113 MB gradient took 53 ms a step (``torch.profiler``, docs/performance.md
+"Session 11"). kdbench sets the delay to
+:data:`PURGE_DELAY_MS` (a value you set is kept), so a phase reuses its own pages, and
+:func:`kdbench.device.release_memory` forces the purge where a phase ends (after the start-up
+check, each validation, training), so what one phase freed is not resident under the next.
+Never purging (``-1``) is faster still but kept the training memory resident under evaluation:
+peak 2,860 -> 3,400 MB on the standard run.
 """
 
 from __future__ import annotations
@@ -43,6 +56,10 @@ _LIB = ("cmeel.prefix", "lib", "libmimalloc.so.3")
 # Enough for one step's shapes (five weight shapes x forward, input and weight gradients) so
 # that the 24 blocks of a step share their primitives; few enough that old steps' are dropped.
 KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "1"}
+#: mimalloc's purge delay (ms) for kdbench processes: longer than a training step, so steps reuse
+#: their pages; phases end with a forced purge (device.release_memory). A positive value is
+#: needed: with -1 mimalloc never purges, even when asked to.
+PURGE_DELAY_MS = "10000"
 
 
 def bound_kernel_caches() -> None:
@@ -64,6 +81,27 @@ def mimalloc_path() -> str | None:
         if lib.is_file():
             return str(lib.resolve())
     return None
+
+
+def purge_delay() -> str | None:
+    """mimalloc's purge delay in ms for this process (None when mimalloc is not its allocator)."""
+    return os.environ.get("MIMALLOC_PURGE_DELAY", "1000 (mimalloc default)") if in_use() == "mimalloc" else None
+
+
+def purge() -> bool:
+    """Hand the memory mimalloc holds free back to the OS now (``mi_collect(true)``); False when
+    mimalloc is not this process's allocator."""
+    if in_use() != "mimalloc":
+        return False
+    import ctypes
+
+    try:
+        collect = ctypes.CDLL(None).mi_collect
+    except (OSError, AttributeError):
+        return False
+    collect.argtypes, collect.restype = [ctypes.c_bool], None
+    collect(True)
+    return True
 
 
 def in_use() -> str:
@@ -96,7 +134,8 @@ def reexec_with_mimalloc() -> None:
     lib = mimalloc_path()
     if lib is None or "libmimalloc" in preload:
         return
-    env = {**os.environ, "LD_PRELOAD": f"{lib}:{preload}" if preload else lib, _REEXECUTED: "1"}
+    env = {"MIMALLOC_PURGE_DELAY": PURGE_DELAY_MS, **os.environ,
+           "LD_PRELOAD": f"{lib}:{preload}" if preload else lib, _REEXECUTED: "1"}
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     sys.stdout.flush()
     sys.stderr.flush()

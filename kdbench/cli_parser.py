@@ -144,10 +144,12 @@ class _Version(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from kdbench import __version__
-        from kdbench.allocator import in_use, kernel_caches
+        from kdbench.allocator import in_use, kernel_caches, purge_delay
 
         caches = ", ".join(f"{k}={v or 'default'}" for k, v in kernel_caches().items())
-        print(f"kdbench {__version__} (Python {sys.version.split()[0]}, allocator {in_use()}, kernel caches {caches})")
+        delay = purge_delay()
+        allocator = in_use() + (f" (purge delay {delay} ms)" if delay else "")
+        print(f"kdbench {__version__} (Python {sys.version.split()[0]}, allocator {allocator}, kernel caches {caches})")
         parser.exit()
 
 

