@@ -151,7 +151,9 @@ def test_two_workers_skip_finished_runs_and_survive_a_failed_one(tiny):
         kl.config = {**kl.config, "reference_fingerprint": "0123456789abcdef"}
         s.commit()
     engine.dispose()
-    third = sweep(tiny, db, "--objectives", "kl", "rkl", "--seeds", "0")
+    # two workers again: one thread per worker, as in the first sweep (the thread count changes
+    # a matmul's summation order, and with it the bits)
+    third = sweep(tiny, db, "--objectives", "kl", "rkl", "--seeds", "0", "--workers", "2")
     assert third.returncode == 0, third.stdout + third.stderr
     assert "1 finished run(s) in the store were made under another teacher" in third.stdout
     assert "1 already finished, 1 to run" in third.stdout
@@ -160,6 +162,7 @@ def test_two_workers_skip_finished_runs_and_survive_a_failed_one(tiny):
     # the first sweep kept the student's activations, the third recomputed them (the default): the
     # same teacher in fact, so the same numbers bit for bit -- the flag trades memory for time only
     assert [config(db, r[0])["activation_checkpointing"] for r in kls] == [False, True]
+    assert [config(db, r[0])["torch_threads"] for r in kls] == [1, 1]
     assert metrics(db, kls[0][0]) == metrics(db, kls[1][0]) and len(metrics(db, kls[0][0])) > 5
 
 
