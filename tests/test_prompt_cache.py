@@ -1,11 +1,17 @@
 """The teacher's prompt prefill on disk (kdbench/engine/prompt_cache.py): a loaded prefix is the
 computed one bit for bit (decodes, scores and whole evaluations equal), the key follows every
-input, an incomplete entry is never read, a cache it cannot store is used live, and
-`kdbench cache list|clear` show and remove entries (tiny random Llamas, real tokenizer)."""
+input, an incomplete entry is never read, a cache it cannot store is used live,
+`kdbench cache list|clear` show and remove entries, and two processes asking for one entry at
+once compute it once (tiny random Llamas, real tokenizer)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +23,7 @@ except ImportError:  # run from inside tests/
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +172,53 @@ def test_cache_list_and_clear_show_and_remove_prompt_entries(setup, cache_home, 
     assert main(["cache", "clear", entry.key[:8]]) == 0
     assert f"removed {entry.key}" in capsys.readouterr().out
     assert not entry.path.exists()
+
+
+# Each process loads the tiny teacher the parent made, asks the same entry for its prefixes, and
+# prints whether it computed them (its prefill ran) or loaded them, then a digest of what it got.
+PREFILLER = textwrap.dedent("""
+    import hashlib, sys, time, torch
+    torch.set_num_threads(1)
+    from kdbench.data.records import Example
+    from kdbench.engine import prompt_cache
+    from kdbench.evaluate import Decoder, TaskInputs
+    from kdbench.models import load_causal_lm, load_tokenizer
+    from kdbench.suites import EvalSpec
+    from tests.tiny_models import EVAL_PROMPTS, EVAL_REFERENCES
+    path = sys.argv[1]
+    teacher, tok = load_causal_lm(path).eval(), load_tokenizer(path)
+    examples = [Example(id=f"t:{i}", prompt=p, references=r, task="t")
+                for i, (p, r) in enumerate(zip(EVAL_PROMPTS, EVAL_REFERENCES))]
+    inputs = TaskInputs.build(tok, examples, max_prompt_tokens=64, max_tokens=96)
+    key_inputs = prompt_cache.key_inputs({"weights": "w", "tokenizer": "t"}, inputs.prompt_ids, 2,
+                                         torch.device("cpu"), torch.float32)
+    entry = prompt_cache.PromptCache(prompt_cache.entry_key(key_inputs), key_inputs)
+    decoder = Decoder(teacher, inputs.prompt_ids, EvalSpec(seeds=(1,), max_new_tokens=4, batch_size=2),
+                      torch.device("cpu"), pad_id=tok.pad_token_id, stored=entry)
+    ran = []
+    live = decoder._prefill
+    # a slow prefill, so that the other process (started with this one) asks while it runs
+    decoder._prefill = lambda: ran.append(1) or time.sleep(3) or live()
+    digest = hashlib.sha256()
+    for p in decoder.prefixes:
+        for t in [p.last_hidden, p.mask, p.next_pos] + [x for l in p.cache.layers for x in (l.keys, l.values)]:
+            digest.update(t.float().contiguous().numpy().tobytes())  # bf16 and bool exact in float32
+    print("COMPUTED" if ran else "LOADED", digest.hexdigest())
+""")
+
+
+def test_two_processes_asking_for_one_entry_compute_it_once(setup, cache_home):
+    teacher_path = setup[0].config._name_or_path  # the module's tiny teacher folder
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "KDBENCH_CACHE": str(cache_home)}
+    procs = [subprocess.Popen([sys.executable, "-c", PREFILLER, str(teacher_path)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    lines = sorted(out.split()[-2:] for out, _ in outs)
+    # one computed and published under the lock; the other waited for it and loaded it
+    assert [word for word, _ in lines] == ["COMPUTED", "LOADED"]
+    assert lines[0][1] == lines[1][1]  # the loaded prefixes are the computed ones, bit for bit
+    root = cache_home / "teacher-prompts"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    assert len([p for p in root.iterdir() if (p / "meta.json").is_file()]) == 1
