@@ -203,7 +203,9 @@ def cmd_cache(args) -> int:
     if args.cache_command == "list":
         entries, prompts = teacher_cache.list_entries(), prompt_cache.list_entries()
         _cache_listing("teacher cache", teacher_cache.cache_root(), entries,
-                       lambda e: f"{e.meta['n_rows']} positions of {e.meta['n_examples']} examples, {e.meta['dtype']}")
+                       lambda e: f"{e.meta['n_rows']} positions of {e.meta['n_examples']} examples, {e.meta['dtype']}"
+                                 + ("" if e.meta.get("format") == teacher_cache.CACHE_FORMAT else
+                                    f", format {e.meta.get('format')}: no longer read, remove it with `kdbench cache clear`"))
         _cache_listing("teacher prompt cache", prompt_cache.cache_root(), prompts,
                        lambda e: f"{e.meta['batches']} batches of prompts, {e.meta['inputs'].get('dtype')}, "
                                  f"{e.meta['inputs'].get('threads')} thread(s)")

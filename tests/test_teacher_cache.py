@@ -158,3 +158,36 @@ def test_cache_list_and_clear_from_the_command_line(tiny, cache, capsys):
     assert "no teacher-cache entry matches nosuch" in err and "Traceback" not in err
     assert teacher_cache.lookup("def456") is not None
     assert main(["cache", "clear"]) == 0 and teacher_cache.list_entries() == []
+
+
+def test_rows_are_refused_for_other_tokens_under_a_cached_id_even_of_the_same_length(tiny, cache):
+    """An on-policy sampler's fresh response under an example id the cache knows: the count of
+    positions can match, the teacher's states cannot."""
+    from kdbench.data.batching import Encoded
+    from kdbench.engine.batches import pack
+
+    entry, _ = _build(tiny)
+    source = CachedTeacher(entry)
+    (ex_id, e), *_ = tiny["examples"]
+    assert source.hidden(pack([e], [ex_id])).shape[0] == len(e.ids) - e.n_prompt
+    ids = list(e.ids)
+    ids[e.n_prompt] = (ids[e.n_prompt] + 1) % 49152  # the response's first token changed, same length
+    other = pack([Encoded(ids, e.n_prompt)], [ex_id])
+    with pytest.raises(ValueError, match=f"other tokens for example {ex_id!r}.*need a live teacher"):
+        source.hidden(other)
+    with pytest.raises(ValueError, match="other tokens"):  # a moved prompt boundary is another example too
+        source.hidden(pack([Encoded(list(e.ids), e.n_prompt + 1)], [ex_id]))
+
+
+def test_an_entry_of_an_earlier_format_is_listed_and_cleared_never_read(tiny, cache, capsys):
+    import json
+
+    from kdbench.cli import main
+
+    entry, _ = _build(tiny, "old1")
+    meta = json.loads((entry.path / "meta.json").read_text())
+    (entry.path / "meta.json").write_text(json.dumps({**meta, "format": teacher_cache.CACHE_FORMAT - 1}))
+    assert teacher_cache.lookup("old1") is None
+    assert main(["cache", "list"]) == 0
+    assert "old1" in (out := capsys.readouterr().out) and "no longer read" in out
+    assert main(["cache", "clear", "old1"]) == 0 and not entry.path.exists()

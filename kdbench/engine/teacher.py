@@ -86,7 +86,7 @@ class CachedTeacher:
         self.device = torch.device(device)
 
     def hidden(self, batch: Batch) -> Tensor:
-        rows = self.entry.rows(batch.example_ids)
+        rows = self.entry.rows(batch.example_ids, batch.encoded)
         if rows.shape[0] != batch.n_counted:
             raise RuntimeError(f"teacher cache {self.entry.key}: {rows.shape[0]} cached positions for a batch with "
                                f"{batch.n_counted} counted positions (stale entry?)")

@@ -8,14 +8,18 @@ so a run sees the live teacher's full distribution, not a top-k compression.
 Layout of an entry ``$KDBENCH_CACHE/teacher-hidden/<key>/``::
 
     hidden.bin       [n_rows, d] raw rows (bf16 stored as int16 bits, or float32), memory-mapped
-    index.json       example id -> [first row, number of rows] (rows in counted-position order)
+    index.json       example id -> [first row, number of rows, tokens digest] (rows in counted-position
+                     order; the digest of the example's tokens, checked on every read)
     head.safetensors the teacher's output head (weight [V, d], bias) in float32
     meta.json        key, its inputs, shape, dtype, sizes, build time   (written last)
 
 **Key** (content-addressed): sha256 of the cache format version, the teacher weights digest,
 the tokenizer digest (vocabulary, special tokens, chat template), the digest of the encoded
 training data (every example id, token id and prompt length), the max lengths, the dtype and
-the device kind. Any change is a new entry; a stale one is never read.
+the device kind. Any change is a new entry; a stale one is never read. Within an entry, rows
+are handed out only for the tokens they were computed from: a batch whose example carries other
+tokens under a cached id (an on-policy sampler's fresh response, say) is refused, even when its
+length matches.
 
 **Concurrency**: a builder holds an exclusive ``flock`` on ``<key>.lock`` and writes into a
 temporary sibling folder that is renamed into place when complete, so concurrent runs
@@ -44,7 +48,7 @@ from kdbench.engine.batches import counted_span, pack
 from kdbench.engine.forward import final_hidden, head_logits_check
 from kdbench.engine.teacher import TeacherHead
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: each index row carries its example's tokens digest (format 1 entries are listed, not read)
 BUILD_BATCH = 16  # examples per teacher forward while building (packed)
 _DTYPES = {"bfloat16": (torch.bfloat16, np.int16), "float32": (torch.float32, np.float32)}
 
@@ -61,6 +65,11 @@ def data_digest(examples: Sequence[tuple[str, Encoded]]) -> str:
     for ex_id, e in examples:
         h.update(json.dumps([ex_id, e.n_prompt, e.ids]).encode())
     return h.hexdigest()
+
+
+def tokens_digest(e: Encoded) -> str:
+    """What an example's cached rows were computed from: its prompt length and token ids."""
+    return hashlib.sha256(json.dumps([e.n_prompt, e.ids]).encode()).hexdigest()[:16]
 
 
 def cache_key(inputs: dict) -> str:
@@ -128,14 +137,22 @@ class Entry(Published):
             self._mm = arr
         return arr
 
-    def rows(self, example_ids: Iterable[str]) -> torch.Tensor:
-        """The cached rows of these examples, concatenated in order: ``[N, d]``."""
+    def rows(self, example_ids: Sequence[str], encoded: Sequence[Encoded] | None = None) -> torch.Tensor:
+        """The cached rows of these examples, concatenated in order: ``[N, d]``. With ``encoded``
+        (the batch's tokens, in the same order) each example must be the one its rows were
+        computed from; another sequence under a cached id is refused."""
         arr = self._array()
         try:
             spans = [self.index[i] for i in example_ids]
         except KeyError as exc:
             raise KeyError(f"example {exc.args[0]!r} is not in teacher cache {self.key}") from None
-        out = np.concatenate([arr[a:a + n] for a, n in spans]) if spans else arr[:0]
+        if encoded is not None:
+            for ex_id, e, span in zip(example_ids, encoded, spans):
+                if span[2] != tokens_digest(e):
+                    raise ValueError(f"teacher cache {self.key} holds the teacher's states of other tokens for example "
+                                     f"{ex_id!r} than this batch has (sequences it never saw, e.g. sampled on-policy, "
+                                     f"need a live teacher)")
+        out = np.concatenate([arr[a:a + n] for a, n, _ in spans]) if spans else arr[:0]
         t = torch.from_numpy(np.ascontiguousarray(out))
         torch_dtype, _ = _DTYPES[self.meta["dtype"]]
         return t.view(torch_dtype) if torch_dtype == torch.bfloat16 else t
@@ -212,7 +229,7 @@ def _write(folder: Path, key: str, inputs: dict, teacher, examples, device, prog
     dtype_name = "bfloat16" if next(teacher.parameters()).dtype == torch.bfloat16 else "float32"
     torch_dtype, np_dtype = _DTYPES[dtype_name]
     arr = np.memmap(folder / "hidden.bin", dtype=np_dtype, mode="w+", shape=(max(n_rows, 1), d))
-    index: dict[str, list[int]] = {}
+    index: dict[str, list] = {}
     row = 0
     bar = tqdm(range(0, len(examples), BUILD_BATCH), desc="teacher cache", disable=not progress, dynamic_ncols=True)
     for start in bar:
@@ -227,7 +244,7 @@ def _write(folder: Path, key: str, inputs: dict, teacher, examples, device, prog
         offset = 0
         for ex_id, e in picked:
             n = len(counted_span(e))
-            index[ex_id] = [row + offset, n]
+            index[ex_id] = [row + offset, n, tokens_digest(e)]
             offset += n
         row += bits.shape[0]
     bar.close()
@@ -236,7 +253,7 @@ def _write(folder: Path, key: str, inputs: dict, teacher, examples, device, prog
     if n_rows == 0:  # keep the file size consistent with n_rows = 0
         (folder / "hidden.bin").write_bytes(b"")
     head = TeacherHead.of(teacher)
-    tensors = {"weight": head.weight.float().contiguous().cpu()}  # the file keeps float32 (format 1)
+    tensors = {"weight": head.weight.float().contiguous().cpu()}  # the file keeps float32
     if head.bias is not None:
         tensors["bias"] = head.bias.contiguous().cpu()
     save_file(tensors, str(folder / "head.safetensors"))
@@ -258,12 +275,27 @@ def _check_head(teacher, batch, hidden, dtype_name: str) -> None:
                          f"teacher logits from hidden states and needs a plain linear output head")
 
 
-def list_entries() -> list[Entry]:
+def list_entries() -> list[Published]:
+    """The published entries: usable ones as :class:`Entry`, and those an earlier cache format
+    wrote (never read now; listed so that ``kdbench cache clear`` can remove them)."""
     root = cache_root()
     if not root.is_dir():
         return []
-    found = (Entry.open(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith("."))
-    return [e for e in found if e is not None]
+    out: list[Published] = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        entry = Entry.open(p)
+        if entry is not None:
+            out.append(entry)
+            continue
+        try:
+            meta = json.loads((p / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("format") != CACHE_FORMAT and "key" in meta:
+            out.append(Published(p, meta))
+    return out
 
 
 def clear(keys: Sequence[str] | None = None) -> list[tuple[str, int]]:
