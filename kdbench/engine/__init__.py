@@ -9,6 +9,7 @@
 * :mod:`~kdbench.engine.state`         the train state (the resume seam) and the schedule
 * :mod:`~kdbench.engine.trainer`       the loop, top to bottom
 
+Each part's contract, and where on-policy sampling and scale-out plug in: docs/engine.md.
 The objective's math is below all of this (kdbench/losses.py, kdbench/objective.py); the
 precision and device helpers are in kdbench/device.py.
 """
