@@ -122,6 +122,17 @@ def test_the_key_follows_every_input(setup):
     assert prompt_cache.entry_key(prompt_cache.key_inputs(**base)) == key
 
 
+def test_the_key_does_not_follow_the_teacher_caches_format(setup, monkeypatch):
+    from kdbench.engine import prompt_cache, teacher_cache
+
+    inputs = prompt_cache.key_inputs({"weights": "w", "tokenizer": "t"}, setup[3].prompt_ids, 2, CPU, torch.float32)
+    key = prompt_cache.entry_key(inputs)
+    monkeypatch.setattr(teacher_cache, "CACHE_FORMAT", teacher_cache.CACHE_FORMAT + 1)
+    assert prompt_cache.entry_key(inputs) == key
+    monkeypatch.setattr(prompt_cache, "FORMAT", prompt_cache.FORMAT + 1)
+    assert prompt_cache.entry_key(inputs) != key
+
+
 def test_an_incomplete_or_foreign_entry_is_never_read(setup, cache_home):
     from kdbench.engine import prompt_cache
     from kdbench.evaluate import Decoder
