@@ -194,7 +194,7 @@ def _cache_listing(title: str, root, entries, describe) -> None:
     for e in entries:
         teacher = str(e.meta.get("inputs", {}).get("teacher", {}).get("weights", "?"))[:12]
         print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MB  {describe(e)}, teacher {teacher}, "
-              f"built {e.meta.get('created_at', '?')}")
+              f"built {e.meta.get('created_at', '?')}, last used {e.last_used}")
 
 
 def cmd_cache(args) -> int:

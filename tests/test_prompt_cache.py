@@ -233,3 +233,22 @@ def test_two_processes_asking_for_one_entry_compute_it_once(setup, cache_home):
     root = cache_home / "teacher-prompts"
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
     assert len([p for p in root.iterdir() if (p / "meta.json").is_file()]) == 1
+
+
+def test_a_loaded_entry_is_stamped_last_used(setup, cache_home):
+    from kdbench.engine.teacher_cache import USED
+
+    teacher, _, tok, inputs = setup
+    entry = entry_for(inputs)
+    computed = entry.prefixes(lambda: _prefill(teacher, inputs, tok), CPU, teacher.config)
+    assert computed and not (entry.path / USED).exists()  # computed and published, not read
+    entry.prefixes(lambda: pytest.fail("published: must load"), CPU, teacher.config)
+    assert (entry.path / USED).exists()
+
+
+def _prefill(teacher, inputs, tok):
+    from kdbench.evaluate import Decoder
+    from kdbench.suites import EvalSpec
+
+    return Decoder(teacher, inputs.prompt_ids, EvalSpec(seeds=(1,), max_new_tokens=4, batch_size=2), CPU,
+                   pad_id=tok.pad_token_id)._prefill()

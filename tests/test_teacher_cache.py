@@ -191,3 +191,20 @@ def test_an_entry_of_an_earlier_format_is_listed_and_cleared_never_read(tiny, ca
     assert main(["cache", "list"]) == 0
     assert "old1" in (out := capsys.readouterr().out) and "no longer read" in out
     assert main(["cache", "clear", "old1"]) == 0 and not entry.path.exists()
+
+
+def test_a_reused_entry_is_stamped_last_used_and_listed_so(tiny, cache, capsys):
+    from kdbench.cli import main
+
+    entry, built = _build(tiny, "used1")
+    assert built > 0 and entry.last_used == entry.meta["created_at"]  # built, never read yet
+    _build(tiny, "used2")
+    assert _build(tiny, "used1")[1] == 0.0  # reused: stamped now
+    stamp = entry.path / teacher_cache.USED
+    os.utime(stamp, (0, 0))  # as if read in 1970
+    assert entry.last_used == "1970-01-01T00:00:00Z"
+    _build(tiny, "used1")
+    assert entry.last_used > "2026" and not (teacher_cache.lookup("used2").path / teacher_cache.USED).exists()
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"last used {entry.last_used}" in out

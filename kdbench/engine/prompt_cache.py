@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kdbench.engine.teacher_cache import Published, lock, publish, remove
+from kdbench.engine.teacher_cache import Published, lock, mark_used, publish, remove
 
 FORMAT = 1  # bump when kdbench.sampling.prefill computes something else
 
@@ -83,10 +83,12 @@ class PromptCache:
         (its cache layers are made from it, as the model's own forward makes them)."""
         loaded = _load(self.path, device, config)
         if loaded is not None:
+            mark_used(self.path)
             return loaded
         with lock(cache_root(), self.key):
             loaded = _load(self.path, device, config)  # another process published it while we waited
             if loaded is not None:
+                mark_used(self.path)
                 return loaded
             computed = compute()
             if _storable(computed):

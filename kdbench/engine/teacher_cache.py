@@ -93,6 +93,26 @@ class Published:
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
+    @property
+    def last_used(self) -> str:
+        """When a run last read this entry (UTC), else when it was built: what tells a live
+        entry from one whose key no run computes any more (``kdbench cache list``)."""
+        try:
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((self.path / USED).stat().st_mtime))
+        except OSError:
+            return self.meta.get("created_at", "?")
+
+
+USED = "last_used"  # an empty file in an entry, touched whenever a run reads the entry
+
+
+def mark_used(path: Path) -> None:
+    """Stamp an entry as read now (best effort: a read-only cache is still usable)."""
+    try:
+        (path / USED).touch()
+    except OSError:
+        pass
+
 
 def remove(root: Path, entries: Sequence[Published], keys: Sequence[str] | None) -> list[tuple[str, int]]:
     """Remove the entries whose key starts with one of ``keys`` (all when None), each under its
@@ -201,10 +221,12 @@ def get_or_build(key: str, inputs: dict, teacher, examples: Sequence[tuple[str, 
     not exist yet. Returns ``(entry, seconds spent building; 0.0 when it was reused)``."""
     entry = lookup(key)
     if entry is not None:
+        mark_used(entry.path)
         return entry, 0.0
     with lock(cache_root(), key):
         entry = lookup(key)  # another process built it while we waited
         if entry is not None:
+            mark_used(entry.path)
             return entry, 0.0
         t0 = time.perf_counter()
         final = cache_root() / key
