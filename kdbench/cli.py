@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdbench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`kdbench list | head`): quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered is flushed at exit, not into the pipe
+        return 128 + signal.SIGPIPE  # as a shell reports a reader's early exit
     finally:
         warnings.showwarning = previous
 

@@ -107,3 +107,14 @@ def test_a_broken_plugin_is_one_warning_and_the_others_still_work(tmp_path):
     res = kdbench("run", "--objective", "broken", "--db", str(tmp_path / "x.db"), env=env)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "broken.py" in res.stderr
     assert "SyntaxError" in res.stderr and not (tmp_path / "x.db").exists()
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
+    """`kdbench list | head -1`: the pipe closes before kdbench writes; no traceback, exit 141."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    proc.stdout.close()  # before kdbench has written a byte
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
