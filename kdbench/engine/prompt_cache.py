@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kdbench.engine.teacher_cache import Published, lock, mark_used, publish, remove
+from kdbench.engine.teacher_cache import Published, content_key, lock, mark_used, publish, remove
 
 FORMAT = 1  # bump when kdbench.sampling.prefill computes something else
 
@@ -59,10 +59,9 @@ def key_inputs(teacher_identity: dict, prompt_ids, batch_size: int, device: torc
 
 
 def entry_key(inputs: dict) -> str:
-    """sha256 of the canonical JSON of ``inputs`` and this cache's format (not the teacher
-    cache's: a change there must not orphan these entries)."""
-    blob = json.dumps({"prompt_cache_format": FORMAT, **inputs}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    """The key of ``inputs`` and this cache's format (not the teacher cache's: a change there
+    must not orphan these entries)."""
+    return content_key({"prompt_cache_format": FORMAT, **inputs})
 
 
 @dataclass

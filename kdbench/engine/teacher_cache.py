@@ -38,7 +38,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -72,10 +72,14 @@ def tokens_digest(e: Encoded) -> str:
     return hashlib.sha256(json.dumps([e.n_prompt, e.ids]).encode()).hexdigest()[:16]
 
 
+def content_key(obj: dict) -> str:
+    """sha256 of the canonical JSON of ``obj``, 24 hex digits: how both caches name an entry."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def cache_key(inputs: dict) -> str:
-    """The entry key: sha256 of the canonical JSON of ``inputs`` plus the format version."""
-    blob = json.dumps({"format": CACHE_FORMAT, **inputs}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    """The entry key: :func:`content_key` of ``inputs`` plus the format version."""
+    return content_key({"format": CACHE_FORMAT, **inputs})
 
 
 @dataclass
