@@ -153,7 +153,8 @@ def run_analysis(args) -> int:
         raise UserError(str(exc)) from None
     if args.batches < 1:
         raise UserError("--batches must be at least 1")
-    suite, label = resolve_suite(RunRequest(objective="kl", params={}, suite=args.suite))
+    suite, label = resolve_suite(RunRequest(objective="kl", params={}, suite=args.suite,
+                                              finetune_steps=args.finetune_steps))
     engine = open_engine(args.db)
 
     device = torch.device("cpu")

@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batches", type=_int_in("--batches", 1, COUNT_MAX), default=1,
                    help="training batches to average over (default 1)")
     a.add_argument("--seed", type=_int_in("--seed", 0, SEED_MAX), default=0)
+    a.add_argument("--finetune-steps", type=_int_in("--finetune-steps", 1, COUNT_MAX), default=None,
+                   help="teacher fine-tuning steps for suites that fine-tune (default: the suite's; as for run)")
     a.add_argument("--db", type=_nonempty("--db"), default=None)
 
     e = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a distilled student and store the results")

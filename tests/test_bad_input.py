@@ -91,6 +91,7 @@ CASES = [
     Case("analyze-batches-zero", ["analyze", "--batches", "0", *G], "--batches must be at least 1"),
     Case("analyze-seed-negative", ["analyze", "--seed", "-2", *G], "--seed must be at least 0"),
     Case("analyze-bad-objective", ["analyze", "--objectives", "kl", "nope", *G], "unknown objective 'nope'"),
+    Case("analyze-finetune-zero", ["analyze", "--finetune-steps", "0", *G], "--finetune-steps must be at least 1"),
     Case("leaderboard-port-zero", ["leaderboard", "--port", "0", *G], "--port must be in [1, 65535]"),
     Case("leaderboard-port-huge", ["leaderboard", "--port", "70000", *G], "--port must be at most 65535"),
     Case("gc-stale-negative", ["gc", "--stale-after", "-5", *G], "--stale-after must be a positive"),
