@@ -31,7 +31,8 @@ def tiny(tmp_path_factory):
            for e in train_split]
     teacher = load_causal_lm(teacher_path).eval().requires_grad_(False)
     student0 = load_causal_lm(student_path)
-    return {"tok": tok, "enc": enc, "teacher": teacher, "student0": student0, "teacher_path": teacher_path}
+    return {"tok": tok, "enc": enc, "teacher": teacher, "student0": student0, "teacher_path": teacher_path,
+            "student_path": student_path}
 
 
 def fresh(tiny):

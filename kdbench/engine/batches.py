@@ -149,3 +149,34 @@ class PackedBatches:
         return {"order": ORDER_RULE, "seed": self.seed, "epoch0_order_sha256": digest,
                 "packing": "each batch's sequences end to end in one row, positions restart per sequence, no padding",
                 "batches_per_epoch": self.batches_per_epoch}
+
+
+class RankBatches:
+    """Rank ``rank``'s share of ``source`` when ``world`` processes train together: at each step
+    every rank draws the next ``world`` batches of the source's order and keeps the ``rank``-th,
+    so one step of all ranks together covers what ``world`` steps of one process would, each
+    batch once. With DDP averaging the gradients, a step is then the gradient of the mean of
+    the ranks' losses (tests/test_seams.py checks it against that computed in one process).
+    The cursor is the source's (always at a multiple of ``world``) plus the rank and world, so a
+    run resumes only with the same number of processes."""
+
+    def __init__(self, source: PackedBatches, rank: int, world: int):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.source, self.rank, self.world = source, rank, world
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        drawn = [next(self.source) for _ in range(self.world)]
+        return drawn[self.rank]
+
+    def state_dict(self) -> dict:
+        return {**self.source.state_dict(), "rank": self.rank, "world": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("rank"), state.get("world")) != (self.rank, self.world):
+            raise ValueError(f"batch cursor of rank {state.get('rank')} of {state.get('world')} cannot resume "
+                             f"rank {self.rank} of {self.world}")
+        self.source.load_state_dict({k: v for k, v in state.items() if k not in ("rank", "world")})

@@ -21,10 +21,48 @@ def final_hidden(model, batch: Batch) -> Tensor:
     """``[N, d]`` final hidden states at ``batch.counted``. Packed sequences stay independent:
     ``position_ids`` restart per sequence and, with no attention mask and no cache,
     transformers masks attention per sequence (flash-attention kernels use them as varlen
-    boundaries)."""
+    boundaries).
+
+    ``model`` is a causal LM, a :class:`StudentBody`, or a wrapper around one (DDP,
+    ``accelerate``'s prepared module): the call then goes through the wrapper's forward."""
+    if isinstance(model, StudentBody) or isinstance(getattr(model, "module", None), StudentBody):
+        return model(batch)
+    if isinstance(getattr(model, "module", None), torch.nn.Module):
+        raise TypeError(f"{type(model).__name__} wraps a {type(model.module).__name__}: wrap "
+                        "kdbench.engine.forward.StudentBody(model) instead, so that the forward the wrapper "
+                        "hooks (DDP's gradient all-reduce) is the one training calls")
     out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     h = out.last_hidden_state
     return h.reshape(-1, h.shape[-1]).index_select(0, batch.counted)
+
+
+class StudentBody(torch.nn.Module):
+    """The student as the trainer calls it: ``forward(batch)`` is :func:`final_hidden` of the
+    causal LM it holds. It exists for data-parallel training: DDP (and so ``accelerate``) arms
+    its gradient all-reduce in the wrapped module's *forward* and hooks the wrapped module's
+    *parameters*, but training never calls the LM's own forward (no logits) and uses its output
+    head outside any forward (the objective makes logits per chunk). Wrapping this module, which
+    owns the whole LM, head included, puts both under the wrapper: ``DDP(StudentBody(lm))``
+    given to ``train(model=...)`` averages every gradient across ranks (tests/test_seams.py,
+    two real processes). Single-process runs pass the LM itself; nothing changes for them."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> Tensor:
+        return final_hidden(self.model, batch)
+
+
+def unwrap(model) -> torch.nn.Module:
+    """The causal LM inside ``model``: through a wrapper's ``.module`` and a StudentBody's ``.model``."""
+    while True:
+        if isinstance(model, StudentBody):
+            model = model.model
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def set_activation_checkpointing(model, enabled: bool) -> bool:

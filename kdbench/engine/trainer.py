@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from kdbench.device import autocast_context
-from kdbench.engine.forward import final_hidden, output_head, set_activation_checkpointing
+from kdbench.engine.forward import final_hidden, output_head, set_activation_checkpointing, unwrap
 from kdbench.engine.state import TrainState, lr_at
 
 
@@ -70,7 +70,8 @@ def make_optimizer(model: torch.nn.Module, spec, device: torch.device) -> torch.
 
 def train(
     *,
-    model: torch.nn.Module,                    # trained in place (float32 weights)
+    model: torch.nn.Module,                    # trained in place (float32 weights); on several processes
+                                               # DDP(StudentBody(lm)) (kdbench/engine/forward.py)
     objective,                                 # a kdbench.objective.Objective
     batches,                                   # PackedBatches (or anything yielding Batch with a state_dict)
     teacher,                                   # a TeacherSource, or None when the objective needs none
@@ -92,12 +93,13 @@ def train(
 
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"objective {objective.setting} needs a teacher source")
+    lm = unwrap(model)  # the causal LM itself: head, checkpointing, validation, best weights
     model.train()
     checkpointing = set_activation_checkpointing(
-        model, ACTIVATION_CHECKPOINTING if activation_checkpointing is None else activation_checkpointing)
-    params = [p for p in model.parameters() if p.requires_grad]
-    head = output_head(model)
-    opt = optimizer or make_optimizer(model, spec, device)
+        lm, ACTIVATION_CHECKPOINTING if activation_checkpointing is None else activation_checkpointing)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    head = output_head(lm)
+    opt = optimizer or make_optimizer(lm, spec, device)
     state = state or TrainState()
     opt.zero_grad(set_to_none=True)
     bar = tqdm(range(state.step, spec.steps), desc=f"train {objective.setting}", disable=not progress,
@@ -142,7 +144,7 @@ def train(
             state.window = {"loss": 0.0, "terms": {}, "n": 0}
 
         if validate is not None and valid_every and (done % valid_every == 0 or done == spec.steps):
-            score = validate(model)
+            score = validate(lm)
             model.train()
             state.valid_scores[done] = score
             if log_valid is not None:
@@ -150,15 +152,15 @@ def train(
             if score > state.best_score:  # ties keep the earlier step
                 state.best_score, state.best_step = score, done
                 if done != spec.steps:  # the last step's weights are the model itself
-                    state.best.keep(model)
+                    state.best.keep(lm)
         if on_step is not None:
             on_step(state, opt)
 
     bar.close()
     if checkpointing:  # evaluation and later training calls get the model as it came
-        set_activation_checkpointing(model, False)
+        set_activation_checkpointing(lm, False)
     if state.best_step is not None and state.best_step != spec.steps:
-        state.best.restore(model)
+        state.best.restore(lm)
     rule = (f"best validation score every {valid_every} steps (ties: earliest)" if validate is not None and valid_every
             else "last step")
     return TrainResult(
