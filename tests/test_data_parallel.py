@@ -11,6 +11,7 @@ LM (training never calls its forward, so no all-reduce would run; refused with a
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import multiprocessing
 import pickle
 
@@ -52,7 +53,9 @@ def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, out: str) ->
     from kdbench.models import load_causal_lm
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a rank that fails leaves the other in a collective: give up after a minute, not gloo's 30
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
         result = {}
@@ -85,7 +88,7 @@ def ranks(tiny, tmp_path_factory):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=300)
+        p.join(timeout=180)
         if p.is_alive():
             p.kill()
     assert [p.exitcode for p in procs] == [0] * WORLD, "a rank failed; its traceback is above"
