@@ -176,3 +176,23 @@ def test_lm_eval_on_a_saved_student(store, tmp_path, capsys):
         shutil.rmtree(run.checkpoint_path, ignore_errors=True)  # weights never outlive the test
     acc = [m for m in rows(store, Metric, run_id=run.id) if m.task == "lm_eval/kdbench_multi30k_mc"]
     assert {m.metric for m in acc} >= {"acc"} and all(0.0 <= m.value <= 1.0 for m in acc)
+
+
+def test_every_value_written_fits_its_columns_declared_length(store):
+    """SQLite keeps a string of any length in a VARCHAR(32); PostgreSQL refuses it and the run fails
+    at its first write (a quick run's suite label, "3+finetune_steps=2,steps=3,eval_limit=3", did).
+    So the lengths are checked here, on what real runs wrote, whatever the backend under test."""
+    from sqlalchemy import String, text
+
+    from kdbench.store.models import Base
+
+    engine = open_engine(str(store), readonly=True)
+    checked = 0
+    with engine.connect() as c:
+        for table in Base.metadata.sorted_tables:
+            for col in table.columns:
+                if isinstance(col.type, String) and col.type.length:
+                    longest = c.execute(text(f"SELECT max(length({col.name})) FROM {table.name}")).scalar()
+                    assert (longest or 0) <= col.type.length, f"{table.name}.{col.name}: {longest} > {col.type.length}"
+                    checked += 1
+    assert checked >= 10

@@ -52,7 +52,7 @@ class Run(Base):
     # Canonical "name(k=v,...)" string: one leaderboard row per objective and setting.
     setting: Mapped[str | None] = mapped_column(String(512), index=True)
     suite: Mapped[str] = mapped_column(String(128), index=True)
-    suite_version: Mapped[str] = mapped_column(String(32))
+    suite_version: Mapped[str] = mapped_column(String(512))  # "3+finetune_steps=2,steps=3,..." labels: long
     seed: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), index=True, default="running")
     error: Mapped[str | None] = mapped_column(Text)
