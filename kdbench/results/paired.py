@@ -110,16 +110,18 @@ class PairedData:
         score = Sample.scores[self.score].as_float()
         parts = []
         for sel in ([None] if selectors is None else list(selectors)):
-            label = group_label() if sel is None else literal(sel)
+            # grouped by the labels, not by the expressions again: a repeated expression binds its
+            # literals anew, and PostgreSQL does not take coalesce(seed, $2) for coalesce(seed, $1)
+            grp = (group_label() if sel is None else literal(sel)).label("grp")
+            sseed = func.coalesce(Sample.seed, _NO_SEED).label("sseed")
             cond = finished_in(self.suite, self.version)
-            stmt = (select(label.label("grp"), Run.role, Run.seed.label("tseed"), Sample.task, Sample.prompt_id,
-                           func.coalesce(Sample.seed, _NO_SEED).label("sseed"), func.avg(score).label("value"))
+            stmt = (select(grp, Run.role, Run.seed.label("tseed"), Sample.task, Sample.prompt_id,
+                           sseed, func.avg(score).label("value"))
                     .join(Run, Run.id == Sample.run_id)
                     .where(cond, Sample.task.in_(self.tasks), score.is_not(None)))
             if sel is not None:
                 stmt = stmt.where(selector_condition(sel))
-            stmt = stmt.group_by(label, Run.role, Run.seed, Sample.task, Sample.prompt_id,
-                                 func.coalesce(Sample.seed, _NO_SEED))
+            stmt = stmt.group_by(grp, Run.role, Run.seed, Sample.task, Sample.prompt_id, sseed)
             df = frame(engine, stmt, ["grp", "role", "tseed", "task", "prompt_id", "sseed", "value"])
             if sel is not None and not df.empty:
                 unseeded = sel.startswith("run:") or sel in REFERENCE_ROLES
