@@ -47,14 +47,14 @@ def cmd_run(args) -> int:
 
 def _print_run_table(db, run_id: int) -> int:
     from kdbench.report import comparison_table
-    from kdbench.store import get_run, open_engine, resolve_url
+    from kdbench.store import display_name, get_run, open_engine
 
     engine = open_engine(db)
     refs = get_run(engine, run_id).config.get("reference_runs", {})
     columns = [(role, rid) for role, rid in refs.items()] + [("distilled", run_id)]
     print()
     print(comparison_table(engine, columns))
-    print(f"\n[kdbench] run {run_id} stored in {resolve_url(db)}  (kdbench show {run_id}; kdbench leaderboard)")
+    print(f"\n[kdbench] run {run_id} stored in {display_name(engine)}  (kdbench show {run_id}; kdbench leaderboard)")
     return 0
 
 
@@ -179,13 +179,20 @@ def cmd_leaderboard(args) -> int:
     from pathlib import Path
 
     import leaderboard_app
-    from kdbench.store import resolve_url
+    from kdbench.store import DB_ENV_VAR, resolve_url
+    from kdbench.store.engines import redact
 
     app = Path(leaderboard_app.__file__).with_name("app.py")
     streamlit = shutil.which("streamlit") or os.path.join(os.path.dirname(sys.executable), "streamlit")
-    cmd = [streamlit, "run", str(app), "--server.port", str(args.port), "--", "--db", resolve_url(args.db)]
-    print("[kdbench] " + " ".join(cmd))
-    os.execv(streamlit, cmd)
+    url, env = resolve_url(args.db), dict(os.environ)
+    cmd = [streamlit, "run", str(app), "--server.port", str(args.port)]
+    if redact(url) != url:  # a password: in the environment, never on a command line (`ps` shows those)
+        env[DB_ENV_VAR] = url
+        print(f"[kdbench] {' '.join(cmd)}  ({DB_ENV_VAR}={redact(url)})")
+    else:
+        cmd += ["--", "--db", url]
+        print("[kdbench] " + " ".join(cmd))
+    os.execve(streamlit, cmd, env)
     return 0  # not reached
 
 

@@ -205,7 +205,7 @@ def threads_per_worker(workers: int) -> int:
 
 
 def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
-    from kdbench.store import open_engine, resolve_url
+    from kdbench.store import display_name, open_engine
 
     jobs = expand(spec)
     sid = sweep_id(jobs)
@@ -242,7 +242,7 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
             todo.append((j, st[1] if st and st[0] == "interrupted" and st[2] else None))
     out(f"[sweep {sid}] {len(jobs)} runs: {len(skipped)} already finished, {len(todo)} to run "
         f"({sum(1 for _, r in todo if r)} to resume) on {spec.workers} worker(s) × {threads} thread(s); "
-        f"store {resolve_url(spec.db)}")
+        f"store {display_name(engine)}")
     if not todo:
         return 0
     if not prepared:

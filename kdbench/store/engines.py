@@ -5,6 +5,7 @@ is written."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import urllib.parse
 from dataclasses import dataclass
@@ -25,6 +26,16 @@ from kdbench.store.models import (
 )
 from kdbench.store.schema import damaged_store, prepare_schema, read_schema_state
 from kdbench.store.transactions import retry_busy
+
+
+#: ``scheme://user:password@`` in a word (``--db postgresql+psycopg://…``), up to the word's last ``@``
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)\S*(@)(?=[^@]*$)")
+
+
+def redact(word: str) -> str:
+    """``word`` with a URL's password replaced by ``***``: what is stored (a run's provenance, in
+    every row of a store the whole team reads) or printed never holds it."""
+    return _URL_PASSWORD.sub(r"\1***\2", word)
 
 
 def resolve_url(db: str | None) -> str:
