@@ -13,8 +13,10 @@ from kdbench.store import open_engine
 
 try:
     from tests.fixtures_store import build_fixture_store
+    from tests.store_helpers import store_location
 except ImportError:  # tests/ itself on sys.path
     from fixtures_store import build_fixture_store
+    from store_helpers import store_location
 
 P_FLOOR = 2 / 2001  # the smallest p of 2000 bootstrap replicates
 
@@ -29,7 +31,7 @@ SD_P = math.sqrt(35 / 20)  # per unit slope difference: closed-form paired SE on
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "runs.db"
+    path = store_location(tmp_path_factory.mktemp("store"))
     ids = build_fixture_store(path)
     engine = open_engine(str(path), readonly=True)
     yield engine, ids, path

@@ -65,3 +65,32 @@ def one_error_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("kdbench: error:") and "Traceback" not in err, err
     return lines[0]
+
+
+def store_location(folder: Path, name: str = "runs.db") -> str:
+    """Where a results-layer fixture store is built: a SQLite file in ``folder`` (what the suite and
+    CI use), or, when ``KDBENCH_TEST_STORE_URL`` names a PostgreSQL server
+    (``postgresql+psycopg://user:password@host/database``, a user allowed to create databases), a
+    new database on it, dropped when the tests end: the same tests then check the queries on
+    PostgreSQL, which is stricter than SQLite (GROUP BY, column lengths). docs/store.md says how."""
+    url = os.environ.get("KDBENCH_TEST_STORE_URL")
+    if not url:
+        return str(folder / name)
+    import atexit
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    server = make_url(url)
+    db = f"kdbench_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{db}"'))
+
+    def drop():
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+    atexit.register(drop)
+    return server.set(database=db).render_as_string(hide_password=False)

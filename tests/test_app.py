@@ -17,9 +17,11 @@ from streamlit.testing.v1 import AppTest
 try:
     from tests.fixtures_store import (ARITH, CE, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, KL, QUICK, RKL, TEST,
                                       build_fixture_store, build_paired_store, build_versions_store)
+    from tests.store_helpers import store_location
 except ImportError:  # tests/ itself on sys.path
     from fixtures_store import (ARITH, CE, CHATTERBOT, CSD_SS, CSD_TS, FAIL_REASON, KL, QUICK, RKL, TEST,
                                 build_fixture_store, build_paired_store, build_versions_store)
+    from store_helpers import store_location
 
 from kdbench.store import RunWriter, open_engine
 
@@ -32,7 +34,7 @@ H6 = 1.4841263
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("appstore") / "runs.db"
+    path = store_location(tmp_path_factory.mktemp("appstore"))
     ids = build_fixture_store(path)
     return path, ids
 
@@ -250,7 +252,7 @@ def test_compare_page(ids):
 
 @pytest.fixture
 def paired_ids(tmp_path_factory, monkeypatch):
-    path = tmp_path_factory.mktemp("pairedapp") / "runs.db"
+    path = store_location(tmp_path_factory.mktemp("pairedapp"))
     ids = build_paired_store(path)
     monkeypatch.setenv("KDBENCH_DB", str(path))
     return ids

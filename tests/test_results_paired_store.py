@@ -16,8 +16,10 @@ except ImportError:  # tests/ itself on sys.path
 
 try:
     from tests.results_helpers import P_FLOOR, cells, row
+    from tests.store_helpers import store_location
 except ImportError:  # tests/ itself on sys.path
     from results_helpers import P_FLOOR, cells, row
+    from store_helpers import store_location
 
 from kdbench import results as R
 from kdbench.store import open_engine
@@ -26,8 +28,7 @@ from kdbench.store import open_engine
 
 @pytest.fixture(scope="module")
 def paired_store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("paired") / "runs.db"
-    ids = build_paired_store(path)
+    ids = build_paired_store(path := store_location(tmp_path_factory.mktemp("paired")))
     engine = open_engine(str(path), readonly=True)
     yield engine, ids
     engine.dispose()
