@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import multiprocessing
+import os
 import pickle
 
 import pytest
@@ -53,6 +54,7 @@ def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, out: str) ->
     from kdbench.models import load_causal_lm
 
     torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine: loopback, whatever the hostname resolves to
     # a rank that fails leaves the other in a collective: give up after a minute, not gloo's 30
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
