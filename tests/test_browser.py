@@ -18,8 +18,10 @@ import pytest
 
 try:
     from tests.fixtures_store import CSD_SS, CSD_TS, KL, RKL, TEST, build_fixture_store
+    from tests.store_helpers import store_location
 except ImportError:  # tests/ itself on sys.path
     from fixtures_store import CSD_SS, CSD_TS, KL, RKL, TEST, build_fixture_store
+    from store_helpers import store_location
 
 pytestmark = pytest.mark.browser
 
@@ -58,7 +60,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 
 
 @pytest.fixture
 def server(tmp_path):
-    db = tmp_path / "runs.db"
+    db = store_location(tmp_path)
     build_fixture_store(db)
     port = _free_port()
     log = tmp_path / "streamlit.log"
