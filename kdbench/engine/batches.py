@@ -156,7 +156,7 @@ class RankBatches:
     every rank draws the next ``world`` batches of the source's order and keeps the ``rank``-th,
     so one step of all ranks together covers what ``world`` steps of one process would, each
     batch once. With DDP averaging the gradients, a step is then the gradient of the mean of
-    the ranks' losses (tests/test_seams.py checks it against that computed in one process).
+    the ranks' losses (tests/test_data_parallel.py checks it against that computed in one process).
     The cursor is the source's (always at a multiple of ``world``) plus the rank and world, so a
     run resumes only with the same number of processes."""
 

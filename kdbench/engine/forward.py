@@ -43,7 +43,7 @@ class StudentBody(torch.nn.Module):
     *parameters*, but training never calls the LM's own forward (no logits) and uses its output
     head outside any forward (the objective makes logits per chunk). Wrapping this module, which
     owns the whole LM, head included, puts both under the wrapper: ``DDP(StudentBody(lm))``
-    given to ``train(model=...)`` averages every gradient across ranks (tests/test_seams.py,
+    given to ``train(model=...)`` averages every gradient across ranks (tests/test_data_parallel.py,
     two real processes). Single-process runs pass the LM itself; nothing changes for them."""
 
     def __init__(self, model: torch.nn.Module):
