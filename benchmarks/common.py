@@ -88,6 +88,23 @@ def micro_setup(device: torch.device, n_examples: int | None = None):
     return teacher, new_student, tok, enc, path
 
 
+def cached_teacher(teacher, enc, batch_size: int, batches: int, pad_id: int, device: torch.device):
+    """A teacher cache of the examples in the first ``batches`` packed batches (seed 0), built in
+    a fresh temporary $KDBENCH_CACHE, as a CachedTeacher: what a run reads once its cache is warm."""
+    import tempfile
+
+    from kdbench.engine import teacher_cache
+    from kdbench.engine.batches import PackedBatches
+    from kdbench.engine.teacher import CachedTeacher
+
+    order = PackedBatches(enc, batch_size, 0, pad_id)
+    used = {i for _ in range(batches) for i in next(order).example_ids}
+    os.environ["KDBENCH_CACHE"] = tempfile.mkdtemp(prefix="kdbench-bench-")
+    teacher_cache.get_or_build("bench", {"bench": True}, teacher, [(i, e) for i, e in enc if i in used], device,
+                               progress=False, log=lambda *_: None)
+    return CachedTeacher(teacher_cache.lookup("bench"), device)
+
+
 def report(name: str, results: dict, command: str) -> None:
     out = {"benchmark": name, "machine": machine(), "results": results, "command": command,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

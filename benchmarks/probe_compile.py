@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import sys
-import tempfile
 import time
 
-from common import machine, micro_setup  # noqa: F401  (sets sys.path, preloads the allocator)
+from common import cached_teacher, machine, micro_setup  # noqa: F401  (sets sys.path, preloads the allocator)
 
 import torch  # noqa: E402
 
@@ -32,10 +30,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdbench.device import autocast_context, default_threads
-    from kdbench.engine import teacher_cache
     from kdbench.engine.batches import PackedBatches
     from kdbench.engine.forward import final_hidden, output_head
-    from kdbench.engine.teacher import CachedTeacher
     from kdbench.engine.trainer import make_optimizer
     from kdbench.registry import get_objective
     from kdbench.suites import MICRO
@@ -45,12 +41,7 @@ def main() -> None:
     teacher, new_student, tok, enc, _ = micro_setup(device)
     spec = dataclasses.replace(MICRO.train, steps=args.steps, warmup_steps=1)
     objective = get_objective("kl")
-    order = PackedBatches(enc, spec.batch_size, 0, tok.pad_token_id)
-    used = {i for _ in range(args.steps) for i in next(order).example_ids}
-    os.environ["KDBENCH_CACHE"] = tempfile.mkdtemp(prefix="kdbench-compile-")
-    teacher_cache.get_or_build("compile", {"compile": True}, teacher, [(i, e) for i, e in enc if i in used], device,
-                               progress=False, log=lambda *_: None)
-    source = CachedTeacher(teacher_cache.lookup("compile"), device)
+    source = cached_teacher(teacher, enc, spec.batch_size, args.steps, tok.pad_token_id, device)
     del teacher
     print(machine())
 

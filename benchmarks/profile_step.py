@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import sys
-import tempfile
 import time
 
-from common import machine, micro_setup  # noqa: F401  (sets sys.path, preloads the allocator)
+from common import cached_teacher, machine, micro_setup  # noqa: F401  (sets sys.path, preloads the allocator)
 
 import torch  # noqa: E402
 
@@ -35,10 +33,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdbench.device import autocast_context, default_threads
-    from kdbench.engine import teacher_cache
     from kdbench.engine.batches import PackedBatches
     from kdbench.engine.forward import final_hidden, output_head, set_activation_checkpointing
-    from kdbench.engine.teacher import CachedTeacher
     from kdbench.engine.trainer import make_optimizer
     from kdbench.registry import get_objective
     from kdbench.suites import MICRO
@@ -48,12 +44,7 @@ def main() -> None:
     teacher, new_student, tok, enc, _ = micro_setup(device)
     spec = dataclasses.replace(MICRO.train, steps=args.steps, warmup_steps=1)
     objective = get_objective(args.objective)
-    order = PackedBatches(enc, spec.batch_size, 0, tok.pad_token_id)
-    used = {i for _ in range(args.steps + 1) for i in next(order).example_ids}
-    os.environ["KDBENCH_CACHE"] = tempfile.mkdtemp(prefix="kdbench-profile-")
-    teacher_cache.get_or_build("profile", {"profile": True}, teacher, [(i, e) for i, e in enc if i in used], device,
-                               progress=False, log=lambda *_: None)
-    source = CachedTeacher(teacher_cache.lookup("profile"), device)
+    source = cached_teacher(teacher, enc, spec.batch_size, args.steps + 1, tok.pad_token_id, device)
     del teacher
     print(machine())
 
