@@ -179,16 +179,18 @@ def cmd_leaderboard(args) -> int:
     from pathlib import Path
 
     import leaderboard_app
+    from sqlalchemy.engine import make_url
+
     from kdbench.store import DB_ENV_VAR, resolve_url
-    from kdbench.store.engines import redact
 
     app = Path(leaderboard_app.__file__).with_name("app.py")
     streamlit = shutil.which("streamlit") or os.path.join(os.path.dirname(sys.executable), "streamlit")
     url, env = resolve_url(args.db), dict(os.environ)
     cmd = [streamlit, "run", str(app), "--server.port", str(args.port)]
-    if redact(url) != url:  # a password: in the environment, never on a command line (`ps` shows those)
+    parsed = make_url(url)
+    if parsed.password:  # in the environment, never on a command line (`ps` shows those)
         env[DB_ENV_VAR] = url
-        print(f"[kdbench] {' '.join(cmd)}  ({DB_ENV_VAR}={redact(url)})")
+        print(f"[kdbench] {' '.join(cmd)}  ({DB_ENV_VAR}={parsed.render_as_string(hide_password=True)})")
     else:
         cmd += ["--", "--db", url]
         print("[kdbench] " + " ".join(cmd))

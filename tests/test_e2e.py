@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kdbench.cli import main
@@ -181,7 +181,7 @@ def test_lm_eval_on_a_saved_student(store, tmp_path, capsys):
 def test_every_value_written_fits_its_columns_declared_length(store):
     """SQLite keeps a string of any length in a VARCHAR(32); PostgreSQL refuses it and the run fails
     at its first write (a quick run's suite label, "3+finetune_steps=2,steps=3,eval_limit=3", did).
-    So the lengths are checked here, on what real runs wrote, whatever the backend under test."""
+    So the lengths are checked here, on what real runs wrote to this SQLite store."""
     from sqlalchemy import String, text
 
     from kdbench.store.models import Base
