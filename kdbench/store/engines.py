@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
+from kdbench.secrets import parse_url, redact_url, redact_word
 from kdbench.store.models import (
     BUSY_TIMEOUT_MS,
     DB_ENV_VAR,
@@ -26,16 +28,6 @@ from kdbench.store.models import (
 )
 from kdbench.store.schema import damaged_store, prepare_schema, read_schema_state
 from kdbench.store.transactions import retry_busy
-
-
-#: ``scheme://user:password@`` in a word (``--db postgresql+psycopg://…``), up to the word's last ``@``
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)\S*(@)(?=[^@]*$)")
-
-
-def redact(word: str) -> str:
-    """``word`` with a URL's password replaced by ``***``: what is stored (a run's provenance, in
-    every row of a store the whole team reads) or printed never holds it."""
-    return _URL_PASSWORD.sub(r"\1***\2", word)
 
 
 def resolve_url(db: str | None) -> str:
@@ -66,21 +58,22 @@ def locate(db: str | None) -> Location:
     without a query string, ``file:`` URIs with ``uri=true``, other SQLAlchemy URLs)."""
     raw = resolve_url(db)
     try:
-        url = make_url(raw)
+        url = parse_url(raw)
     except Exception as exc:  # ArgumentError and friends: not a URL at all
-        raise StoreError(f"cannot open run store {raw!r}: not a path or a SQLAlchemy URL ({_first_line(exc)})") from None
+        raise StoreError(f"cannot open run store {redact_url(raw)!r}: not a path or a SQLAlchemy URL "
+                         f"({_first_line(exc)})") from None
     if url.get_backend_name() != "sqlite":
-        return Location(url, None, False, url.render_as_string(hide_password=True))
+        return Location(url, None, False, redact_url(url))
     database = url.database or ""
     query = {k: (v if isinstance(v, str) else v[-1]) for k, v in url.query.items()}
     if query.get("uri", "").lower() in ("true", "1"):
         rest = database[len("file:"):] if database.startswith("file:") else database
         rest, _, uri_query = rest.partition("?")
         if not rest or rest == ":memory:" or "mode=memory" in uri_query or query.get("mode") == "memory":
-            return Location(url, None, True, raw)
+            return Location(url, None, True, redact_url(raw))
         path = Path(urllib.parse.unquote(rest)).expanduser().resolve()
     elif not database or database == ":memory:":
-        return Location(url, None, True, raw)
+        return Location(url, None, True, redact_url(raw))
     else:
         path = Path(database).expanduser().resolve()
         url = url.set(database=str(path))
@@ -88,8 +81,9 @@ def locate(db: str | None) -> Location:
 
 
 def _first_line(exc: BaseException) -> str:
+    """An error's first line, with any URL in it redacted (drivers may quote the URL they were given)."""
     text_ = str(getattr(exc, "orig", None) or exc).strip()
-    return (text_.splitlines() or [type(exc).__name__])[0]
+    return " ".join(redact_word(w) for w in (text_.splitlines() or [type(exc).__name__])[0].split(" "))
 
 
 
@@ -149,16 +143,49 @@ def _sqlite_connect_pragmas(dbapi_conn, *, readonly: bool) -> None:
         cur.close()
 
 
+def _frozen(path: Path) -> bool:
+    """Whether a read-only open must treat the file as immutable: its folder is not writable
+    (SQLite's WAL mode needs its ``-shm`` / ``-wal`` side files there even to read) and no
+    write-ahead log is pending, so no writer can be active and the file holds every commit.
+    (A writer could only appear with permissions this process lacks; see docs/store.md.)"""
+    if os.access(path.parent, os.W_OK):
+        return False
+    wal = path.with_name(path.name + "-wal")
+    return not wal.exists() or wal.stat().st_size == 0
+
+
+#: How long a read-only open retries SQLite's transient "disk I/O error": a read-only connection
+#: cannot rebuild the WAL index, so it fails when it opens just as the store's last writer closes
+#: and removes its -shm / -wal files (a `kdbench run` ending beside a `show` or a refused resume).
+READONLY_OPEN_RETRY_S = 5.0
+
+
+def _connect_readonly(uri: str) -> sqlite3.Connection:
+    deadline = time.monotonic() + READONLY_OPEN_RETRY_S
+    delay = 0.01
+    while True:
+        con = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        try:
+            con.execute("PRAGMA schema_version").fetchone()  # the first read is where it fails
+            return con
+        except sqlite3.OperationalError as exc:
+            con.close()
+            if "disk i/o error" not in str(exc).lower() or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
 def _make_sqlite_engine(loc: Location, *, readonly: bool) -> Engine:
     if loc.url.get_driver_name() not in ("pysqlite", ""):
         raise StoreError(f"cannot open run store {loc.display}: SQLite driver {loc.url.get_driver_name()!r} is not "
                          f"supported (use sqlite:/// or sqlite+pysqlite:///)")
     if readonly:
         path = loc.path
-        uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
+        uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro" + ("&immutable=1" if _frozen(path) else "")
 
         def creator():
-            return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+            return _connect_readonly(uri)
 
         engine = create_engine(f"sqlite+pysqlite:///{path}", creator=creator)
     else:
@@ -182,9 +209,28 @@ def _make_sqlite_engine(loc: Location, *, readonly: bool) -> Engine:
 
 
 
+#: Seconds a server database may take to accept a connection before the command gives up with
+#: one line (a host that accepts TCP and never answers would otherwise hang it). A URL's own
+#: ``connect_timeout`` query parameter wins; ``$KDBENCH_DB_CONNECT_TIMEOUT`` overrides the default.
+CONNECT_TIMEOUT_S = 10
+CONNECT_TIMEOUT_VAR = "KDBENCH_DB_CONNECT_TIMEOUT"
+
+
+def connect_timeout_s() -> int:
+    raw = os.environ.get(CONNECT_TIMEOUT_VAR, "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT_S
+    if not re.fullmatch(r"\d{1,6}", raw) or int(raw) < 1:
+        raise StoreError(f"${CONNECT_TIMEOUT_VAR} must be a whole number of seconds (at least 1), got {raw!r}")
+    return int(raw)
+
+
 def _make_other_engine(loc: Location, *, readonly: bool) -> Engine:
+    connect_args: dict[str, Any] = {}
+    if loc.url.get_backend_name() in ("postgresql", "mysql", "mariadb") and "connect_timeout" not in loc.url.query:
+        connect_args["connect_timeout"] = connect_timeout_s()  # libpq and MySQL drivers both take seconds
     try:
-        engine = create_engine(loc.url)
+        engine = create_engine(loc.url, connect_args=connect_args)
     except Exception as exc:  # bad URL, unknown dialect, missing driver
         raise StoreError(f"cannot open run store {loc.display!r}: {_first_line(exc)}") from None
     if readonly:
@@ -205,20 +251,25 @@ def _readonly_other(engine: Engine) -> Engine:
     return engine
 
 
-def open_engine(db: str | None = None, *, readonly: bool = False) -> Engine:
+def open_engine(db: str | None = None, *, readonly: bool = False, allow_memory: bool = False) -> Engine:
     """Open a run store; writers create, stamp or migrate it (see the module docstring).
 
     ``readonly=True`` never creates a file or a table and refuses every write (SQLite: the file
     is opened with ``mode=ro``; other databases: read-only transactions). A read-only open of a
     store with no tables succeeds (``has_schema`` is then False); one of an older schema reads
     it as is through per-connection temporary views (SQLite; other databases are refused with
-    a hint). Everything else that is wrong raises :class:`StoreError`, one line.
+    a hint). An in-memory SQLite store (``sqlite://``) is refused unless ``allow_memory``: every
+    result in it would be gone when the command ends. Everything else that is wrong raises
+    :class:`StoreError`, one line.
     """
     loc = locate(db)
     if loc.sqlite:
         if loc.memory:
             if readonly:
                 raise StoreError("an in-memory run store cannot be opened read-only (it would be empty)")
+            if not allow_memory:
+                raise StoreError(f"run store {loc.display} is in memory: every result would be lost when the "
+                                 f"command ends; name a file (--db runs.db) or a database server URL")
         elif readonly:
             check_sqlite_file(loc.path, must_exist=True)
         else:
@@ -247,7 +298,12 @@ def open_engine(db: str | None = None, *, readonly: bool = False) -> Engine:
     except sa_exc.SQLAlchemyError as exc:
         engine.dispose()
         verb = "read" if readonly else "write"
-        raise StoreError(f"cannot {verb} run store {loc.display}: {_first_line(exc)}") from None
+        hint = ""
+        if readonly and loc.path is not None and not os.access(loc.path.parent, os.W_OK):
+            hint = (f" (folder {loc.path.parent} is not writable and the store has a pending write-ahead log, which "
+                    f"SQLite must write beside it to read: copy {loc.path.name} and its -wal file to a writable "
+                    f"folder and read the copy)")
+        raise StoreError(f"cannot {verb} run store {loc.display}: {_first_line(exc)}{hint}") from None
     return engine
 
 
