@@ -1,4 +1,14 @@
-"""Run lifecycle: a heartbeat for live runs, the *effective* status of a run, and garbage collection.
+"""Run lifecycle: one owner per run, a heartbeat for live runs, the *effective* status of a run,
+and garbage collection.
+
+A run is owned by one live process at a time. :meth:`RunWriter.start` makes the process that
+creates the row its owner (``host``, ``pid``); ``kdbench run --resume`` takes a run over with
+:func:`claim_run`, an atomic check-and-set inside one write transaction (SQLite's ``BEGIN
+IMMEDIATE``, a row lock elsewhere) that succeeds only when the run is not running — recorded
+``interrupted`` or ``failed``, or ``running`` with its owner dead by the rules below — so of two
+resumes started together exactly one proceeds and the other is refused before it has written
+anything. Every later write of the run (:class:`RunWriter`, the heartbeat) is fenced on the owner
+it names, so a process whose run was taken over writes nothing more.
 
 A run row says ``running`` from :meth:`RunWriter.start` until ``finish`` / ``fail`` /
 ``interrupt``. A process that dies without reaching one of them (SIGKILL, OOM killer, power
@@ -43,6 +53,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from kdbench.errors import UserError
 from kdbench.store import (
     Run,
     delete_run_rows,
@@ -167,6 +178,55 @@ def effective_status(
     return liveness(run, now, pid_alive=pid_alive, host=host, stale_after_s=stale_after_s)[0]
 
 
+# ---------------------------------------------------------------------------- one owner per run
+
+RESUMABLE = (INTERRUPTED, "failed")
+
+
+def claim_run(engine: Engine, run_id: int, *, host: str | None = None, pid: int | None = None,
+              now: dt.datetime | None = None, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> dict:
+    """Make this process (``host``, ``pid``: default this one) the owner of a run that may be
+    resumed, atomically: the row is read and rewritten in one write transaction, so two claims
+    never both succeed. Returns the fields it replaced (for :func:`release_run`). Refuses, with
+    one line and nothing written, a run that is missing, finished or still owned by a live process."""
+    host = host or this_host()
+    pid = os.getpid() if pid is None else int(pid)
+
+    def write(s: Session) -> dict:
+        query = select(Run).where(Run.id == int(run_id))
+        if s.get_bind().dialect.name != "sqlite":  # SQLite's BEGIN IMMEDIATE already serialises writers
+            query = query.with_for_update()
+        run = s.scalars(query).one_or_none()
+        if run is None:
+            raise UserError(f"no run {run_id} in the store")
+        status, why = liveness(run, now, stale_after_s=stale_after_s)
+        if status == RUNNING:
+            raise UserError(f"run {run_id} is running ({why}); a run has one owner at a time: wait for it, "
+                            f"or stop it and resume it then")
+        if status not in RESUMABLE:
+            raise UserError(f"run {run_id} is {status}; only interrupted (or failed) runs can be resumed")
+        before = {k: getattr(run, k) for k in ("status", "error", "finished_at", "host", "pid", "heartbeat_at")}
+        run.status, run.error, run.finished_at = RUNNING, None, None
+        run.host, run.pid, run.heartbeat_at = host, pid, now or utcnow()
+        return before
+
+    return in_transaction(engine, write)
+
+
+def release_run(engine: Engine, run_id: int, before: dict, owner: tuple[str, int]) -> bool:
+    """Undo :func:`claim_run` when the resume stopped before it trained (the run is as it was,
+    resumable again); only while ``owner`` still owns the run. True when it was restored."""
+    def write(s: Session) -> bool:
+        run = s.get(Run, int(run_id))
+        if run is None or (run.host, run.pid) != tuple(owner):
+            return False
+        for k, v in before.items():
+            setattr(run, k, v)
+        return True
+
+    return in_transaction(engine, write)
+
+
 # ---------------------------------------------------------------------------- graceful stop
 
 
@@ -200,11 +260,13 @@ class Heartbeat:
     process before any work starts), then a daemon thread refreshes ``heartbeat_at`` every
     ``interval_s`` seconds. ``stop()`` ends the thread promptly (it waits on an event, not a
     sleep) and joins it. The status is never touched here: the runner finishes, fails or
-    interrupts the run itself.
+    interrupts the run itself. With ``owned=True`` (the process already owns the row: it created
+    or claimed it) every beat only touches a row that still names this host and PID; when one
+    finds another owner, :attr:`lost` is set and the beats stop (the runner checks it each step).
     """
 
     def __init__(self, engine: Engine, run_id: int, interval_s: float = DEFAULT_INTERVAL_S, *,
-                 host: str | None = None, pid: int | None = None):
+                 host: str | None = None, pid: int | None = None, owned: bool = False):
         if not interval_s > 0:
             raise ValueError("interval_s must be positive")
         self.engine = engine
@@ -212,6 +274,8 @@ class Heartbeat:
         self.interval_s = float(interval_s)
         self.host = host or this_host()
         self.pid = os.getpid() if pid is None else int(pid)
+        self.owned = owned
+        self.lost = False
         self.beats = 0
         self.failures = 0
         self._stop = threading.Event()
@@ -219,11 +283,17 @@ class Heartbeat:
         self._warned = False
 
     def _write(self, **fields: Any) -> None:
+        where = [Run.id == self.run_id]
+        if self.owned:
+            where += [Run.host == self.host, Run.pid == self.pid]
+
         def attempt():
             with writing(self.engine).begin() as conn:
-                conn.execute(update(Run.__table__).where(Run.id == self.run_id).values(**fields))
+                return conn.execute(update(Run.__table__).where(*where).values(**fields)).rowcount
 
-        retry_busy(attempt, budget_s=max(1.0, min(self.interval_s, 10.0)))
+        if retry_busy(attempt, budget_s=max(1.0, min(self.interval_s, 10.0))) == 0 and self.owned:
+            self.lost = True
+            self._stop.set()
 
     def beat(self) -> None:
         """One heartbeat now (the thread calls this every ``interval_s``)."""

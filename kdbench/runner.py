@@ -34,12 +34,12 @@ from kdbench.engine.teacher import CachedTeacher, LiveTeacher
 from kdbench.engine.trainer import TrainingDiverged, make_optimizer, train
 from kdbench.errors import RunFailed, UserError
 from kdbench.evaluate import validation_score
-from kdbench.lifecycle import GRACEFUL, Heartbeat
+from kdbench.lifecycle import GRACEFUL, Heartbeat, this_host
 from kdbench.losses import HIDDEN_CHUNK_SIZE
 from kdbench.models import cache_dir
 from kdbench.prepare import Prepared, prepare, reference_fingerprint
 from kdbench.references import ensure_reference_rows, evaluate_all
-from kdbench.store import ROLE_DISTILLED, RunWriter, get_run, open_engine
+from kdbench.store import ROLE_DISTILLED, OwnershipLost, RunWriter, get_run, open_engine, utcnow
 from kdbench.suites import SuiteSpec
 
 # The landed name of resolve_suite (kept for callers and tests).
@@ -196,7 +196,7 @@ def run(req: RunRequest, argv: list[str] | None = None) -> int:
                              seed=req.seed, config=s.config, provenance=provenance.collect(argv),
                              objective=s.objective.name, params=s.objective.params, setting=s.objective.setting,
                              config_hash=run_key(s.objective, s.prep.suite.name, s.label, req.seed),
-                             sweep_id=req.sweep_id)
+                             sweep_id=req.sweep_id, host=this_host(), pid=os.getpid(), heartbeat_at=utcnow())
     writer.update(state_path=str(state_dir(s.engine.url, writer.run_id)))
     verdict = (f"start-up check passed: loss {check['loss_fast']:.6g} == {check['loss_dense']:.6g}" if check["passed"]
                else f"start-up check: loss not finite ({check['loss_dense']}) on the first batch")
@@ -205,43 +205,30 @@ def run(req: RunRequest, argv: list[str] | None = None) -> int:
     return _execute(s, writer, None, t0)
 
 
-def resume(run_id: int, db: str | None, argv: list[str] | None = None, progress: bool = True) -> int:
-    """Continue an interrupted run from its last checkpoint to the result the uninterrupted run gives."""
-    from kdbench.lifecycle import effective_status
-
-    engine = open_engine(db)
-    run_row = get_run(engine, run_id)
-    if run_row is None:
-        raise UserError(f"no run {run_id} in the store")
-    status = effective_status(run_row)
-    if run_row.role != ROLE_DISTILLED or "request" not in (run_row.config or {}):
-        raise UserError(f"run {run_id} is not a distillation run this kdbench can resume")
-    if status not in ("interrupted", "failed"):
-        raise UserError(f"run {run_id} is {status}; only interrupted (or failed) runs can be resumed")
-    folder = Path(run_row.state_path or state_dir(engine.url, run_id)) / "state"
-    if not ((folder / "state.json").is_file() or (folder.with_name("state.old") / "state.json").is_file()):
-        raise UserError(f"run {run_id} has no saved train state ({folder}); start it again instead")
+def resume(claim, argv: list[str] | None = None) -> int:
+    """Continue a claimed run (kdbench/resumption.py) from its last checkpoint to the result the
+    uninterrupted run gives. A failure before training gives the run back as it was."""
+    run_id, engine = claim.run.id, claim.engine
     t0 = time.perf_counter()
-    req = RunRequest(**{**run_row.config["request"], "db": db, "progress": progress})
-    s = _setup(req, argv, check=False)
-    if s.label != run_row.suite_version:
-        raise UserError(f"run {run_id} was filed under version {run_row.suite_version}; this kdbench resolves "
-                        f"{s.label} (the suite changed): it cannot be resumed")
-    s.config = {**run_row.config}
-    optimizer = make_optimizer(s.student, s.prep.suite.train, torch.device(req.device))
-    state, _ = train_state.load(folder, s.student, optimizer, s.batches, best_weights(engine.url, run_id))
-    writer = RunWriter(engine, run_id)
-    writer.truncate_curve(state.step)
-    writer.reopen()
+    try:
+        s = _setup(claim.request, argv, check=False)
+        s.config = {**claim.run.config}
+        optimizer = make_optimizer(s.student, s.prep.suite.train, torch.device(claim.request.device))
+        state, _ = train_state.load(claim.folder, s.student, optimizer, s.batches, best_weights(engine.url, run_id))
+        writer = RunWriter(engine, run_id, claim.owner)
+        writer.truncate_curve(state.step)
+    except BaseException:
+        claim.release()
+        raise
     print(f"[kdbench] run {run_id}: resuming {s.objective.setting} at step {state.step} of {s.prep.suite.train.steps}")
-    return _execute(s, writer, (state, optimizer), t0)
+    return _execute(s, writer, (state, optimizer), t0, claim.heartbeat)
 
 
-def _execute(s: Setup, writer: RunWriter, restored, t0: float) -> int:
+def _execute(s: Setup, writer: RunWriter, restored, t0: float, heartbeat: Heartbeat | None = None) -> int:
     suite, prep, device = s.prep.suite, s.prep, torch.device(s.req.device)
     cost = dict(s.cost)
     folder = state_dir(s.engine.url, writer.run_id) / "state"
-    heartbeat = Heartbeat(s.engine, writer.run_id).start()
+    heartbeat = heartbeat or Heartbeat(s.engine, writer.run_id, owned=writer.owner is not None).start()
     try:
         validate = None
         if suite.eval.valid_every:
@@ -263,8 +250,11 @@ def _execute(s: Setup, writer: RunWriter, restored, t0: float) -> int:
 
         def on_step(st, opt):
             fault_point("training", st.step)
+            if heartbeat.lost:
+                writer.check_owner()  # raises OwnershipLost: another process resumed this run
             done = st.step == suite.train.steps
             if done or GRACEFUL.requested or time.perf_counter() - last_save[0] >= every:
+                writer.check_owner()  # the train state, like the row, is written by the run's owner only
                 train_state.save(folder, st, s.student, opt, s.batches)
                 last_save[0] = time.perf_counter()
             if GRACEFUL.requested and not done:
@@ -309,6 +299,8 @@ def _execute(s: Setup, writer: RunWriter, restored, t0: float) -> int:
                       checkpoint_path=ckpt)
         shutil.rmtree(folder.parent, ignore_errors=True)  # finished: the train state is no longer needed
         print("[kdbench] cost: " + ", ".join(f"{k} {v:.0f}" for k, v in cost.items()))
+    except OwnershipLost as exc:
+        raise RunFailed(f"run {writer.run_id}: {exc}") from None
     except KeyboardInterrupt:
         writer.interrupt("interrupted by the user" + (" (checkpointed; kdbench run --resume "
                                                       f"{writer.run_id})" if (folder / "state.json").is_file() else ""))

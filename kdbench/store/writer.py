@@ -16,12 +16,47 @@ from kdbench.store.transactions import in_transaction
 _RUN_COLUMNS = frozenset(c.name for c in Run.__table__.columns) - {"id"}
 
 
-class RunWriter:
-    """Records one run. Each method is its own short transaction (retried on busy/locked)."""
+class OwnershipLost(StoreError):
+    """The run row names another owner (a resume took over a run whose heartbeat went stale):
+    this process must stop writing it."""
 
-    def __init__(self, engine: Engine, run_id: int):
+
+class RunWriter:
+    """Records one run. Each method is its own short transaction (retried on busy/locked).
+
+    ``owner`` — ``(host, pid)`` of the process that owns the run (kdbench/lifecycle.py
+    ``claim_run``) — fences every write: inside the write's own transaction the row must still
+    name that owner, else :class:`OwnershipLost` is raised and nothing is written. So a process
+    that lost its run (it hung, its heartbeat went stale, another one resumed the run) can never
+    overwrite the new owner's rows. ``None`` writes unfenced (tests, reference rows)."""
+
+    def __init__(self, engine: Engine, run_id: int, owner: tuple[str, int] | None = None):
         self.engine = engine
         self.run_id = run_id
+        self.owner = owner
+
+    def _in_transaction(self, fn):
+        """``fn(session)`` in one write transaction, after checking that this process still owns the run."""
+        def write(s: Session):
+            self._check_owner(s)
+            return fn(s)
+
+        return in_transaction(self.engine, write)
+
+    def _check_owner(self, s: Session) -> None:
+        if self.owner is None:
+            return
+        row = s.execute(select(Run.host, Run.pid).where(Run.id == self.run_id)).one_or_none()
+        if row is None:
+            raise StoreError(f"run {self.run_id} is no longer in the store (deleted by `kdbench gc --delete`?)")
+        if (row.host, row.pid) != tuple(self.owner):
+            raise OwnershipLost(f"run {self.run_id} is now owned by process {row.pid} on {row.host}; this process "
+                                f"({self.owner[1]} on {self.owner[0]}) stopped without writing it")
+
+    def check_owner(self) -> None:
+        """Raise :class:`OwnershipLost` unless this process still owns the run (a read)."""
+        with Session(self.engine) as s:
+            self._check_owner(s)
 
     @classmethod
     def start(
@@ -53,7 +88,8 @@ class RunWriter:
             s.flush()
             return run.id
 
-        return cls(engine, in_transaction(engine, write))
+        owner = (fields["host"], fields["pid"]) if fields.get("host") and fields.get("pid") else None
+        return cls(engine, in_transaction(engine, write), owner)
 
     def update(self, **fields: Any) -> None:
         unknown = set(fields) - _RUN_COLUMNS
@@ -67,11 +103,11 @@ class RunWriter:
             for k, v in fields.items():
                 setattr(run, k, v)
 
-        in_transaction(self.engine, write)
+        self._in_transaction(write)
 
     def curve(self, step: int, loss: float | None, *, split: str = "train", terms: dict | None = None,
               lr: float | None = None, tokens: int | None = None, elapsed_s: float | None = None) -> None:
-        in_transaction(self.engine, lambda s: s.add(CurvePoint(
+        self._in_transaction(lambda s: s.add(CurvePoint(
             run_id=self.run_id, step=step, split=split, loss=loss, terms=terms or {}, lr=lr, tokens=tokens,
             elapsed_s=elapsed_s)))
 
@@ -91,12 +127,12 @@ class RunWriter:
     def metrics(self, rows: Iterable[tuple[str, str, float, int | None]]) -> None:
         """rows: (task, metric, value, seed)."""
         objs = self._metric_rows(list(rows))
-        in_transaction(self.engine, lambda s: s.add_all(objs))
+        self._in_transaction(lambda s: s.add_all(objs))
 
     def samples(self, rows: Iterable[dict]) -> None:
         """rows: dicts with task, prompt_id, seed, prompt, output, reference, scores."""
         objs = self._sample_rows(list(rows))
-        in_transaction(self.engine, lambda s: s.add_all(objs))
+        self._in_transaction(lambda s: s.add_all(objs))
 
     def results(self, metrics_rows: Iterable[tuple[str, str, float, int | None]], sample_rows: Iterable[dict]) -> None:
         """A run's evaluation, metrics and samples together, in ONE transaction: a reader never
@@ -107,10 +143,10 @@ class RunWriter:
             s.add_all(m)
             s.add_all(smp)
 
-        in_transaction(self.engine, write)
+        self._in_transaction(write)
 
     def artifact(self, name: str, data: Any) -> None:
-        in_transaction(self.engine, lambda s: s.add(Artifact(run_id=self.run_id, name=name, data=data)))
+        self._in_transaction(lambda s: s.add(Artifact(run_id=self.run_id, name=name, data=data)))
 
     def finish(self, **fields: Any) -> None:
         self.update(status="finished", finished_at=utcnow(), **fields)
@@ -125,11 +161,7 @@ class RunWriter:
             res = s.execute(delete(CurvePoint).where(CurvePoint.run_id == self.run_id, CurvePoint.step > after_step))
             return res.rowcount or 0
 
-        return in_transaction(self.engine, write)
-
-    def reopen(self) -> None:
-        """A resumed run is running again (status, end time and error cleared)."""
-        self.update(status="running", finished_at=None, error=None)
+        return self._in_transaction(write)
 
     def interrupt(self, reason: str = "interrupted") -> None:
         """The run stopped without finishing or failing (Ctrl-C, SIGTERM, lost process): status
