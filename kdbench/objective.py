@@ -31,6 +31,13 @@ class ObjectiveOutput(NamedTuple):
     terms: dict[str, Tensor]
 
 
+class ObjectiveContractError(RuntimeError):
+    """An objective's function broke the contract of docs/adding-an-objective.md when called: a
+    wrong return, or ``SystemExit`` (any non-``Exception`` but ``KeyboardInterrupt``) raised
+    from inside it. An ordinary exception, so a run that is training records it as failed; the
+    start-up check (kdbench/engine/check.py) reports it before the run exists."""
+
+
 class Objective:
     """A configured objective: ``obj(student_logits, teacher_logits, mask, labels=None)``."""
 
@@ -54,6 +61,29 @@ class Objective:
 
     def __repr__(self) -> str:
         return f"Objective({self.setting!r})"
+
+    @property
+    def origin(self) -> str:
+        """Where the objective's code is, for messages: 'built in' or 'plugin <file or module>'."""
+        return "built in" if self.spec.builtin else f"plugin {self.spec.source}"
+
+    def invoke(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` for one of the objective's own functions (the row function or
+        its declared gradient): the boundary between kdbench and the objective's code. A
+        ``SystemExit`` (or another non-``Exception``) from there becomes an
+        :class:`ObjectiveContractError`: an objective that calls ``sys.exit`` must fail the run,
+        not end the process with its exit code and leave the run "running". ``KeyboardInterrupt``
+        is the user's and goes on; ordinary exceptions go on unchanged."""
+        try:
+            return fn(*args, **kwargs)
+        except (KeyboardInterrupt, Exception):
+            raise
+        except BaseException as exc:
+            what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {type(exc).__name__}"
+            raise ObjectiveContractError(
+                f"objective {self.name!r} ({self.origin}) broke its contract: it {what} while computing its loss "
+                f"(an objective returns its per-position loss or raises an exception; it never ends the process)"
+            ) from None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Objective) and other.spec is self.spec and other.params == self.params
@@ -102,24 +132,26 @@ class Objective:
             return per_row.detach(), {k: v.detach() for k, v in terms.items()}, grad
         s, t, kwargs = self._call_args(s, t, labels)
         with torch.no_grad(), torch.autocast(device_type=s.device.type, enabled=False):
-            per_row, terms, grad = self.spec.gradient(s, t, **kwargs)
+            per_row, terms, grad = self.invoke(self.spec.gradient, s, t, **kwargs)
         if tuple(per_row.shape) != (s.shape[0],) or tuple(grad.shape) != tuple(s.shape):
-            raise RuntimeError(f"objective {self.name!r}: its gradient must return per-position values ({s.shape[0]},) "
-                               f"and a gradient {tuple(s.shape)}, got {tuple(per_row.shape)} and {tuple(grad.shape)}")
+            raise ObjectiveContractError(
+                f"objective {self.name!r}: its gradient must return per-position values ({s.shape[0]},) and a "
+                f"gradient {tuple(s.shape)}, got {tuple(per_row.shape)} and {tuple(grad.shape)}")
         return per_row, dict(terms or {}), grad
 
     def per_position(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The objective on rows ``[N, V]`` (no masking, no chunking): ``([N], {term: [N]})``."""
         s, t, kwargs = self._call_args(s, t, labels)
         with torch.autocast(device_type=s.device.type, enabled=False):  # objective math in float32
-            out = self.spec.fn(s, t, **kwargs)
+            out = self.invoke(self.spec.fn, s, t, **kwargs)
         if isinstance(out, tuple):
             per_row, terms = out
         else:
             per_row, terms = out, {}
         if not isinstance(per_row, Tensor) or tuple(per_row.shape) != (s.shape[0],):
             got = tuple(per_row.shape) if isinstance(per_row, Tensor) else type(per_row).__name__
-            raise RuntimeError(f"objective {self.name!r} must return a per-position tensor of shape ({s.shape[0]},), got {got}")
+            raise ObjectiveContractError(f"objective {self.name!r} ({self.origin}) must return a per-position tensor "
+                                         f"of shape ({s.shape[0]},), got {got}")
         return per_row, dict(terms or {})
 
     def compute(

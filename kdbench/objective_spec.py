@@ -49,9 +49,12 @@ class ParamSpec:
     """One declared parameter: ``type`` is float | int | bool | str | choice.
 
     ``choices`` makes it a choice (of strings). ``min``/``max`` bound numbers (inclusive unless
-    ``min_exclusive``/``max_exclusive``). ``active(params) -> bool`` says whether the value
-    matters for the resolved parameters; inactive ones are left out of the setting string
-    (e.g. CSD's ``alpha`` is only used by the ``mix`` weighting).
+    ``min_exclusive``/``max_exclusive``); ``also`` lists single values accepted outside them (an
+    exact limit case: jsd's β = 0 is forward KL, while β in (0, 1e-30) is refused). Numbers given
+    as strings are read strictly: no ``_`` digit separators (``1_5`` is refused, not read as 15);
+    other Unicode digits (``１.５``) are read as Python reads them. ``active(params) -> bool`` says
+    whether the value matters for the resolved parameters; inactive ones are left out of the
+    setting string (e.g. CSD's ``alpha`` is only used by the ``mix`` weighting).
     """
 
     name: str
@@ -63,6 +66,7 @@ class ParamSpec:
     max: float | None = None
     min_exclusive: bool = False
     max_exclusive: bool = False
+    also: tuple[float, ...] = ()
     active: Callable[[dict], bool] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -82,6 +86,7 @@ class ParamSpec:
         if not _NAME_RE.match(self.name):
             raise ObjectiveError(f"parameter name {self.name!r} must be an identifier")
         object.__setattr__(self, "type", t)
+        object.__setattr__(self, "also", tuple(self.also))
         object.__setattr__(self, "default", self.coerce(self.default, owner="default of"))
 
     # -- values -----------------------------------------------------------------------------
@@ -92,7 +97,8 @@ class ParamSpec:
         hi = ")" if self.max_exclusive or self.max is None else "]"
         a = "-inf" if self.min is None else _fmt(self.min)
         b = "inf" if self.max is None else _fmt(self.max)
-        return f"{lo}{a}, {b}{hi}"
+        singles = "".join(f"{{{_fmt(v)}}} ∪ " for v in self.also)
+        return f"{singles}{lo}{a}, {b}{hi}"
 
     def describe(self) -> str:
         """'tau: float > 0 = 1.0' style text used in errors and the catalogue."""
@@ -129,6 +135,10 @@ class ParamSpec:
         # numbers
         if isinstance(value, bool):
             raise ObjectiveError(f"{where} expects a {t}, got {value!r}")
+        if isinstance(value, str) and "_" in value:
+            # float("1_5") is 15.0: a typo for 1.5 (or 1,5) must not train at tau=15
+            raise ObjectiveError(f"{where} expects a {t}, got {value!r}: '_' digit separators are not accepted "
+                                 f"(write the number without them)")
         try:
             if isinstance(value, str):
                 num = float(value.strip()) if t == "float" else _parse_int(value)
@@ -142,11 +152,13 @@ class ParamSpec:
                 if not isinstance(value, int):
                     raise TypeError
                 num = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400) from YAML
             rng = self.range_text()
             raise ObjectiveError(f"{where} expects a {t}{' in ' + rng if rng else ''}, got {value!r}") from None
         if isinstance(num, float) and not math.isfinite(num):
             raise ObjectiveError(f"{where} must be finite, got {value!r}")
+        if num in self.also:
+            return num
         bad = (
             (self.min is not None and (num < self.min or (self.min_exclusive and num == self.min)))
             or (self.max is not None and (num > self.max or (self.max_exclusive and num == self.max)))
@@ -161,8 +173,17 @@ Param = ParamSpec
 
 
 def _parse_int(text: str) -> int:
-    f = float(text.strip())
-    if not f.is_integer():
+    """An integer from a string: ``12``, ``１２`` (any Unicode digits), or an integral float
+    (``1e3``) that a float holds exactly (a float's 53 bits: ``1e22`` would be off by one)."""
+    t = text.strip()
+    if "_" in t:
+        raise ValueError(text)
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    f = float(t)
+    if not f.is_integer() or abs(f) > 2**53:
         raise ValueError(text)
     return int(f)
 

@@ -64,6 +64,8 @@ def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, ObjectiveError):
         return text
+    if isinstance(exc, SystemExit):  # 'SystemExit: 0' says less than what happened
+        return f"it called sys.exit({exc.code!r})"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -92,8 +94,9 @@ def import_file(path: str | Path) -> types.ModuleType:
         spec.loader.exec_module(module)
     except BaseException as exc:
         sys.modules.pop(name, None)
-        if not isinstance(exc, Exception):
+        if isinstance(exc, KeyboardInterrupt):  # the user's Ctrl-C, not the plug-in's failure
             raise
+        # SystemExit too: a plug-in's sys.exit(0) must not end `kdbench run` with success, doing nothing
         raise ObjectiveError(f"objective plugin file {key!r} failed to import: {one_line(exc)}") from None
     _modules[key] = module
     return module

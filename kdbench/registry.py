@@ -31,8 +31,8 @@ Discovery is lazy (first lookup): every module of the built-in ``kdbench.objecti
 then only what the user names: the ``kdbench.objectives`` entry-point group, the folders of
 ``$KDBENCH_PLUGIN_PATH`` and files named as ``path/to/file.py:name`` (:func:`load_plugin_file`;
 finding and importing them is kdbench/plugins.py).
-A plug-in that fails to load (import error, syntax error, bad or duplicate declaration) is
-skipped with one :class:`~kdbench.errors.KdbenchWarning` naming it; asking for it by name
+A plug-in that fails to load (import error, syntax error, ``sys.exit`` at import, bad or
+duplicate declaration) is skipped with one :class:`~kdbench.errors.KdbenchWarning` naming it; asking for it by name
 raises that failure as an :class:`ObjectiveError`.
 """
 
@@ -226,19 +226,30 @@ def _register(spec: ObjectiveSpec) -> None:
             st.aliases[alias] = spec.name
 
 
+def _spec_of(value: Any) -> ObjectiveSpec | None:
+    """The declaration ``@objective`` attached to ``value``, if any. A plug-in's module may hold
+    any object, including one whose ``__getattr__`` raises something other than AttributeError:
+    such an object declares nothing."""
+    try:
+        spec = getattr(value, "__kdbench_spec__", None)
+    except Exception:
+        return None
+    return spec if isinstance(spec, ObjectiveSpec) else None
+
+
 def _register_object(obj: Any) -> list[ObjectiveSpec]:
     """Register what a module / decorated function / spec declares."""
     if isinstance(obj, types.ModuleType):
         found = []
         for value in list(vars(obj).values()):
-            spec = getattr(value, "__kdbench_spec__", None)
-            if isinstance(spec, ObjectiveSpec):
+            spec = _spec_of(value)
+            if spec is not None:
                 _register(spec)
                 if spec not in found:
                     found.append(spec)
         return found
-    spec = obj if isinstance(obj, ObjectiveSpec) else getattr(obj, "__kdbench_spec__", None)
-    if not isinstance(spec, ObjectiveSpec):
+    spec = obj if isinstance(obj, ObjectiveSpec) else _spec_of(obj)
+    if spec is None:
         raise ObjectiveError(f"{obj!r} is not an objective (decorate it with @kdbench.registry.objective)")
     _register(spec)
     return [spec]
@@ -252,7 +263,9 @@ def _guarded(key: str, label: str, load: Callable[[], Any]) -> None:
             found = load()
             if isinstance(found, list) and not found:
                 raise ObjectiveError("it declares no objective (use @objective(...))")
-        except Exception as exc:  # a broken third-party plug-in must not take the others down
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plug-in (one calling sys.exit too) must not take the others down
             _state.specs, _state.aliases = specs, aliases
             reason = plugins.one_line(exc)
             _state.broken[key] = (f"objective plug-in {label} failed to load: {reason}" if label.startswith("entry")

@@ -23,6 +23,12 @@ Specification file (every key optional except objectives)::
     tune: {lr: [1.0e-4, 3.0e-4]}
     workers: 1
     run: {steps: 3, eval_limit: 3}   # any `kdbench run` option, for every job
+
+The specification is checked whole before anything is prepared, opened or run (:func:`validate`,
+then :func:`expand` against the objectives): every mistake -- a seed that is not an integer in
+[0, 2³²−1], an empty grid, a grid no objective of the sweep declares, a run option of the wrong
+type, a learning rate that is not a positive number, a value given twice -- is one line. Numbers
+in a file are read as strictly as on the command line (no ``1_5``, no octal ``010``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdbench.errors import UserError
+from kdbench.secrets import redact_url
+from kdbench.store.engines import resolve_url
+from kdbench.store.models import DB_ENV_VAR
 
 TUNABLE = ("lr",)                     # TrainSpec fields `--tune` may grid over (a `kdbench run --lr` each)
 RUN_OPTIONS = {"steps": "--steps", "eval_limit": "--eval-limit", "finetune_steps": "--finetune-steps", "pair": "--pair", "teacher": "--teacher",
@@ -57,6 +66,7 @@ class SweepSpec:
     workers: int = 1
     run: dict = field(default_factory=dict)
     db: str | None = None
+    source: str = ""  # where it was written ("sweep file x.yaml"), for messages; "" for flags
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "SweepSpec":
@@ -66,7 +76,7 @@ class SweepSpec:
         if not p.is_file():
             raise UserError(f"sweep file {path} not found")
         try:
-            doc = yaml.safe_load(p.read_text()) or {}
+            doc = yaml.load(p.read_text(), Loader=_strict_yaml_loader()) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"sweep file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(doc, dict):
@@ -76,10 +86,13 @@ class SweepSpec:
         if unknown:
             raise UserError(f"sweep file {path}: unknown key(s) {', '.join(sorted(unknown))}; known: "
                             f"{', '.join(sorted(known))}")
+        if not isinstance(doc.get("run") or {}, dict):  # the command line's run options are merged into it
+            raise UserError(f"sweep file {path}: run must be a mapping of `kdbench run` options, e.g. "
+                            f"run: {{steps: 3}}; got {doc['run']!r}")
         doc.update({k: v for k, v in overrides.items() if v not in (None, [], {})})
         if not doc.get("objectives"):
             raise UserError(f"sweep file {path}: needs a list of objectives")
-        return cls(**{k: v for k, v in doc.items()})
+        return cls(**{k: v for k, v in doc.items()}, source=f"sweep file {path}")
 
 
 @dataclass
@@ -93,7 +106,9 @@ class Job:
     setting: str = ""
     label: str = ""
 
-    def argv(self, spec: SweepSpec, sweep_id: str) -> list[str]:
+    def argv(self, spec: SweepSpec, sweep_id: str, db: str | None) -> list[str]:
+        """The job's ``kdbench run`` command line; ``db``: the ``--db`` to name (None: the
+        store comes from ``$KDBENCH_DB``, as it does when the URL holds a password)."""
         args = ["kdbench", "run", "--objective", self.objective, "--suite", self.suite, "--seed", str(self.seed)]
         for k, v in self.params.items():
             args += ["--param", f"{k}={v}"]
@@ -103,8 +118,8 @@ class Job:
                     args.append(RUN_FLAGS[k])
             else:
                 args += [RUN_OPTIONS[k], str(v)]
-        if spec.db:
-            args += ["--db", spec.db]
+        if db:
+            args += ["--db", db]
         return args + ["--sweep-id", sweep_id, "--no-progress"]
 
 
@@ -113,39 +128,218 @@ def _grid(values: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(values[k] for k in keys))] or [{}]
 
 
-def _as_list(name: str, value) -> list:
+# ---------------------------------------------------------------------------------------------
+# The specification, checked whole before the first job (each mistake: one line, exit 2)
+# ---------------------------------------------------------------------------------------------
+
+_YAML_INT = "tag:yaml.org,2002:int"
+_YAML_FLOAT = "tag:yaml.org,2002:float"
+
+
+def _strict_yaml_loader():
+    """PyYAML's safe loader with plain numbers only. YAML 1.1 reads ``1_5`` as 15, ``010`` as 8
+    (octal), ``0x1F`` and ``1:30`` (= 90) as numbers, and ``1e-4`` as a string: here an integer
+    is decimal digits without a leading zero, a float has a point or an exponent (``1e-4``,
+    ``.inf``), and anything else stays a string, which the checks below read as strictly as the
+    command line does (``1_5`` refused)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_YAML_INT, _YAML_FLOAT)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(_YAML_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+    Loader.add_implicit_resolver(
+        _YAML_FLOAT, re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?$"
+                                r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+    return Loader
+
+
+#: The flag a key of the specification comes from when the sweep has no file (messages name it).
+_FLAGS = {"objectives": "--objectives", "seeds": "--seeds", "suites": "--suite", "params": "--param",
+          "tune": "--tune", "workers": "--workers", "db": "--db"}
+
+
+def _where(spec: SweepSpec, key: str) -> str:
+    """'sweep file s.yaml: params.tau' for a file, '--param tau' (or '--steps' for run.steps) for flags."""
+    if spec.source:
+        return f"{spec.source}: {key}"
+    head, _, sub = key.partition(".")
+    if head == "run":
+        return {**RUN_OPTIONS, **RUN_FLAGS}.get(sub, sub)
+    flag = _FLAGS.get(head, head)
+    return f"{flag} {sub}" if sub else flag
+
+
+def _parsed(parse, text: str, prefix: str = ""):
+    """``parse(text)`` with a flag's argparse type: its refusal is the one line."""
+    import argparse
+
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(f"{prefix}{exc}") from None
+
+
+def _items(spec: SweepSpec, key: str, value, *, split: bool = True) -> list:
+    """A non-empty list from a list, a single value or (``split``) a comma-separated string."""
     if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [value]
+        out = list(value)
+    elif isinstance(value, str) and split:
+        out = [v.strip() for v in value.split(",")]
+        if not all(out):
+            raise UserError(f"{_where(spec, key)} has an empty value in {value!r}")
+    else:
+        out = [value]
+    if not out:
+        raise UserError(f"{_where(spec, key)} is empty: give at least one value")
+    return out
+
+
+def _integer(spec: SweepSpec, key: str, value, lo: int, hi: int) -> int:
+    """An integer in [lo, hi], read as the flag reads one (``1_0``, ``1.5``, ``true`` refused)."""
+    from kdbench.cli_parser import _int_in
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UserError(f"{_where(spec, key)} must be an integer in [{lo}, {hi}], got {value!r}")
+    return _parsed(_int_in(_where(spec, key), lo, hi), str(value))
+
+
+def _positive(spec: SweepSpec, key: str, value) -> float:
+    """A positive finite number, read as ``kdbench run --lr`` reads one."""
+    from kdbench.cli_parser import _positive_float
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"{_where(spec, key)} must be a positive number, got {value!r}")
+    return _parsed(_positive_float(_where(spec, key)), str(value))
+
+
+def _strings(spec: SweepSpec, key: str, values: list, what: str) -> list[str]:
+    for v in values:
+        if not isinstance(v, str) or not v.strip():
+            raise UserError(f"{_where(spec, key)} must be {what} (strings), got {v!r}")
+    return values
+
+
+def _once(spec: SweepSpec, key: str, values: list) -> list:
+    """``values`` with none twice: a repeated seed or grid point would name the same run twice."""
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise UserError(f"{_where(spec, key)} lists {v!r} twice")
+    return values
+
+
+def _run_options(spec: SweepSpec) -> dict:
+    """The `kdbench run` options of every job, typed as their flags are."""
+    from kdbench.cli_parser import COUNT_MAX, _device
+
+    run = {} if spec.run is None else spec.run
+    if not isinstance(run, dict):
+        raise UserError(f"{_where(spec, 'run')} must be a mapping of `kdbench run` options (run: {{steps: 3}}), "
+                        f"got {run!r}")
+    bad = set(run) - set(RUN_OPTIONS) - set(RUN_FLAGS)
+    if bad:
+        raise UserError(f"sweep run option(s) {', '.join(sorted(map(str, bad)))} unknown; known: "
+                        f"{', '.join(sorted(set(RUN_OPTIONS) | set(RUN_FLAGS)))}")
+    out = {}
+    for key, value in run.items():
+        where = _where(spec, f"run.{key}")
+        if key in RUN_FLAGS:
+            if not isinstance(value, bool):
+                raise UserError(f"{where} is a flag: true or false, got {value!r}")
+        elif key in ("steps", "eval_limit", "finetune_steps"):
+            value = _integer(spec, f"run.{key}", value, 1, COUNT_MAX)
+        elif key == "lr":
+            value = _positive(spec, "run.lr", value)
+        elif key == "teacher_source" and value not in ("cache", "live"):
+            raise UserError(f"{where}: unknown teacher source {value!r}; valid choices: cache, live")
+        elif key == "device":
+            value = _parsed(_device, value if isinstance(value, str) else repr(value), f"{where}: ")
+        elif not isinstance(value, str) or not value.strip():  # pair, teacher, student, data_dir
+            raise UserError(f"{where} must be a name or a path (a string), got {value!r}")
+        out[key] = value
+    return out
+
+
+def _grid_values(spec: SweepSpec, key: str) -> dict[str, list]:
+    """``params`` or ``tune``: {name: [values]}, no grid empty."""
+    value = {} if getattr(spec, key) is None else getattr(spec, key)
+    if not isinstance(value, dict):
+        raise UserError(f"{_where(spec, key)} must be a mapping of name: [values], e.g. "
+                        f"{key}: {{{'tau' if key == 'params' else 'lr'}: [...]}}, got {value!r}")
+    grid = {}
+    for name, values in value.items():
+        if isinstance(values, str) and "," in values and spec.source:
+            # in a file a grid is a list; "1,5" could as well be a decimal comma
+            raise UserError(f"{_where(spec, f'{key}.{name}')} is the string {values!r}: write a list, e.g. "
+                            f"{name}: [{', '.join(v.strip() for v in values.split(','))}]")
+        items = _items(spec, f"{key}.{name}", values)
+        for v in items:
+            if v is None or isinstance(v, (dict, list, tuple)):
+                raise UserError(f"{_where(spec, f'{key}.{name}')} must be a list of values, got {v!r} in it")
+        grid[str(name)] = items
+    return grid
+
+
+def validate(spec: SweepSpec) -> dict:
+    """The whole specification, checked before any job is made, prepared or run: objectives a
+    list of names or settings; seeds integers in [0, 2³²−1]; workers an integer ≥ 1; run options
+    typed as their `kdbench run` flags; tuned learning rates positive and finite; no grid empty
+    and no value twice. Returns the values normalised: {objectives, seeds, suites, params, tune,
+    workers, run}. Grid keys and values are checked against the objectives by :func:`expand`."""
+    from kdbench.cli_parser import SEED_MAX
+
+    if isinstance(spec.objectives, str):  # a setting may hold commas (csd(tau=1.5,w1=T)): no guessing
+        raise UserError(f"{_where(spec, 'objectives')} must be a list, e.g. objectives: [{spec.objectives}]; got "
+                        f"the string {spec.objectives!r}")
+    objectives = _items(spec, "objectives", spec.objectives, split=False)
+    objectives = _once(spec, "objectives", _strings(spec, "objectives", objectives, "objective names or settings"))
+    seeds = _items(spec, "seeds", [0] if spec.seeds is None else spec.seeds)
+    seeds = _once(spec, "seeds", [_integer(spec, "seeds", s, 0, SEED_MAX) for s in seeds])
+    suites = _items(spec, "suites", ["micro"] if spec.suites is None else spec.suites)
+    suites = _once(spec, "suites", _strings(spec, "suites", suites, "suite names"))
+    params = {k: _once(spec, f"params.{k}", v) for k, v in _grid_values(spec, "params").items()}
+    tune = _grid_values(spec, "tune")
+    bad = set(tune) - set(TUNABLE)
+    if bad:
+        raise UserError(f"--tune {', '.join(sorted(bad))}: only {', '.join(TUNABLE)} can be tuned")
+    tune = {k: _once(spec, f"tune.{k}", [_positive(spec, f"tune.{k}", x) for x in v]) for k, v in tune.items()}
+    workers = _integer(spec, "workers", 1 if spec.workers is None else spec.workers, 1, 256)
+    if spec.db is not None and (not isinstance(spec.db, str) or not spec.db.strip()):
+        raise UserError(f"{_where(spec, 'db')} must be a store path or URL, got {spec.db!r}")
+    return {"objectives": objectives, "seeds": seeds, "suites": suites, "params": params, "tune": tune,
+            "workers": workers, "run": _run_options(spec)}
 
 
 def expand(spec: SweepSpec) -> list[Job]:
     """Every job of the sweep, validated (unknown objectives, parameters, suites and run options
     are one-line errors), with its configuration hash and version label resolved."""
     from kdbench.config import RunRequest, resolve_suite, run_key
+    from kdbench.errors import did_you_mean
     from kdbench.registry import get_objective
 
-    if spec.workers < 1:
-        raise UserError("--workers must be at least 1")
-    bad = set(spec.run) - set(RUN_OPTIONS) - set(RUN_FLAGS)
-    if bad:
-        raise UserError(f"sweep run option(s) {', '.join(sorted(bad))} unknown; known: "
-                        f"{', '.join(sorted(set(RUN_OPTIONS) | set(RUN_FLAGS)))}")
-    bad = set(spec.tune) - set(TUNABLE)
-    if bad:
-        raise UserError(f"--tune {', '.join(sorted(bad))}: only {', '.join(TUNABLE)} can be tuned")
-    params = {k: _as_list(k, v) for k, v in spec.params.items()}
-    tune = {k: [float(x) for x in _as_list(k, v)] for k, v in spec.tune.items()}
-    seeds = [int(s) for s in _as_list("seeds", spec.seeds)]
+    checked = validate(spec)
+    spec.workers, spec.run = checked["workers"], checked["run"]  # normalised: run_sweep schedules with them
+    params, tune, seeds = checked["params"], checked["tune"], checked["seeds"]
+    bases = {}
+    for name in checked["objectives"]:
+        try:
+            bases[name] = get_objective(name)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    declared = sorted({p.name for base in bases.values() for p in base.spec.params})
+    for key in params:  # a grid no objective takes would silently run without it
+        if key not in declared:
+            why = (did_you_mean(key, declared, what="parameter") if declared
+                   else "the sweep's objectives take no parameters")
+            raise UserError(f"{_where(spec, 'params.' + key)}: no objective of the sweep declares it; {why}")
     jobs: list[Job] = []
-    for suite_name in _as_list("suites", spec.suites):
-        for name in spec.objectives:
-            try:
-                base = get_objective(name)
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
+    for suite_name in checked["suites"]:
+        for name, base in bases.items():
             own = {k: v for k, v in params.items() if any(p.name == k for p in base.spec.params)}
             for combo in _grid(own):
                 try:
@@ -200,6 +394,15 @@ def _status(engine, jobs: list[Job], fingerprints: dict[str, str] | None = None)
     return out
 
 
+def _has_secret(db: str) -> bool:
+    from kdbench.secrets import parse_url, secret_parts
+
+    try:
+        return secret_parts(parse_url(resolve_url(db)))
+    except Exception:  # not a URL: a path holds no password
+        return False
+
+
 def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
@@ -209,23 +412,32 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
 
     jobs = expand(spec)
     sid = sweep_id(jobs)
+    # A store URL with a password is never printed nor put on a command line (`ps` shows those):
+    # the jobs read it from $KDBENCH_DB.
+    secret = bool(spec.db) and _has_secret(spec.db)
+    db_flag = None if secret else spec.db
     if dry_run:
         out(f"# kdbench sweep {sid}: {len(jobs)} runs; one command line each (add OMP_NUM_THREADS for your machine)")
+        if secret:
+            out(f"# store {redact_url(resolve_url(spec.db))}: its password is not printed; these lines read the store "
+                f"from ${DB_ENV_VAR} — export {DB_ENV_VAR}='<the URL with its password>' before running them")
         for j in jobs:
-            out(shlex.join(j.argv(spec, sid)))
+            out(shlex.join(j.argv(spec, sid, db_flag)))
         return 0
     engine = open_engine(spec.db)
     logs = _log_dir(sid)
     threads = threads_per_worker(spec.workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
+    if secret:
+        env[DB_ENV_VAR] = resolve_url(spec.db)
     t0 = time.perf_counter()
     state = _status(engine, jobs)
     prepared = False
     if any(st[0] == "finished" for st in state.values()):
         # A finished run counts only if it was made under the teacher this machine prepares: the same
         # suite fine-tunes its teacher differently on another machine kind (reference fingerprint).
-        fps = _prepare_suites(spec, jobs, env, logs, out)
+        fps = _prepare_suites(spec, jobs, env, logs, out, db_flag)
         prepared = True
         other = sum(1 for j in jobs if state.get(j.key, ("",))[0] == "finished")
         state = _status(engine, jobs, fps)
@@ -246,7 +458,7 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
     if not todo:
         return 0
     if not prepared:
-        _prepare_suites(spec, [j for j, _ in todo], env, logs, out)
+        _prepare_suites(spec, [j for j, _ in todo], env, logs, out, db_flag)
     failed: list[tuple[Job, str]] = []
     done = 0
     durations: list[float] = []
@@ -255,8 +467,8 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
     while queue or running:
         while queue and len(running) < spec.workers:
             job, resume_id = queue.pop(0)
-            argv = job.argv(spec, sid) if resume_id is None else \
-                ["kdbench", "run", "--resume", str(resume_id), "--no-progress"] + (["--db", spec.db] if spec.db else [])
+            argv = job.argv(spec, sid, db_flag) if resume_id is None else \
+                ["kdbench", "run", "--resume", str(resume_id), "--no-progress"] + (["--db", db_flag] if db_flag else [])
             log = logs / f"{job.key}.log"
             fh = open(log, "a")
             proc = subprocess.Popen([sys.executable, "-m", "kdbench", *argv[1:]], stdout=fh,
@@ -287,7 +499,7 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
     return 1 if failed else 0
 
 
-def _prepare_suites(spec: SweepSpec, jobs: list[Job], env, logs: Path, out) -> dict[str, str]:
+def _prepare_suites(spec: SweepSpec, jobs: list[Job], env, logs: Path, out, db: str | None) -> dict[str, str]:
     """One `kdbench prepare` per distinct suite configuration, before any worker starts; returns
     {job key: the reference fingerprint of the teacher prepared for it}."""
     seen: dict[tuple, str] = {}
@@ -296,7 +508,7 @@ def _prepare_suites(spec: SweepSpec, jobs: list[Job], env, logs: Path, out) -> d
         ident = (job.suite, json.dumps(spec.run, sort_keys=True), job.train.get("lr"))
         if ident not in seen:
             info = logs / f"prepare-{len(seen)}.json"
-            argv = ["prepare"] + job.argv(spec, "prepare")[2:] + ["--info-json", str(info)]
+            argv = ["prepare"] + job.argv(spec, "prepare", db)[2:] + ["--info-json", str(info)]
             out(f"[sweep] preparing {job.suite} (teacher, teacher cache, reference rows) ...")
             with open(logs / f"prepare-{job.suite}.log", "a") as fh:
                 rc = subprocess.run([sys.executable, "-m", "kdbench", *argv], stdout=fh, stderr=subprocess.STDOUT,

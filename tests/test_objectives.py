@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdbench import losses
-from kdbench.registry import get_objective, list_objectives
+from kdbench.registry import Objective, get_objective, list_objectives
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: see conftest
@@ -220,9 +220,15 @@ def test_mixture_divergences_accurate_and_continuous_at_both_ends(st, name, ref,
     s, t = st
     param = "beta" if name == "jsd" else "alpha"
     ours = lambda x: get_objective(name, **{param: x})(s, t, None).item()  # noqa: E731
+    # skl / srkl at α = 1 are identically 0 (nothing to train: out of the declared range); the
+    # function itself still goes there continuously
+    declared = lambda x: Objective(get_objective(name).spec, {param: x})(s, t, None).item()  # noqa: E731
     for end, limit_name in ((0.0, limit_at_0), (1.0, limit_at_1)):
         limit = 0.0 if limit_name is None else run(limit_name, s, t).item()
-        assert ours(end) == pytest.approx(limit, rel=1e-6, abs=1e-7)  # the end point itself
+        assert (ours if limit_name else declared)(end) == pytest.approx(limit, rel=1e-6, abs=1e-7)  # the end point
+        if limit_name is None:
+            with pytest.raises(ValueError, match=r"must be in \[0.0, 1.0\)"):
+                ours(end)
         prev_err = math.inf
         for eps in EPS:
             x = eps if end == 0.0 else 1.0 - eps
@@ -408,3 +414,125 @@ def test_input_validation_messages():
         get_objective("kl")(S, T, MASK[:, :2])
     # ce ignores the teacher entirely (None or not)
     assert get_objective("ce")(S, T, MASK, LABELS).item() == pytest.approx(GOLDEN["ce"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# declared parameter ranges: values inside train, values outside are refused
+# ---------------------------------------------------------------------------------------------
+
+# a parameter that matters only in some settings is tried in one where it does
+ACTIVE = {("csd", "alpha"): {"w1": "mix"}}
+
+
+def _numeric_params():
+    return [(spec.name, p) for spec in list_objectives(include_plugins=False) for p in spec.params
+            if p.type in ("float", "int")]
+
+
+def _bounds(p):
+    """The extreme values the range admits (just inside an exclusive end) and its exact extra values."""
+    lo = p.min * (1 + 1e-6) + 1e-12 if p.min_exclusive else p.min
+    hi = p.max - max(abs(p.max) * 1e-6, 1e-12) if p.max_exclusive else p.max
+    return [lo, hi, *p.also]
+
+
+def _outside(p):
+    """Values just outside the range (below, above)."""
+    below = p.min if p.min_exclusive else (p.min * 0.9 if p.min > 0 else p.min - 1e-3)
+    above = p.max if p.max_exclusive else p.max + max(abs(p.max) * 1e-3, 1e-3)
+    return [v for v in (below, above) if v not in p.also]
+
+
+def test_every_builtin_numeric_parameter_declares_a_finite_range():
+    for name, p in _numeric_params():
+        assert p.min is not None and p.max is not None, f"{name}.{p.name} has no range: {p.range_text()!r}"
+        assert math.isfinite(p.min) and math.isfinite(p.max)
+        assert "[" in p.range_text() or "(" in p.range_text()
+
+
+@pytest.mark.parametrize("name,param", [(n, p.name) for n, p in _numeric_params()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_range_bounds_give_finite_loss_and_gradients(name, param, dtype):
+    p = get_objective(name).spec.param(param)
+    for value in _bounds(p):
+        obj = get_objective(name, **{param: value}, **ACTIVE.get((name, param), {}))
+        for scale in (3.0, 1e4):
+            if name == "ab" and value < 0 and scale > 10:
+                continue  # a negative exponent of a probability of e^-1e4: the divergence itself overflows (its doc)
+            s = randn(2, 3, 17, scale=scale, seed=51).to(dtype).requires_grad_(True)
+            t = randn(2, 3, 17, scale=scale, seed=52).to(dtype)
+            loss = obj(s, t, None)
+            loss.backward()
+            assert math.isfinite(loss.item()), (obj.setting, scale, loss.item())
+            assert bool(torch.isfinite(s.grad.float()).all()), (obj.setting, scale)
+
+
+@pytest.mark.parametrize("name,param", [(n, p.name) for n, p in _numeric_params()])
+def test_values_just_outside_the_range_are_refused(name, param):
+    p = get_objective(name).spec.param(param)
+    for value in _outside(p):
+        with pytest.raises(ValueError, match="must be in"):
+            get_objective(name, **{param: value})
+        with pytest.raises(ValueError, match="must be in"):
+            get_objective(f"{name}({param}={value!r})")
+
+
+@pytest.mark.parametrize("setting,params,scale", [
+    ("csd", {"tau": 1e-320}, 1.0),      # s/τ overflows: NaN weights
+    ("hinton", {"tau": 1e-320}, 1.0),   # t/τ overflows
+    ("hinton", {"tau": 1e30}, 1.0),     # τ² overflows float32: inf·0
+    ("jsd", {"beta": 1e-35}, 1e4),      # KL(q‖m)/β overflows for extreme logits
+])
+def test_values_the_ranges_exclude_do_not_train(setting, params, scale):
+    """Why the ranges stop where they do: the declared function, bypassing the range, is not finite."""
+    base = get_objective(setting)
+    obj = Objective(base.spec, {**base.params, **params})
+    s = randn(2, 3, 17, scale=scale, seed=51).requires_grad_(True)
+    t = randn(2, 3, 17, scale=scale, seed=52)
+    loss = obj(s, t, None)
+    loss.backward()
+    assert not (math.isfinite(loss.item()) and bool(torch.isfinite(s.grad).all()))
+
+
+@pytest.mark.parametrize("name", ["skl", "srkl"])
+def test_skew_kls_at_alpha_one_have_nothing_to_train(name):
+    obj = Objective(get_objective(name).spec, {"alpha": 1.0})
+    s = randn(2, 3, 17, scale=3.0, seed=51).requires_grad_(True)
+    loss = obj(s, randn(2, 3, 17, scale=3.0, seed=52), None)
+    assert loss.item() == 0.0
+    grad = torch.autograd.grad(loss, s, allow_unused=True)[0] if loss.requires_grad else None
+    assert grad is None or bool((grad == 0).all())
+
+
+def test_values_used_by_committed_results_and_tests_stay_inside_the_ranges():
+    for setting in ["csd(tau=1.0)", "csd(tau=1.5,w1=T)", "csd(tau=2.0)", "csd(w1=mix,alpha=0.15)", "skl(alpha=0.1)",
+                    "srkl(alpha=0.1)", "jsd(beta=0.5)", "jsd(beta=0.1)", "jsd(beta=0.9)", "akl(mu=0.5)",
+                    "skl_sym(lam=0.9)", "ab(alpha=0.2,beta=0.7)", "hinton(tau=2.0)", "hinton(tau=0.5)", *VARIANTS]:
+        get_objective(setting)
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective contract the start-up check enforces (kdbench/engine/check.py): built-ins keep it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", VARIANTS + ["ab(alpha=-1.0,beta=2.0)", "hinton(tau=0.05)", "csd(tau=100.0)",
+                                                "jsd(beta=1e-30)", "skl(alpha=0.999999)"])
+def test_builtins_keep_the_contract_the_startup_check_enforces(setting):
+    from kdbench.engine.check import check_contract
+
+    s, t = randn(8, 41, scale=3.0, seed=61), randn(8, 41, scale=3.0, seed=62)
+    labels = torch.randint(0, 41, (8,), generator=torch.Generator().manual_seed(3))
+    s_before, t_before = s.clone(), t.clone()
+    check_contract(get_objective(setting), s, t, labels)
+    assert torch.equal(s, s_before) and torch.equal(t, t_before)
+
+
+def test_a_loss_that_is_not_finite_keeps_the_contract():
+    """NaN is training's business (the run fails at step 1, recorded), not a broken contract."""
+    from kdbench.engine.check import check_contract
+    from kdbench.registry import ObjectiveSpec
+
+    spec = ObjectiveSpec(name="nan_plug", params=[], formula="", paper="-", behaviour="balanced",
+                         source="/x/nan_plug.py", fn=lambda s, t: (s - t).sum(-1) * float("nan"))
+    check_contract(Objective(spec, {}), randn(4, 9, seed=1), randn(4, 9, seed=2), None)

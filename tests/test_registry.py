@@ -75,9 +75,9 @@ def test_bad_parameter_name_type_choice_and_range():
         get_objective("csd", tau="hot")
     with pytest.raises(ValueError, match="expects a float"):
         get_objective("csd", tau=True)
-    with pytest.raises(ValueError, match=r"must be in \(0.0, inf\)"):
+    with pytest.raises(ValueError, match=r"must be in \[0.05, 100.0\]"):
         get_objective("csd", tau=0)
-    with pytest.raises(ValueError, match=r"must be in \[0.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"must be in \{0.0\} ∪ \[1e-30, 1.0\]"):
         get_objective("jsd", beta=1.5)
     with pytest.raises(ValueError, match="finite"):
         get_objective("ab", alpha=float("nan"))
@@ -390,6 +390,120 @@ def test_bad_return_shape_is_reported(fresh_registry):
 
     with pytest.raises(RuntimeError, match="per-position tensor"):
         get_objective("scalar_out")(torch.randn(2, 4), torch.randn(2, 4), None)
+
+
+def test_sys_exit_inside_an_objective_fails_the_call_not_the_process(fresh_registry):
+    """The call boundary (Objective.invoke): SystemExit from an objective's code becomes an ordinary
+    exception, which a training run records as failed; the user's Ctrl-C still goes through."""
+    from kdbench.objective import ObjectiveContractError
+
+    @objective("exits_when_called", behaviour="balanced", paper="-")
+    def exits_when_called(s, t):
+        sys.exit(3)
+
+    def exiting_gradient(s, t):
+        raise SystemExit("bye")
+
+    @objective("exits_in_gradient", behaviour="balanced", paper="-", gradient=exiting_gradient)
+    def exits_in_gradient(s, t):
+        return (s - t).pow(2).mean(-1)
+
+    @objective("ctrl_c", behaviour="balanced", paper="-")
+    def ctrl_c(s, t):
+        raise KeyboardInterrupt
+
+    s, t = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5)
+    with pytest.raises(ObjectiveContractError, match=r"'exits_when_called' \(plugin [\w.]*test_registry\) broke its "
+                                                     r"contract: it called sys\.exit\(3\)") as err:
+        get_objective("exits_when_called")(s, t, None)
+    assert isinstance(err.value, Exception)  # what the runner records as failed (runner.run: except Exception)
+    h, w = torch.randn(4, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
+    th, tw = torch.randn(4, 6), torch.randn(5, 6)
+    with pytest.raises(ObjectiveContractError, match=r"sys\.exit\(3\)"):  # the training path
+        get_objective("exits_when_called").from_hidden(h, w, th, tw).loss.backward()
+    with pytest.raises(ObjectiveContractError, match=r"sys\.exit\('bye'\)"):  # a declared gradient too
+        get_objective("exits_in_gradient").from_hidden(h, w, th, tw).loss.backward()
+    with pytest.raises(KeyboardInterrupt):
+        get_objective("ctrl_c")(s, t, None)
+
+
+def test_numbers_are_read_strictly():
+    """No '_' digit separators (float('1_5') is 15.0); other Unicode digits read as Python reads them."""
+    from kdbench.cli_parser import _int_in, _positive_float
+
+    for text in ("1_5", "1_000", " 1_0 "):
+        with pytest.raises(ObjectiveError, match="'_' digit separators are not accepted"):
+            get_objective("csd", tau=text)
+    with pytest.raises(ObjectiveError, match="digit separators"):
+        get_objective("csd(tau=1_5)")
+    assert get_objective("csd", tau="１.５").params["tau"] == 1.5  # full-width digits
+    assert get_objective("hinton", tau="٢").params["tau"] == 2.0  # Arabic-Indic
+    k = ParamSpec("k", int, 3, min=1)
+    assert k.coerce("１２") == 12 and k.coerce("1e3") == 1000 and k.coerce(str(10**22)) == 10**22
+    for bad in ("1_0", "1e22", "1.5"):  # 1e22 as a float is not the integer it reads as
+        with pytest.raises(ObjectiveError, match="expects a int"):
+            k.coerce(bad)
+    with pytest.raises(ObjectiveError, match="expects a float"):
+        get_objective("csd", tau=10**400)  # float() overflows: a clear refusal, not an OverflowError
+    steps, lr = _int_in("--steps", 1, 10**9), _positive_float("--lr")
+    assert steps("１０") == 10 and lr("３e-4") == pytest.approx(3e-4)
+    import argparse
+
+    for parse, text in ((steps, "1_0"), (lr, "1_0"), (lr, "1e-4_")):
+        with pytest.raises(argparse.ArgumentTypeError, match="digit separators"):
+            parse(text)
+
+
+def test_a_range_may_admit_an_exact_limit_outside_it():
+    beta = ParamSpec("beta", float, 0.5, min=1e-30, max=1.0, also=(0.0,))
+    assert beta.coerce("0") == 0.0 and beta.coerce(1e-30) == 1e-30 and beta.coerce(1) == 1.0
+    assert beta.describe() == "beta: float in {0.0} ∪ [1e-30, 1.0] = 0.5"
+    for bad in (1e-31, -0.1, 1.5):
+        with pytest.raises(ObjectiveError, match=r"must be in \{0.0\} ∪ \[1e-30, 1.0\]"):
+            beta.coerce(bad)
+
+
+def test_plugin_modules_may_hold_odd_objects(fresh_registry, tmp_path):
+    """A module-level __getattr__ or an object whose __getattr__ raises declares nothing and breaks nothing."""
+    path = tmp_path / "odd.py"
+    path.write_text(textwrap.dedent('''
+        from kdbench.registry import objective
+
+        def __getattr__(name):
+            raise RuntimeError("module __getattr__ asked for " + name)
+
+        class Odd:
+            def __getattr__(self, name):
+                raise RuntimeError("odd object: no " + name)
+
+        odd = Odd()
+
+        @objective("odd_ok", behaviour="balanced", paper="-")
+        def odd_ok(s, t):
+            """Fine."""
+            return (s - t).pow(2).mean(-1)
+    '''))
+    assert get_objective(f"{path}:odd_ok").name == "odd_ok"
+    (tmp_path / "only_odd.py").write_text("class Odd:\n    def __getattr__(self, n):\n        raise ValueError(n)\n"
+                                          "odd = Odd()\n")
+    with pytest.raises(ObjectiveError, match="declares no objective"):
+        get_objective(f"{tmp_path / 'only_odd.py'}:x")
+
+
+def test_plugins_calling_sys_exit_are_skipped_with_a_warning(fresh_registry, tmp_path, monkeypatch):
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    write_plugin(folder, "good.py", "goodobj")
+    (folder / "bye.py").write_text("import sys\nsys.exit(0)\n")
+    (folder / "bye_msg.py").write_text("raise SystemExit('not today')\n")
+    monkeypatch.setenv("KDBENCH_PLUGIN_PATH", str(folder))
+    specs, warned = _warnings_of(list_objectives)
+    assert {"goodobj", "csd", "kl"} <= {s.name for s in specs}
+    assert len(warned) == 2 and all(w.count("\n") == 0 for w in warned)
+    assert any("bye.py" in w and "it called sys.exit(0)" in w for w in warned)
+    assert any("bye_msg.py" in w and "sys.exit('not today')" in w for w in warned)
+    with pytest.raises(ObjectiveError, match=r"bye\.py.*it called sys\.exit\(0\)"):
+        get_objective("bye")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,45 @@ def test_a_spec_file_and_its_mistakes(tmp_path, capsys):
     assert threads_per_worker(2) == max(1, (os.cpu_count() or 1) // 2)
 
 
+def test_spec_files_read_numbers_strictly(tmp_path):
+    """YAML 1.1 reads 1_5 as 15, 010 as 8 and 1e-4 as a string; a sweep file reads plain numbers only."""
+    f = tmp_path / "sweep.yaml"
+    f.write_text("objectives: [csd]\nseeds: [010, 2]\nparams: {tau: ['１.５']}\ntune: {lr: [1e-4, 3.0e-4]}\n"
+                 "run: {steps: 3}\n")
+    spec = SweepSpec.from_yaml(f)
+    assert spec.seeds == ["010", 2] and spec.tune == {"lr": [1e-4, 3e-4]} and spec.run == {"steps": 3}
+    jobs = expand(spec)
+    assert sorted({j.seed for j in jobs}) == [2, 10]  # decimal, never octal
+    assert {j.setting for j in jobs} == {"csd(tau=1.5,w1=S,w2=S)"}  # full-width digits read as Python reads them
+    f.write_text("objectives: [csd]\nparams: {tau: [1_5]}\n")
+    with pytest.raises(UserError, match="digit separators"):
+        expand(SweepSpec.from_yaml(f))
+    f.write_text("objectives: [kl]\nseeds: [0x1F]\n")
+    with pytest.raises(UserError, match="seeds must be an integer, got '0x1F'"):
+        expand(SweepSpec.from_yaml(f))
+
+
+def test_a_spec_is_checked_whole_before_anything_runs(tmp_path, monkeypatch):
+    """Nothing is prepared, opened or run for a sweep with a mistake anywhere in it."""
+    import kdbench.sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KDBENCH_DB", raising=False)
+
+    def nothing(*a, **k):
+        raise AssertionError("the sweep started before its specification was checked")
+
+    monkeypatch.setattr(kdbench.sweep, "_prepare_suites", nothing)
+    monkeypatch.setattr(kdbench.sweep, "_log_dir", nothing)
+    for bad in (dict(seeds=[0, "a"]), dict(seeds=[True]), dict(workers=0), dict(run={"steps": "x"}),
+                dict(params={"tau": []}), dict(params={"nosuch": [1]}), dict(tune={"lr": ["abc"]}),
+                dict(tune={"lr": [float("nan")]}), dict(objectives="kl"), dict(objectives=["kl", None])):
+        spec = SweepSpec(**{"objectives": ["kl", "csd"], **bad})
+        with pytest.raises(UserError):
+            kdbench.sweep.run_sweep(spec, out=lambda *_: None)
+    assert not (tmp_path / "runs.db").exists()
+
+
 # ---------------------------------------------------------------------------- real sweeps on a tiny suite
 
 

@@ -17,8 +17,11 @@ LIMIT_EPS = 1e-6
     "Generalized Alpha-Beta Divergences and Their Application to Robust Nonnegative Matrix "
     "Factorization, Entropy 13(1):134-170",
     params=[
-        Param("alpha", float, 0.2, doc="α (exponent of the teacher p)"),
-        Param("beta", float, 0.7, doc="β (exponent of the student q)"),
+        Param("alpha", float, 0.2, doc="α (exponent of the teacher p); [−1, 2], the range of the named members: "
+              "KL (1,0), reverse KL (0,1), Hellinger (½,½), squared Euclidean (1,1), Pearson χ² (2,−1), "
+              "Neyman χ² (−1,2). A negative exponent can overflow for peaked rows (training then stops: "
+              "loss not finite); non-negative ones are finite for any logits", min=-1.0, max=2.0),
+        Param("beta", float, 0.7, doc="β (exponent of the student q); [−1, 2], as α", min=-1.0, max=2.0),
     ],
 )
 def ab(s, t, *, alpha, beta):

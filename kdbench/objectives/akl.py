@@ -11,7 +11,8 @@ from kdbench.registry import Param, objective
     behaviour="balanced",
     paper="Wu et al. 2025 (COLING), Rethinking Kullback-Leibler Divergence in "
     "Knowledge Distillation for Large Language Models, arXiv:2404.02657",
-    params=[Param("mu", float, 0.5, doc="head threshold μ on the teacher's cumulative probability", min=0.0, max=1.0)],
+    params=[Param("mu", float, 0.5, doc="head threshold μ on the teacher's cumulative probability; in [0, 1] "
+                  "(0: the head is the top token, 1: every token)", min=0.0, max=1.0)],
 )
 def akl(s, t, *, mu):
     """Adaptive KL: forward KL weighted by the head gap plus reverse KL weighted by the tail gap.

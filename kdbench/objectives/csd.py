@@ -105,10 +105,12 @@ def csd_gradient(s, t, *, w1, w2, tau, alpha):
     params=[
         Param("w1", "choice", "S", choices=WEIGHTINGS, doc="first weighting: S student (stop-grad softmax(s/τ)), T teacher, U uniform, mix"),
         Param("w2", "choice", "S", choices=WEIGHTINGS, doc="second weighting (same choices)"),
-        Param("tau", float, 1.0, doc="loss temperature τ, used only inside the S weighting (also within mix)",
-              min=0.0, min_exclusive=True, active=lambda p: _uses(p, "S", "mix")),
-        Param("alpha", float, 0.15, doc="teacher share α of mix = α·T + (1−α)·S", min=0.0, max=1.0,
-              active=lambda p: _uses(p, "mix")),
+        Param("tau", float, 1.0, doc="loss temperature τ, used only inside the S weighting (also within mix); "
+              "[0.05, 100]: τ → 0 makes S a point mass on the student's argmax (and below ~1e-38 s/τ overflows: "
+              "NaN at step 1), τ → ∞ makes S uniform (that is w=U)",
+              min=0.05, max=100.0, active=lambda p: _uses(p, "S", "mix")),
+        Param("alpha", float, 0.15, doc="teacher share α of mix = α·T + (1−α)·S; any α in [0, 1] is a "
+              "distribution (1 is T)", min=0.0, max=1.0, active=lambda p: _uses(p, "mix")),
     ],
     aliases={
         "csd_ss": {"w1": "S", "w2": "S"},

@@ -14,9 +14,12 @@ from kdbench.registry import Param, objective
             "beta",
             float,
             0.5,
-            doc="mixture weight β of the teacher in m = β·p + (1−β)·q; 0 → forward KL, 1 → reverse KL",
-            min=0.0,
+            doc="mixture weight β of the teacher in m = β·p + (1−β)·q; 0 → forward KL, 1 → reverse KL. "
+            "β = 0 exactly or β ≥ 1e-30: KL(q‖m)/β divides float32 values by β, which overflows below "
+            "(NaN gradients at β = 1e-34 for logits of magnitude 1e4, at step 1)",
+            min=1e-30,
             max=1.0,
+            also=(0.0,),
         )
     ],
 )

@@ -9,7 +9,8 @@ from kdbench.registry import Param, objective
     behaviour="balanced",
     paper="weighted forward/reverse KL baseline, λ = 0.9 as in the Concrete Score Distillation code base "
     "(arXiv:2509.25837)",
-    params=[Param("lam", float, 0.9, doc="weight λ of the reverse KL (0 = forward KL, 1 = reverse KL)", min=0.0, max=1.0)],
+    params=[Param("lam", float, 0.9, doc="weight λ of the reverse KL (0 = forward KL, 1 = reverse KL); "
+                  "a convex weight: every λ in [0, 1] trains", min=0.0, max=1.0)],
 )
 def skl_sym(s, t, *, lam):
     """Symmetric KL: a λ-weighted mix of forward and reverse KL.

@@ -9,7 +9,9 @@ from kdbench.registry import Param, objective
     behaviour="mode-seeking",
     paper="Ko, Kim, Chen & Yun 2024, DistiLLM: Towards Streamlined Distillation for Large Language Models, "
     "arXiv:2402.03898",
-    params=[Param("alpha", float, 0.1, doc="skew α: share of the student in the mixture (0 → reverse KL, 1 → 0)", min=0.0, max=1.0)],
+    params=[Param("alpha", float, 0.1, doc="skew α: share of the student in the mixture (0 → reverse KL); "
+                  "1 is excluded: the loss is identically 0 there, nothing to train", min=0.0, max=1.0,
+                  max_exclusive=True)],
 )
 def srkl(s, t, *, alpha):
     """Skew reverse KL: reverse KL against a student-skewed mixture of the two distributions.
