@@ -20,19 +20,27 @@ EXIT_RUN_FAILED = 1
 
 
 def cmd_run(args) -> int:
-    from kdbench.runner import RunRequest, default_threads, run
-
-    default_threads()
     if args.resume is not None:
-        from kdbench.runner import resume
-
         given = [f for f in ("objective", "param", "steps", "eval_limit", "finetune_steps", "pair", "teacher", "student",
                              "data_dir", "keep_activations")
                  if getattr(args, f) not in (None, [], False)]
         if given or args.suite != "micro" or args.seed != 0:
             raise UserError("--resume continues a run with its own configuration; it takes only --db and --no-progress")
-        run_id = resume(args.resume, args.db, argv=sys.argv, progress=not args.no_progress)
+        from kdbench.resumption import claim_resume
+
+        claim = claim_resume(args.resume, args.db, progress=not args.no_progress)  # before torch is imported
+        try:
+            from kdbench.runner import default_threads, resume
+
+            default_threads()
+        except BaseException:
+            claim.release()
+            raise
+        run_id = resume(claim, argv=sys.argv)
         return _print_run_table(args.db, run_id)
+    from kdbench.runner import RunRequest, default_threads, run
+
+    default_threads()
     if args.objective is None:
         raise UserError("the following arguments are required: --objective")
     req = RunRequest(objective=args.objective, params=parse_params(args.param), suite=args.suite, seed=args.seed,
@@ -82,12 +90,19 @@ def cmd_sweep(args) -> int:
                 if k != "lr" and getattr(args, k, None) not in (None, False)}
 
     def grids(items, flag):
+        """``KEY=V1,V2`` (repeatable) → {KEY: [V1, V2]}: every value given, every key once (an
+        empty grid, ``tau=1,,2`` or a second ``tau=`` would silently change the sweep)."""
         out = {}
         for item in items or []:
             key, sep, values = item.partition("=")
-            if not sep or not key.strip() or not values.strip():
-                raise UserError(f"malformed {flag} {item!r}; expected key=v1,v2")
-            out[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+            key, parts = key.strip(), [v.strip() for v in values.split(",")]
+            if not sep or not key or not all(parts):
+                raise UserError(f"malformed {flag} {item!r}; expected key=v1,v2 (every value given)")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise UserError(f"malformed {flag} {item!r}: {key!r} is not a parameter name")
+            if key in out:
+                raise UserError(f"{flag} {key!r} given twice; give its values once: {key}=v1,v2")
+            out[key] = parts
         return out
 
     flags = {"objectives": args.objectives, "seeds": args.seeds, "suites": args.suites,
@@ -175,22 +190,53 @@ def cmd_gc(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
+    import ipaddress
     import shutil
+    import socket
     from pathlib import Path
 
     import leaderboard_app
-    from sqlalchemy.engine import make_url
 
-    from kdbench.store import DB_ENV_VAR, resolve_url
+    from kdbench.secrets import parse_url, redact_url, secret_parts
+    from kdbench.store import DB_ENV_VAR, open_engine, require_schema, resolve_url
+
+    # what the app could not show is refused before a server starts: a missing, foreign, damaged or newer store
+    engine = open_engine(args.db, readonly=True)  # never creates a store
+    try:
+        require_schema(engine)
+    finally:
+        engine.dispose()
+    # the address and port must be this machine's and free (else streamlit fails after it started)
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(args.address, args.port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            probe.bind(sockaddr)
+    except OSError as exc:  # socket.gaierror included
+        raise UserError(f"cannot serve on {args.address}:{args.port}: {exc.strerror or exc}") from None
+    try:
+        local = ipaddress.ip_address(args.address).is_loopback
+    except ValueError:
+        local = args.address == "localhost"
 
     app = Path(leaderboard_app.__file__).with_name("app.py")
     streamlit = shutil.which("streamlit") or os.path.join(os.path.dirname(sys.executable), "streamlit")
+    if not os.access(streamlit, os.X_OK):
+        raise UserError("streamlit is not installed in this environment (it comes with kdbench's dependencies)")
     url, env = resolve_url(args.db), dict(os.environ)
-    cmd = [streamlit, "run", str(app), "--server.port", str(args.port)]
-    parsed = make_url(url)
-    if parsed.password:  # in the environment, never on a command line (`ps` shows those)
+    # flags outrank every config.toml and STREAMLIT_* variable; CORS and XSRF protection stay at streamlit's
+    # defaults (on; leaderboard_app/.streamlit/config.toml pins them too); headless: no browser, no e-mail prompt
+    cmd = [streamlit, "run", str(app), "--server.address", args.address, "--server.port", str(args.port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    if not local:
+        print(f"[kdbench] sharing the store on {args.address}:{args.port}: anyone who can reach this machine reads "
+              f"every run's configuration, provenance and samples, without authentication (README: Sharing the "
+              f"leaderboard)")
+    parsed = parse_url(url)
+    if secret_parts(parsed):  # in the environment, never on a command line (`ps` shows those)
         env[DB_ENV_VAR] = url
-        print(f"[kdbench] {' '.join(cmd)}  ({DB_ENV_VAR}={parsed.render_as_string(hide_password=True)})")
+        print(f"[kdbench] {' '.join(cmd)}  ({DB_ENV_VAR}={redact_url(parsed)})")
     else:
         cmd += ["--", "--db", url]
         print("[kdbench] " + " ".join(cmd))
@@ -198,35 +244,69 @@ def cmd_leaderboard(args) -> int:
     return 0  # not reached
 
 
+def _meta(e, *path, default="?"):
+    """``e.meta[path[0]][path[1]]...``, or ``default`` where an entry's meta.json lacks it (an old or damaged entry)."""
+    value = e.meta
+    for p in path:
+        value = value.get(p) if isinstance(value, dict) else None
+    return default if value is None else value
+
+
 def _cache_listing(title: str, root, entries, describe) -> None:
     print(f"{title} in {root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
-        teacher = str(e.meta.get("inputs", {}).get("teacher", {}).get("weights", "?"))[:12]
+        teacher = str(_meta(e, "inputs", "teacher", "weights"))[:12]
         print(f"  {e.key}  {e.size_bytes / 2**20:8.1f} MB  {describe(e)}, teacher {teacher}, "
-              f"built {e.meta.get('created_at', '?')}, last used {e.last_used}")
+              f"built {_meta(e, 'created_at')}, last used {e.last_used}")
 
 
 def cmd_cache(args) -> int:
+    """`kdbench cache list` reads only (creates no folder, stamps no entry); `kdbench cache clear`
+    removes the entries named by KEY (each KEY names exactly one: a whole key or a prefix of at
+    least 4 characters that no other key shares), or every entry with --all, never by default."""
     from kdbench.engine import prompt_cache, teacher_cache
+    from kdbench.models import cache_home
 
-    if args.cache_command == "list":
+    if args.cache_command == "clear" and args.keys and args.all:
+        raise UserError("cache clear takes KEYs or --all, not both")
+    if args.cache_command == "clear" and not args.keys and not args.all:
+        raise UserError("cache clear needs the KEY of each entry to remove (see `kdbench cache list`), "
+                        "or --all for every entry")
+    try:
         entries, prompts = teacher_cache.list_entries(), prompt_cache.list_entries()
-        _cache_listing("teacher cache", teacher_cache.cache_root(), entries,
-                       lambda e: f"{e.meta['n_rows']} positions of {e.meta['n_examples']} examples, {e.meta['dtype']}"
-                                 + ("" if e.meta.get("format") == teacher_cache.CACHE_FORMAT else
-                                    f", format {e.meta.get('format')}: no longer read, remove it with `kdbench cache clear`"))
+    except OSError as exc:
+        raise UserError(f"cannot read the teacher caches in {cache_home()}: {exc.strerror or exc}") from None
+    if args.cache_command == "list":
+        def teacher(e):
+            if _meta(e, "format") != teacher_cache.CACHE_FORMAT:
+                return (f"format {_meta(e, 'format')}: no longer read, remove it with "
+                        f"`kdbench cache clear {e.key}`")
+            if not isinstance(e, teacher_cache.Entry):
+                return (f"damaged (a file missing or of the wrong size): never read, remove it with "
+                        f"`kdbench cache clear {e.key}`")
+            return f"{_meta(e, 'n_rows')} positions of {_meta(e, 'n_examples')} examples, {_meta(e, 'dtype')}"
+
+        _cache_listing("teacher cache", teacher_cache.cache_root(), entries, teacher)
         _cache_listing("teacher prompt cache", prompt_cache.cache_root(), prompts,
-                       lambda e: f"{e.meta['batches']} batches of prompts, {e.meta['inputs'].get('dtype')}, "
-                                 f"{e.meta['inputs'].get('threads')} thread(s)")
+                       lambda e: f"{_meta(e, 'batches')} batches of prompts, {_meta(e, 'inputs', 'dtype')}, "
+                                 f"{_meta(e, 'inputs', 'threads')} thread(s)")
         total = sum(e.size_bytes for e in [*entries, *prompts])
         print(f"  total {total / 2**20:.1f} MB")
         return 0
-    if args.keys:
-        known = [e.key for e in teacher_cache.list_entries()] + [e.key for e in prompt_cache.list_entries()]
-        unknown = [k for k in args.keys if not any(key.startswith(k) for key in known)]
-        if unknown:
-            raise UserError(f"no teacher-cache entry matches {', '.join(unknown)} (see `kdbench cache list`)")
-    removed = teacher_cache.clear(args.keys or None) + prompt_cache.clear(args.keys or None)
+    if args.all:
+        removed = teacher_cache.clear(everything=True) + prompt_cache.clear(everything=True)
+    else:
+        known = [e.key for e in [*entries, *prompts]]
+        chosen: list[str] = []
+        for k in dict.fromkeys(args.keys):  # every KEY is resolved before anything is removed
+            hits = sorted({key for key in known if key == k} or {key for key in known if key.startswith(k)})
+            if not hits:
+                raise UserError(f"no cache entry matches {k!r} (see `kdbench cache list`)")
+            if len(hits) > 1:
+                raise UserError(f"KEY {k!r} matches {len(hits)} entries ({', '.join(hits)}): give more of the key "
+                                f"of the one to remove")
+            chosen += hits
+        removed = teacher_cache.clear(chosen) + prompt_cache.clear(chosen)
     for key, size in removed:
         print(f"removed {key} ({size / 2**20:.1f} MB)")
     print(f"[kdbench] freed {sum(s for _, s in removed) / 2**20:.1f} MB")
@@ -270,17 +350,26 @@ COMMANDS = {"run": cmd_run, "list": cmd_list, "show": cmd_show, "analyze": cmd_a
             "sweep": cmd_sweep}
 
 
-def _terminate(_signum, _frame):
+#: The signal that stopped the command, for its exit status (128 + the signal's number, as a shell reports it).
+_stopped_by: list[int] = []
+
+
+def _terminate(signum, _frame):
     # `kill` (SIGTERM): a run that is training checkpoints at the end of its step and stops
-    # (resumable, recorded as interrupted); anything else unwinds like Ctrl-C.
+    # (resumable, recorded as interrupted); anything else unwinds like Ctrl-C. Either way the
+    # command exits 143, not Ctrl-C's 130.
     from kdbench.lifecycle import GRACEFUL
 
+    _stopped_by.append(signum)
     if not GRACEFUL.request():
         raise KeyboardInterrupt
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """An error as one line; any URL in it has its password masked (kdbench/secrets.py)."""
+    from kdbench.secrets import redact_word
+
+    text = " ".join(redact_word(w) for w in str(exc).split())
     return text or type(exc).__name__
 
 
@@ -301,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
+    _stopped_by.clear()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -312,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdbench: error: run store: {_one_line(orig)}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailed as exc:
-        print(f"kdbench: {exc}", file=sys.stderr)
+        print(f"kdbench: {_one_line(exc)}", file=sys.stderr)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt:
+        if _stopped_by:
+            print("kdbench: terminated", file=sys.stderr)
+            return 128 + _stopped_by[-1]
         print("kdbench: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of the output went away (`kdbench list | head`): quietly

@@ -8,6 +8,7 @@ line (UserError, exit 2).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import sys
 
@@ -30,8 +31,11 @@ class _Parser(argparse.ArgumentParser):
 def _int_in(flag: str, lo: int, hi: int):
     """An argparse type: an integer in [lo, hi], checked before anything is opened."""
     def parse(text: str) -> int:
-        t = text.strip().replace("_", "")
-        if not re.fullmatch(r"[+-]?\d+", t):
+        t = text.strip()
+        if "_" in t:  # int("1_0") is 10: a digit separator is a typo more often than a number
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r} ('_' digit separators are "
+                                             f"not accepted)")
+        if not re.fullmatch(r"[+-]?\d+", t):  # \d: any Unicode digits, which int() reads
             raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}")
         v = int(t)
         if v < lo:
@@ -55,6 +59,9 @@ def _nonempty(flag: str):
 
 def _positive_float(flag: str):
     def parse(text: str) -> float:
+        if "_" in text:  # float("1_0") is 10.0
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r} ('_' digit separators are not "
+                                             f"accepted)")
         try:
             v = float(text)
         except ValueError:
@@ -79,6 +86,41 @@ def _seconds(text: str) -> float:
     if not (v > 0 and v < 10**9):
         raise argparse.ArgumentTypeError(f"--stale-after must be a positive number of seconds, got {text}")
     return v
+
+
+CACHE_KEY_MIN = 4  # characters of a key `kdbench cache clear` takes as a prefix (keys are 24 hex digits)
+
+
+def _cache_key(text: str) -> str:
+    """A KEY of `kdbench cache clear`: an entry's key or a prefix of it, never empty (an unset
+    ``"$KEY"`` must not name every entry) and never a pattern or a path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("KEY must not be empty (an unset shell variable?); give keys from "
+                                         "`kdbench cache list`, or --all for every entry")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(f"KEY {text!r} is not a cache key (keys are letters, digits, - and _, "
+                                         f"as `kdbench cache list` shows them; no patterns or paths)")
+    if len(text) < CACHE_KEY_MIN:
+        raise argparse.ArgumentTypeError(f"KEY {text!r} is too short: give at least {CACHE_KEY_MIN} characters "
+                                         f"of it (see `kdbench cache list`)")
+    return text
+
+
+def _address(text: str) -> str:
+    """--address of `kdbench leaderboard`: an IP address or a host name (RFC 1123), nothing else."""
+    t = text.strip()
+    if not t:
+        raise argparse.ArgumentTypeError("--address must not be empty")
+    try:
+        return str(ipaddress.ip_address(t))
+    except ValueError:
+        pass
+    labels = t[:-1].split(".") if t.endswith(".") else t.split(".")
+    if (len(t) <= 253 and all(re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", lb) for lb in labels)
+            and not all(lb.isdigit() for lb in labels)):  # 999.1.1.1 is a mistyped IP address, not a name
+        return t
+    raise argparse.ArgumentTypeError(f"--address must be an IP address or a host name, got {text!r} "
+                                     f"(127.0.0.1, the default, serves this machine only; 0.0.0.0 shares it)")
 
 
 def parse_params(pairs: list[str] | None) -> dict[str, str]:
@@ -188,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                      ("--teacher-source", dict(choices=("cache", "live")))):
         sw.add_argument(flag, default=None, help=f"passed to every run ({flag} of `kdbench run`)", **kw)
     sw.add_argument("--no-save", action="store_true", default=None, help="passed to every run")
+    sw.add_argument("--teacher-finetuned", action="store_true", default=None,
+                    help="passed to every run (--teacher-finetuned of `kdbench run`)")
     sw.add_argument("--keep-activations", action="store_true", default=None,
                     help="passed to every run (--keep-activations of `kdbench run`)")
 
@@ -218,12 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="list or clear the teacher caches on disk (hidden states; the evaluation prompts' prefill)")
     csub = c.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
     csub.add_parser("list", help="entries with their sizes and what they were built from")
-    cc = csub.add_parser("clear", help="remove entries (all, or those named by key prefix)")
-    cc.add_argument("keys", nargs="*", metavar="KEY", help="key prefixes (default: every entry)")
+    cc = csub.add_parser("clear", help="remove the entries named by key, or every entry with --all")
+    cc.add_argument("keys", nargs="*", type=_cache_key, metavar="KEY",
+                    help=f"an entry's key, or a prefix of it (at least {CACHE_KEY_MIN} characters) that names "
+                         f"one entry only (see `kdbench cache list`)")
+    cc.add_argument("--all", action="store_true", help="remove every entry of both caches")
 
-    lb = sub.add_parser("leaderboard", help="start the Streamlit leaderboard on the store")
+    lb = sub.add_parser("leaderboard", help="start the Streamlit leaderboard on the store (read-only)")
     lb.add_argument("--db", type=_nonempty("--db"), default=None)
     lb.add_argument("--port", type=_int_in("--port", 1, 65535), default=8501)
+    lb.add_argument("--address", type=_address, default="127.0.0.1", metavar="ADDR",
+                    help="the address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 shares the "
+                         "store, read-only and without authentication, with every host that can reach this one)")
 
     g = sub.add_parser("gc", help="runs whose process is gone: list them; mark them interrupted or delete them")
     g.add_argument("--db", type=_nonempty("--db"), default=None)

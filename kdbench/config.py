@@ -133,6 +133,8 @@ def resolve_suite(req: RunRequest) -> tuple[SuiteSpec, str]:
 def resolve(req: RunRequest):
     """All user-facing validation, before anything heavy happens: (objective, suite, label, engine)."""
     from kdbench.device import resolve_device
+    from kdbench.engine.check import check_contract_early
+    from kdbench.models import cache_home
     from kdbench.registry import get_objective
     from kdbench.store import open_engine
 
@@ -142,10 +144,12 @@ def resolve(req: RunRequest):
         objective = get_objective(req.objective, **req.params)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    check_contract_early(objective)  # a broken plug-in is refused before reference rows are written
     suite, label = resolve_suite(req)
     resolve_device(req.device)
     if req.teacher_source not in ("cache", "live"):
         raise UserError(f"unknown teacher source {req.teacher_source!r}; valid choices: cache, live")
+    cache_home()  # a bad $KDBENCH_CACHE is refused before the store is opened (and perhaps created)
     engine = open_engine(req.db)
     return objective, suite, label, engine
 

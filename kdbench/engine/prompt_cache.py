@@ -34,15 +34,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from kdbench.engine.teacher_cache import Published, content_key, lock, mark_used, publish, remove
+from kdbench.engine.teacher_cache import Published, content_key, lock, mark_used, publish, published_meta, remove
 
 FORMAT = 1  # bump when kdbench.sampling.prefill computes something else
 
 
 def cache_root() -> Path:
-    from kdbench.models import cache_dir
+    """``$KDBENCH_CACHE/teacher-prompts``, not created here (a builder's lock creates it)."""
+    from kdbench.models import cache_home
 
-    return cache_dir() / "teacher-prompts"
+    return cache_home() / "teacher-prompts"
 
 
 def prompts_digest(prompt_ids: Sequence[Sequence[int]]) -> str:
@@ -151,20 +152,13 @@ def _load(path: Path, device: torch.device, config=None) -> list | None:
 
 
 def list_entries() -> list[Published]:
-    """The published entries, by key."""
+    """The published entries, by key. Reads only: creates nothing, stamps nothing."""
     root = cache_root()
     if not root.is_dir():
         return []
-    out = []
-    for p in sorted(root.iterdir()):
-        try:
-            if p.is_dir() and not p.name.startswith("."):
-                out.append(Published(p, json.loads((p / "meta.json").read_text())))
-        except (OSError, ValueError):
-            continue
-    return out
+    return [Published(p, meta) for p in sorted(root.iterdir()) if (meta := published_meta(p)) is not None]
 
 
-def clear(keys: Sequence[str] | None = None) -> list[tuple[str, int]]:
-    """Remove the named entries (all when ``keys`` is None); returns (key, bytes freed)."""
-    return remove(cache_root(), list_entries(), keys)
+def clear(keys: Sequence[str] = (), *, everything: bool = False) -> list[tuple[str, int]]:
+    """Remove the entries with these whole keys, or every entry; returns (key, bytes freed)."""
+    return remove(cache_root(), list_entries(), keys, everything=everything)

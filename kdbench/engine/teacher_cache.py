@@ -54,9 +54,11 @@ _DTYPES = {"bfloat16": (torch.bfloat16, np.int16), "float32": (torch.float32, np
 
 
 def cache_root() -> Path:
-    from kdbench.models import cache_dir
+    """``$KDBENCH_CACHE/teacher-hidden``, not created here (a builder's lock creates it; a listing
+    writes nothing)."""
+    from kdbench.models import cache_home
 
-    return cache_dir() / "teacher-hidden"
+    return cache_home() / "teacher-hidden"
 
 
 def data_digest(examples: Sequence[tuple[str, Encoded]]) -> str:
@@ -118,16 +120,33 @@ def mark_used(path: Path) -> None:
         pass
 
 
-def remove(root: Path, entries: Sequence[Published], keys: Sequence[str] | None) -> list[tuple[str, int]]:
-    """Remove the entries whose key starts with one of ``keys`` (all when None), each under its
-    lock; returns (key, bytes freed)."""
+def remove(root: Path, entries: Sequence[Published], keys: Sequence[str] = (), *,
+           everything: bool = False) -> list[tuple[str, int]]:
+    """Remove the entries whose key is one of ``keys`` (whole keys, never prefixes: an empty
+    string names nothing), or every entry with ``everything=True``; each under its lock, by a
+    rename out of sight first (an entry is there whole or gone). Returns (key, bytes freed)."""
+    from kdbench.errors import UserError
+
+    wanted = {k for k in keys if k}
     removed = []
     for entry in entries:
-        if keys is None or any(entry.key.startswith(k) for k in keys):
-            with lock(root, entry.key):
+        if not (everything or entry.key in wanted):
+            continue
+        with lock(root, entry.key):
+            gone = entry.path.with_name(f".{entry.path.name}.removing-{os.getpid()}-{time.time_ns()}")
+            try:
                 size = entry.size_bytes
-                shutil.rmtree(entry.path, ignore_errors=True)
-            (root / f"{entry.key}.lock").unlink(missing_ok=True)
+                os.rename(entry.path, gone)
+            except FileNotFoundError:  # removed meanwhile by another process
+                size = None
+            except OSError as exc:
+                raise UserError(f"cannot remove cache entry {entry.key} from {root}: {exc.strerror or exc}"
+                                + (f" (removed before it: {', '.join(k for k, _ in removed)})" if removed else "")
+                                ) from None
+            else:
+                shutil.rmtree(gone, ignore_errors=True)
+        (root / f"{entry.key}.lock").unlink(missing_ok=True)
+        if size is not None:
             removed.append((entry.key, size))
     return removed
 
@@ -144,11 +163,11 @@ class Entry(Published):
         try:
             meta = json.loads((path / "meta.json").read_text())
             index = json.loads((path / "index.json").read_text())
-        except (OSError, ValueError):
-            return None
-        torch_dtype, np_dtype = _DTYPES[meta["dtype"]]
-        expected = meta["n_rows"] * meta["d"] * np.dtype(np_dtype).itemsize
-        if meta.get("format") != CACHE_FORMAT or (path / "hidden.bin").stat().st_size != expected:
+            torch_dtype, np_dtype = _DTYPES[meta["dtype"]]
+            expected = meta["n_rows"] * meta["d"] * np.dtype(np_dtype).itemsize
+            if meta.get("format") != CACHE_FORMAT or (path / "hidden.bin").stat().st_size != expected:
+                return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, unreadable or damaged
             return None
         return cls(path, meta, index)
 
@@ -301,29 +320,35 @@ def _check_head(teacher, batch, hidden, dtype_name: str) -> None:
                          f"teacher logits from hidden states and needs a plain linear output head")
 
 
+def published_meta(p: Path) -> dict | None:
+    """``meta.json`` of the entry folder ``p`` if it is one (a published entry names itself: its
+    key is the folder's name), else None. Reads only."""
+    if p.name.startswith(".") or p.is_symlink() or not p.is_dir():
+        return None
+    try:
+        meta = json.loads((p / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("key") == p.name else None
+
+
 def list_entries() -> list[Published]:
     """The published entries: usable ones as :class:`Entry`, and those an earlier cache format
-    wrote (never read now; listed so that ``kdbench cache clear`` can remove them)."""
+    wrote or that are damaged (never read; listed so that ``kdbench cache clear`` can remove
+    them). Reads only: creates nothing, stamps nothing."""
     root = cache_root()
     if not root.is_dir():
         return []
     out: list[Published] = []
     for p in sorted(root.iterdir()):
-        if not p.is_dir() or p.name.startswith("."):
+        meta = published_meta(p)
+        if meta is None:
             continue
         entry = Entry.open(p)
-        if entry is not None:
-            out.append(entry)
-            continue
-        try:
-            meta = json.loads((p / "meta.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if meta.get("format") != CACHE_FORMAT and "key" in meta:
-            out.append(Published(p, meta))
+        out.append(entry if entry is not None else Published(p, meta))
     return out
 
 
-def clear(keys: Sequence[str] | None = None) -> list[tuple[str, int]]:
-    """Remove the named entries (all when ``keys`` is None); returns (key, bytes freed)."""
-    return remove(cache_root(), list_entries(), keys)
+def clear(keys: Sequence[str] = (), *, everything: bool = False) -> list[tuple[str, int]]:
+    """Remove the entries with these whole keys, or every entry; returns (key, bytes freed)."""
+    return remove(cache_root(), list_entries(), keys, everything=everything)
