@@ -17,6 +17,7 @@ Each is replaced by ``***``. Nothing here imports the rest of kdbench.
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 from sqlalchemy.engine import URL, make_url
 
@@ -33,14 +34,28 @@ def is_secret_key(key: str) -> bool:
     return k in SECRET_QUERY_KEYS or any(part in k for part in ("password", "secret", "token"))
 
 
+_QUERY_START = re.compile(r"\?[A-Za-z_][A-Za-z0-9_]*=")  # "?name=" in a would-be password: a query, not a password
+_AUTHORITY_REST = re.compile(r"(\[[^\]/]*\]|[^:/?#@\[\]]*)(:\d*)?(/[^?#]*)?(\?[^#]*)?")
+
+
 def parse_url(text: str) -> URL:
-    """``make_url(text)``, with a password holding raw ``@`` characters read whole (see above).
-    Raises what ``make_url`` raises for text that is not a URL."""
-    url = make_url(text)
-    if url.host and "@" in url.host and url.password is not None:
-        head, _, host = url.host.rpartition("@")
-        url = url.set(password=f"{url.password}@{head}", host=host)
-    return url
+    """``make_url(text)``, with a password holding raw ``@`` (or ``:``, ``/``) characters read
+    whole. SQLAlchemy's parser ends the user-info at the first ``@``: ``user:p@ss:w/x@host/db``
+    would be password ``p``, host ``ss``, port ``w``. Here the user-info ends at the last ``@``
+    after which a plain ``host[:port][/database][?query]`` follows (a user name holds no ``/``
+    or ``?``, and ``?name=`` starts the query, not a password). Raises what ``make_url`` raises for text that is not a URL."""
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", text, re.S)
+    if m and not m.group(2).startswith("/"):
+        scheme, rest = m.groups()
+        for at in [i for i, c in enumerate(rest) if c == "@"][::-1]:
+            user, sep, password = rest[:at].partition(":")
+            if "/" in user or "?" in user or _QUERY_START.search(password) \
+                    or not _AUTHORITY_REST.fullmatch(rest[at + 1:]):
+                continue
+            url = make_url(f"{scheme}://{rest[at + 1:]}")
+            return url.set(username=urllib.parse.unquote(user) if user or sep else None,
+                           password=urllib.parse.unquote(password) if sep else None)
+    return make_url(text)
 
 
 def secret_parts(url: URL) -> bool:

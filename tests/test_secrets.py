@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +42,23 @@ def test_every_url_form_is_masked_and_keeps_the_rest(url):
     assert redact_word(f"--db={url}") == f"--db={shown}"
 
 
-def test_a_raw_at_in_the_password_opens_the_host_meant():
-    url = parse_url(f"postgresql+psycopg://ana:p@ss@db.lab:5432/kd")
-    assert (url.password, url.host, url.port) == ("p@ss", "db.lab", 5432)
+@pytest.mark.parametrize("text, password, host, port, database, query", [
+    ("postgresql+psycopg://ana:p@ss@db.lab:5432/kd", "p@ss", "db.lab", 5432, "kd", {}),
+    ("postgresql+psycopg://ana:P@ss:w0rd/x@127.0.0.1:55432/kd", "P@ss:w0rd/x", "127.0.0.1", 55432, "kd", {}),
+    ("postgresql://ana:p?w#d@db.lab/kd", "p?w#d", "db.lab", None, "kd", {}),
+    ("postgresql://ana:pw@db.lab/kd?application_name=a@b", "pw", "db.lab", None, "kd", {"application_name": "a@b"}),
+    ("postgresql://ana:a%40b@db.lab/kd", "a@b", "db.lab", None, "kd", {}),
+    ("postgresql://:pw@db.lab/kd", "pw", "db.lab", None, "kd", {}),
+    ("postgresql://db.lab/kd@x", None, "db.lab", None, "kd@x", {}),
+    ("postgresql://ana:pw@[::1]:5432/kd", "pw", "::1", 5432, "kd", {}),
+])
+def test_a_password_with_any_characters_opens_the_host_meant(text, password, host, port, database, query):
+    """SQLAlchemy's own parser ends a password at its first raw '@' (``ana:p@ss@db.lab`` would
+    connect to host ``ss@db.lab`` and show ``ss`` in every message)."""
+    url = parse_url(text)
+    assert (url.password, url.host, url.port, url.database, dict(url.query)) == (password, host, port, database, query)
+    if password:
+        assert password not in redact_url(text)
 
 
 def test_text_without_a_secret_is_kept_exactly():
@@ -85,12 +98,16 @@ def tiny(tmp_path_factory):
     return {"tmp": tmp, "common": common}
 
 
-def _everything_in(db: Path) -> str:
-    """Every value of every row of every table of a SQLite store, as text."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    text = "\n".join(repr(row) for t in tables for row in con.execute(f"SELECT * FROM {t}"))
-    con.close()
+def _everything_in(url: str) -> str:
+    """Every value of every row of every table of a store, as text."""
+    from sqlalchemy import MetaData, create_engine, select
+
+    engine = create_engine(url)
+    meta = MetaData()
+    meta.reflect(engine)
+    with engine.connect() as c:
+        text = "\n".join(repr(tuple(row)) for table in meta.sorted_tables for row in c.execute(select(table)))
+    engine.dispose()
     return text
 
 
@@ -99,13 +116,32 @@ def _files_under(root: Path) -> str:
         ".log", ".json", ".txt", ".yaml"))
 
 
-def test_a_run_and_a_sweep_on_a_store_url_with_a_password_keep_it_nowhere(tiny):
-    """A SQLite store named with ``?password=`` (SQLite ignores it, kdbench must still hide it):
-    a real run and a real one-job sweep; their output, every stored row, the sweep's logs and
-    the run's provenance hold no password."""
-    tmp, cache = tiny["tmp"], tiny["tmp"] / "cache"
-    db = tmp / "runs.db"
-    url = f"sqlite:///{db}?password={PW}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def secret_store(request, tiny):
+    """(store URL with a password, the password, a plain URL to read it back): a SQLite file named
+    with ``?password=`` (SQLite ignores it; kdbench must still hide it), or, where the server
+    tests run (``KDBENCH_TEST_STORE_URL``, tests/store_helpers.py), a new PostgreSQL database
+    reached with the server user's real password."""
+    if request.param == "sqlite":
+        db = tiny["tmp"] / "runs.db"
+        return f"sqlite:///{db}?password={PW}", PW, f"sqlite:///{db}"
+    if not os.environ.get("KDBENCH_TEST_STORE_URL"):
+        pytest.skip("no PostgreSQL server (KDBENCH_TEST_STORE_URL); the SQLite case runs everywhere")
+    try:
+        from tests.store_helpers import store_location
+    except ImportError:
+        from store_helpers import store_location
+    url = store_location(tiny["tmp"])
+    password = parse_url(url).password
+    assert password, "KDBENCH_TEST_STORE_URL needs a user with a password for this test"
+    return url, password, url
+
+
+def test_a_run_and_a_sweep_on_a_store_url_with_a_password_keep_it_nowhere(tiny, secret_store):
+    """A real run and a real one-job sweep on a store whose URL carries a password: their output,
+    every stored row, the sweep's logs and the runs' provenance hold no password."""
+    url, secret, plain = secret_store
+    cache = tiny["tmp"] / f"cache-{plain.split(':')[0]}"
     env = {**ENV, "KDBENCH_CACHE": str(cache)}
     run = subprocess.run([sys.executable, "-m", "kdbench", "run", "--objective", "kl", *tiny["common"], "--db", url,
                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
@@ -116,12 +152,21 @@ def test_a_run_and_a_sweep_on_a_store_url_with_a_password_keep_it_nowhere(tiny):
                             "--eval-limit", "1", "--no-save", "--db", url], env=env, capture_output=True, text=True,
                            timeout=600)
     assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
-    stored = _everything_in(db)
+    stored = _everything_in(plain)
     assert stored.count("'finished'") >= 3 + 1  # the run, its two reference rows and the sweep's run
+    import urllib.parse
+
     for where, text in (("run output", run.stdout + run.stderr), ("sweep output", sweep.stdout + sweep.stderr),
                         ("stored rows", stored), ("logs", _files_under(cache))):
-        assert PW not in text, f"the password is in the {where}"
-    argvs = [json.loads(p)["argv"] for (p,) in sqlite3.connect(db).execute(
-        "SELECT provenance FROM runs WHERE role = 'distilled'")]
-    assert any("password=***" in " ".join(a) for a in argvs)  # the run named the store: masked
-    assert any("--db" not in a for a in argvs)  # the sweep's jobs were handed the store in $KDBENCH_DB
+        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
+            assert form not in text, f"the password is in the {where}"
+    from sqlalchemy import create_engine, text as sql
+
+    engine = create_engine(plain)
+    with engine.connect() as c:
+        argvs = [json.loads(p) if isinstance(p, str) else p
+                 for (p,) in c.execute(sql("SELECT provenance FROM runs WHERE role = 'distilled'"))]
+    engine.dispose()
+    argvs = [p["argv"] for p in argvs]
+    assert any("***" in " ".join(a) for a in argvs)  # the run named the store: masked
+    assert any("--db" not in a for a in argvs)  # the sweep's job was handed the store in $KDBENCH_DB
