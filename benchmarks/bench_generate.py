@@ -3,7 +3,7 @@
 Same model (the micro student, or the teacher with --model teacher), same prompts (the micro
 suite's test prompts in its chat format), same batch size, same sampling protocol and seed.
 The bare loop tokenises each batch with the tokenizer's own left padding and calls
-``generate``; the evaluator (kdbench.evaluate.generate_ids) reuses prompt ids tokenised once.
+``generate``; the evaluator (kdbench.evaluation.decoder.generate_ids) reuses prompt ids tokenised once.
 Generated tokens = new tokens up to and including end-of-turn. Run alone:
 
     .venv/bin/python benchmarks/bench_generate.py --prompts 100 --batch 50
@@ -47,7 +47,7 @@ def main() -> None:
     from kdbench.data.batching import chat_prompt
     from kdbench.data.micro import build_splits
     from kdbench.device import default_threads
-    from kdbench.evaluate import generate_ids
+    from kdbench.evaluation.decoder import generate_ids
     from kdbench.suites import MICRO
 
     default_threads()

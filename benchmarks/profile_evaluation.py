@@ -12,6 +12,13 @@ import time
 import torch
 
 from common import ROOT  # noqa: F401  (sets sys.path)
+from kdbench.config import RunConfig, open_store, resolve
+from kdbench.prepare import prepare
+from kdbench.evaluation.decoder import Decoder, decode_texts
+from kdbench.evaluation.protocol import reference_kl
+from kdbench.evaluation.scoring import score_decode
+from kdbench import metrics as M
+from kdbench.evaluation.sampling import decode_from
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--db", required=True)
@@ -19,14 +26,9 @@ ap.add_argument("--profile", action="store_true")
 ap.add_argument("--student", help="a saved student folder (a distilled run's checkpoint_path); default: the undistilled student")
 args = ap.parse_args()
 torch.manual_seed(0)
-from kdbench.config import RunRequest, resolve
-from kdbench.prepare import prepare
-from kdbench.evaluate import Decoder, decode_texts, reference_kl
-from kdbench.scoring import score_decode
-from kdbench import metrics as M
-from kdbench.sampling import decode_from
-req = RunRequest(objective="csd", params={}, db=args.db)
-obj, suite, label, engine = resolve(req)
+req = RunConfig(objective="csd", db=args.db)
+obj, suite, label = resolve(req)
+engine = open_store(req)
 dev = torch.device("cpu")
 prep = prepare(suite, dev, progress=False)
 if args.student:
@@ -42,7 +44,10 @@ tok = prep.tokenizer
 spec = prep.suite.eval
 print("prompts", len(inp.prompt_ids), "mean prompt len", statistics.fmean(map(len, inp.prompt_ids)), "max", max(map(len, inp.prompt_ids)), "batch", spec.batch_size)
 def T(name, f):
-    t=time.perf_counter(); r=f(); print(f"{name}: {time.perf_counter()-t:.2f}s", flush=True); return r
+    t = time.perf_counter()
+    r = f()
+    print(f"{name}: {time.perf_counter() - t:.2f}s", flush=True)
+    return r
 with torch.no_grad():
     d = Decoder(st, inp.prompt_ids, spec, dev, pad_id=tok.pad_token_id)
     T("student prefill", lambda: d.prefixes)
@@ -64,5 +69,6 @@ with torch.no_grad():
         from torch.profiler import profile, ProfilerActivity
         pre = d.prefixes[0]
         with profile(activities=[ProfilerActivity.CPU]) as p:
-            torch.manual_seed(0); decode_from(st, pre.copy(), max_new_tokens=32, eos_id=tok.eos_token_id)
+            torch.manual_seed(0)
+            decode_from(st, pre.copy(), max_new_tokens=32, eos_id=tok.eos_token_id)
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))

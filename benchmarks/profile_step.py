@@ -34,8 +34,8 @@ def main() -> None:
 
     from kdbench.device import autocast_context, default_threads
     from kdbench.engine.batches import PackedBatches
-    from kdbench.engine.forward import final_hidden, output_head, set_activation_checkpointing
     from kdbench.engine.trainer import make_optimizer
+    from kdbench.modeling import final_hidden, output_head, set_activation_checkpointing
     from kdbench.registry import get_objective
     from kdbench.suites import MICRO
 

@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     import kdbench.runner as R
-    from kdbench.config import RunRequest
+    from kdbench.config import RunConfig
 
     peak = [0]
 
@@ -100,7 +100,7 @@ def main() -> None:
         return out
 
     R.train, R.validation_score, R.evaluate_all = traced_train, traced_validation, traced_evaluation
-    R.run(RunRequest(objective=args.objective, params={}, db=args.db, save_student=False, progress=False))
+    R.run(RunConfig(objective=args.objective, db=args.db, save_student=False, progress=False))
     mark("end")
 
 

@@ -6,7 +6,7 @@ Where things live:
   kdbench/data/            where data comes in (embedded micro data, paper-suite loaders)
   kdbench/models.py        teacher asset, student construction
   kdbench/engine/trainer.py  the training loop: where the loss is computed (losses.py: the tensor math)
-  kdbench/evaluate.py      sampling and scoring (metrics in kdbench/metrics/)
+  kdbench/evaluation/      decoding, scoring, the evaluation protocol (metrics in kdbench/metrics/)
   kdbench/store/           where results are written (SQLAlchemy run store: models, schema, writer)
   kdbench/runner.py        one run end to end; kdbench/cli.py the commands (cli_parser.py their options)
   leaderboard_app/app.py   Streamlit leaderboard over the store

@@ -138,10 +138,10 @@ def run_analysis(args) -> int:
     """Gradients of each objective w.r.t. the undistilled student's logits on the suite's first
     training batches (same data order as a run with this seed); store and print the matrices."""
     from kdbench import provenance
-    from kdbench.config import RunRequest, resolve_suite
+    from kdbench.config import RunConfig, resolve_suite
     from kdbench.engine.batches import PackedBatches
-    from kdbench.engine.forward import final_hidden, output_head
     from kdbench.errors import UserError
+    from kdbench.modeling import final_hidden, head_params
     from kdbench.prepare import prepare
     from kdbench.store import ROLE_ANALYSIS, RunWriter, open_engine
 
@@ -153,15 +153,14 @@ def run_analysis(args) -> int:
         raise UserError(str(exc)) from None
     if args.batches < 1:
         raise UserError("--batches must be at least 1")
-    suite, label = resolve_suite(RunRequest(objective="kl", params={}, suite=args.suite,
-                                              finetune_steps=args.finetune_steps))
+    suite, label = resolve_suite(RunConfig(objective="kl", suite=args.suite, finetune_steps=args.finetune_steps))
     engine = open_engine(args.db)
 
     device = torch.device("cpu")
     prep = prepare(suite, device)
     student, teacher = prep.new_student(), prep.teacher()
     it = PackedBatches(prep.train_examples(), suite.train.batch_size, args.seed, prep.tokenizer.pad_token_id)
-    ws, wt = output_head(student).weight, output_head(teacher).weight
+    ws, wt = head_params(student)[0], head_params(teacher)[0]
     rows_s, rows_t, rows_l = [], [], []
     with torch.no_grad():  # logits at counted positions only; each objective's gradient is taken w.r.t. these leaves
         for _ in range(args.batches):

@@ -12,23 +12,44 @@ import threading
 import warnings
 from pathlib import Path
 
-from kdbench.cli_parser import build_parser, parse_params
+from kdbench.cli_parser import build_parser
 from kdbench.errors import KdbenchWarning, RunFailed, UserError
 
 EXIT_USAGE = 2
 EXIT_RUN_FAILED = 1
 
 
+def _run_config(args, command: str):
+    """The RunConfig of `kdbench run` / `kdbench prepare`: from the flags given, or whole from the
+    JSON file `kdbench sweep` hands a job (--config-json), which then takes no other option."""
+    from kdbench.config import from_dict, from_flags, given_flags
+
+    given = given_flags(args, command)
+    if not args.config_json:
+        return from_flags(given, command)
+    if given:
+        raise UserError(f"--config-json carries the whole configuration; it takes no other option (got "
+                        f"{', '.join('--' + k.replace('_', '-') for k in given)})")
+    try:
+        values = json.loads(Path(args.config_json).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--config-json {args.config_json}: cannot read a configuration ({exc})") from None
+    return from_dict(values, f"--config-json {args.config_json}")
+
+
 def cmd_run(args) -> int:
     if args.resume is not None:
-        given = [f for f in ("objective", "param", "steps", "eval_limit", "finetune_steps", "pair", "teacher", "student",
-                             "data_dir", "keep_activations")
-                 if getattr(args, f) not in (None, [], False)]
-        if given or args.suite != "micro" or args.seed != 0:
-            raise UserError("--resume continues a run with its own configuration; it takes only --db and --no-progress")
+        from kdbench.config import given_flags, options
+
+        allowed = [o for o in options("run") if o.resume]
+        extra = set(given_flags(args, "run")) - {o.key for o in allowed}
+        if extra or args.config_json:
+            raise UserError(f"--resume continues a run with its own configuration; it takes only "
+                            f"{' and '.join(o.flag for o in allowed)}")
+        config = _run_config(args, "run")
         from kdbench.resumption import claim_resume
 
-        claim = claim_resume(args.resume, args.db, progress=not args.no_progress)  # before torch is imported
+        claim = claim_resume(args.resume, config.db, progress=config.progress)  # before torch is imported
         try:
             from kdbench.runner import default_threads, resume
 
@@ -37,20 +58,13 @@ def cmd_run(args) -> int:
             claim.release()
             raise
         run_id = resume(claim, argv=sys.argv)
-        return _print_run_table(args.db, run_id)
-    from kdbench.runner import RunRequest, default_threads, run
+        return _print_run_table(config.db, run_id)
+    config = _run_config(args, "run")
+    from kdbench.runner import default_threads, run
 
     default_threads()
-    if args.objective is None:
-        raise UserError("the following arguments are required: --objective")
-    req = RunRequest(objective=args.objective, params=parse_params(args.param), suite=args.suite, seed=args.seed,
-                     steps=args.steps, eval_limit=args.eval_limit, finetune_steps=args.finetune_steps, db=args.db,
-                     device=args.device, save_student=not args.no_save, progress=not args.no_progress, pair=args.pair,
-                     teacher=args.teacher, student=args.student, teacher_finetuned=args.teacher_finetuned,
-                     data_dir=args.data_dir, teacher_source=args.teacher_source, sweep_id=args.sweep_id, lr=args.lr,
-                     keep_activations=args.keep_activations)
-    run_id = run(req, argv=sys.argv)
-    return _print_run_table(args.db, run_id)
+    run_id = run(config, argv=sys.argv)
+    return _print_run_table(config.db, run_id)
 
 
 def _print_run_table(db, run_id: int) -> int:
@@ -67,15 +81,15 @@ def _print_run_table(db, run_id: int) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from kdbench.runner import RunRequest, default_threads, prepare_only
+    import dataclasses
+
+    config = _run_config(args, "prepare")
+    if config.objective is None:  # what a suite's runs share does not depend on the objective
+        config = dataclasses.replace(config, objective="kl")
+    from kdbench.runner import default_threads, prepare_only
 
     default_threads()
-    req = RunRequest(objective=args.objective or "kl", params=parse_params(args.param), suite=args.suite,
-                     seed=args.seed, steps=args.steps, eval_limit=args.eval_limit, finetune_steps=args.finetune_steps,
-                     db=args.db, device=args.device, progress=not args.no_progress, pair=args.pair, teacher=args.teacher, student=args.student,
-                     teacher_finetuned=args.teacher_finetuned, data_dir=args.data_dir,
-                     teacher_source=args.teacher_source, lr=args.lr)
-    info = prepare_only(req, argv=sys.argv)
+    info = prepare_only(config, argv=sys.argv)
     print(f"[kdbench] prepared {info['suite']} v{info['version']}: reference runs {info['reference_runs']}, "
           f"teacher source {info['teacher_source']}, reference fingerprint {info['reference_fingerprint']}")
     if args.info_json:  # for `kdbench sweep`: which teacher this machine prepared
@@ -84,10 +98,11 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from kdbench.sweep import RUN_FLAGS, RUN_OPTIONS, SweepSpec, run_sweep
+    from kdbench.config import options
+    from kdbench.sweep import SweepSpec, run_sweep
 
-    run_opts = {k: getattr(args, k) for k in set(RUN_OPTIONS) | set(RUN_FLAGS)
-                if k != "lr" and getattr(args, k, None) not in (None, False)}
+    # the RunConfig options given to pass to every run (their flags: kdbench/cli_parser.py)
+    run_opts = {o.key: getattr(args, o.key) for o in options("sweep") if o.sweep == "every" and hasattr(args, o.key)}
 
     def grids(items, flag):
         """``KEY=V1,V2`` (repeatable) → {KEY: [V1, V2]}: every value given, every key once (an
@@ -264,8 +279,9 @@ def cmd_cache(args) -> int:
     """`kdbench cache list` reads only (creates no folder, stamps no entry); `kdbench cache clear`
     removes the entries named by KEY (each KEY names exactly one: a whole key or a prefix of at
     least 4 characters that no other key shares), or every entry with --all, never by default."""
-    from kdbench.engine import prompt_cache, teacher_cache
-    from kdbench.models import cache_home
+    from kdbench.diskcache import cache_home
+    from kdbench.engine import teacher_cache
+    from kdbench.evaluation import prompt_cache
 
     if args.cache_command == "clear" and args.keys and args.all:
         raise UserError("cache clear takes KEYs or --all, not both")

@@ -1,8 +1,10 @@
 """The ``kdbench`` command line's grammar: every subcommand, option, default and argument type.
 
-Commands (what each subcommand does) are in kdbench/cli.py; this module only parses. Argument
-types check their values before anything is opened, and argparse's own mistakes become one
-line (UserError, exit 2).
+Commands (what each subcommand does) are in kdbench/cli.py; this module only parses. The
+options of ``kdbench run`` and ``kdbench prepare``, and the sweep's "passed to every run"
+flags, are made from the fields of ``kdbench.config.RunConfig`` (with their argument types,
+which live there); the rest are written here. Argument types check their values before
+anything is opened, and argparse's own mistakes become one line (UserError, exit 2).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import ipaddress
 import re
 import sys
 
+from kdbench.config import (COUNT_MAX, SEED_MAX, Option, _device, _int_in, _nonempty,  # noqa: F401  (re-exported)
+                            _positive_float, option_named, options, parse_params)
 from kdbench.errors import UserError
 
-SEED_MAX = 2**32 - 1        # numpy / torch generators take 32-bit seeds
-COUNT_MAX = 10**9           # steps, prompts, documents, batches: anything larger is a typo
 RUN_ID_MAX = 2**63 - 1      # SQLite INTEGER
 
 
@@ -26,56 +28,6 @@ class _Parser(argparse.ArgumentParser):
         if m and m.group(2).startswith(m.group(1).split("/")[0]):
             message = m.group(2)
         raise UserError(" ".join(message.split()))
-
-
-def _int_in(flag: str, lo: int, hi: int):
-    """An argparse type: an integer in [lo, hi], checked before anything is opened."""
-    def parse(text: str) -> int:
-        t = text.strip()
-        if "_" in t:  # int("1_0") is 10: a digit separator is a typo more often than a number
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r} ('_' digit separators are "
-                                             f"not accepted)")
-        if not re.fullmatch(r"[+-]?\d+", t):  # \d: any Unicode digits, which int() reads
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}")
-        v = int(t)
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{flag} must be at least {lo}, got {text}" if hi >= COUNT_MAX else
-                                             f"{flag} must be in [{lo}, {hi}], got {text}")
-        if v > hi:
-            raise argparse.ArgumentTypeError(f"{flag} must be at most {hi}, got {text}" if lo > 0 else
-                                             f"{flag} must be in [{lo}, {hi}], got {text}")
-        return v
-    parse.__name__ = flag
-    return parse
-
-
-def _nonempty(flag: str):
-    def parse(text: str) -> str:
-        if not text.strip():
-            raise argparse.ArgumentTypeError(f"{flag} must not be empty")
-        return text
-    return parse
-
-
-def _positive_float(flag: str):
-    def parse(text: str) -> float:
-        if "_" in text:  # float("1_0") is 10.0
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r} ('_' digit separators are not "
-                                             f"accepted)")
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
-        if not (v > 0 and v < 1e6):
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
-        return v
-    return parse
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid choices: cpu, cuda, cuda:N")
-    return text.strip()
 
 
 def _seconds(text: str) -> float:
@@ -123,59 +75,30 @@ def _address(text: str) -> str:
                                      f"(127.0.0.1, the default, serves this machine only; 0.0.0.0 shares it)")
 
 
-def parse_params(pairs: list[str] | None) -> dict[str, str]:
-    """``--param key=value`` (repeatable) → {key: "value"}; the registry coerces the types."""
-    params: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UserError(f"malformed --param {pair!r}; expected key=value, e.g. --param tau=1.5")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
-            raise UserError(f"malformed --param {pair!r}: {key.strip()!r} is not a parameter name")
-        if key.strip() in params:
-            raise UserError(f"--param {key.strip()!r} given twice")
-        params[key.strip()] = value.strip()
-    return params
+def _add_option(p, o: Option, *, help: str | None = None, default=argparse.SUPPRESS) -> None:
+    """A RunConfig field's flag. Its default is SUPPRESS: the namespace holds the options given
+    and nothing else (kdbench.config.given_flags; the field's own default applies otherwise)."""
+    kw: dict = {"dest": o.key, "default": default, "help": o.help if help is None else help}
+    if o.kind is bool:
+        kw["action"] = "store_true"
+    else:
+        if o.kind is dict:
+            kw["action"] = "append"
+        if o.type is not None:
+            kw["type"] = o.type(o.flag)
+        if o.choices is not None:
+            kw["choices"] = o.choices
+        if o.metavar is not None:
+            kw["metavar"] = o.metavar
+    p.add_argument(o.flag, **kw)
 
 
-def _run_options(r) -> None:
-    """The options of `kdbench run` (and `kdbench prepare`, which builds what those runs share)."""
-    r.add_argument("--objective", default=None, help="objective name (see `kdbench list`) or path/to/file.py:name "
-                   "(required unless --resume)")
-    r.add_argument("--suite", default="micro", help="benchmark suite (default: micro, the embedded CPU suite; "
-                                                    "see `kdbench list` and docs/suites.md)")
-    r.add_argument("--pair", default=None, help="a named teacher/student pair of the suite (default: its default pair)")
-    r.add_argument("--teacher", default=None, metavar="PATH_OR_ID", help="teacher model folder or hub id instead "
-                   "of the pair's (fine-tuned first when the suite fine-tunes its teacher)")
-    r.add_argument("--teacher-finetuned", action="store_true",
-                   help="--teacher is already fine-tuned for the suite: skip the teacher fine-tuning")
-    r.add_argument("--student", default=None, metavar="PATH_OR_ID",
-                   help="pretrained student folder or hub id instead of the pair's (same vocabulary as the teacher)")
-    r.add_argument("--data-dir", default=None, metavar="PATH", help="data root for the paper suites, laid out like "
-                   "../shared/data (default: $KDBENCH_DATA_DIR, else the hub)")
-    r.add_argument("--seed", type=_int_in("--seed", 0, SEED_MAX), default=0, help="training seed (default 0)")
-    r.add_argument("--steps", type=_int_in("--steps", 1, COUNT_MAX), default=None,
-                   help="optimiser steps (default: the suite's budget)")
-    r.add_argument("--eval-limit", type=_int_in("--eval-limit", 1, COUNT_MAX), default=None,
-                   help="test prompts to evaluate (default: the suite's)")
-    r.add_argument("--finetune-steps", type=_int_in("--finetune-steps", 1, COUNT_MAX), default=None,
-                   help="teacher fine-tuning steps for suites that fine-tune (default: the suite's; a quick run's "
-                        "label says so)")
-    r.add_argument("--db", type=_nonempty("--db"), default=None,
-                   help="run store: path or SQLAlchemy URL (default: $KDBENCH_DB or runs.db)")
-    r.add_argument("--param", action="append", metavar="KEY=VALUE", help="objective parameter (repeatable)")
-    r.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
-    r.add_argument("--no-save", action="store_true", help="do not keep the distilled student's weights")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--keep-activations", action="store_true",
-                   help="keep the student's activations for backward instead of recomputing them: the same "
-                        "result bit for bit, less training time, more memory (docs/performance.md)")
-    r.add_argument("--teacher-source", choices=("cache", "live"), default="cache",
-                   help="cache (default): the teacher's hidden states computed once per suite version and read from "
-                        "disk; live: run the teacher on every batch")
-    r.add_argument("--lr", type=_positive_float("--lr"), default=None,
-                   help="peak learning rate instead of the suite's (filed under version+lr=X)")
-    r.add_argument("--sweep-id", default=None, help=argparse.SUPPRESS)  # set by `kdbench sweep`
+def _run_options(p, command: str) -> None:
+    """The options of `kdbench run` or `kdbench prepare`: one per RunConfig field the command takes,
+    and the hidden --config-json by which `kdbench sweep` hands a job its whole configuration."""
+    for o in options(command):
+        _add_option(p, o)
+    p.add_argument("--config-json", default=None, metavar="PATH", help=argparse.SUPPRESS)
 
 
 class _Version(argparse.Action):
@@ -201,13 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="distil, evaluate and record one run")
-    _run_options(r)
+    _run_options(r, "run")
+    resumable = ", ".join(o.flag for o in options("run") if o.resume)
     r.add_argument("--resume", type=_int_in("--resume", 1, 2**63 - 1), default=None, metavar="RUN_ID",
-                   help="continue an interrupted run from its last checkpoint (takes only --db, --no-progress)")
+                   help=f"continue an interrupted run from its last checkpoint (takes only {resumable})")
 
     pr = sub.add_parser("prepare", help="build what a suite's runs share (teacher fine-tune, teacher cache, reference "
                                         "rows) without training; same options as run")
-    _run_options(pr)
+    _run_options(pr, "prepare")
     pr.add_argument("--info-json", default=None, help=argparse.SUPPRESS)  # kdbench sweep reads the fingerprint
 
     sw = sub.add_parser("sweep", help="objectives x parameter grids x seeds x suites, skipping finished runs")
@@ -222,18 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "validation")
     sw.add_argument("--workers", type=_int_in("--workers", 1, 256), default=None)
     sw.add_argument("--dry-run", action="store_true", help="print one `kdbench run` command line per run")
-    sw.add_argument("--db", type=_nonempty("--db"), default=None)
-    for flag, kw in (("--steps", dict(type=_int_in("--steps", 1, COUNT_MAX))),
-                     ("--eval-limit", dict(type=_int_in("--eval-limit", 1, COUNT_MAX))),
-                     ("--finetune-steps", dict(type=_int_in("--finetune-steps", 1, COUNT_MAX))), ("--pair", {}),
-                     ("--teacher", {}), ("--student", {}), ("--data-dir", {}), ("--device", dict(type=_device)),
-                     ("--teacher-source", dict(choices=("cache", "live")))):
-        sw.add_argument(flag, default=None, help=f"passed to every run ({flag} of `kdbench run`)", **kw)
-    sw.add_argument("--no-save", action="store_true", default=None, help="passed to every run")
-    sw.add_argument("--teacher-finetuned", action="store_true", default=None,
-                    help="passed to every run (--teacher-finetuned of `kdbench run`)")
-    sw.add_argument("--keep-activations", action="store_true", default=None,
-                    help="passed to every run (--keep-activations of `kdbench run`)")
+    _add_option(sw, option_named("db"), default=None,
+                help="the run store the sweep reads and its runs write (default: $KDBENCH_DB or runs.db); a URL with "
+                     "a password reaches the runs in $KDBENCH_DB, never on a command line")
+    for o in options("sweep"):  # the RunConfig fields a sweep passes to every run
+        if o.sweep == "every":
+            _add_option(sw, o, help=f"passed to every run: {o.help}")
 
     sub.add_parser("list", help="objectives with their parameters, and suites")
 

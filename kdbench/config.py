@@ -1,52 +1,408 @@
-"""The run request and its resolution: everything a user can get wrong is checked here, before
-any model is loaded or any row is written.
+"""A run's configuration and its resolution.
 
-``resolve(request)`` returns the objective, the suite with the request's overrides and the
+:class:`RunConfig` is the one place a run option is spelled. Each field carries an
+:class:`Option` (its metadata): the flag with its argument type, metavar or choices, the help
+text (which states the default written beside it), the commands that take it, what a sweep does
+with it, whether it enters the run's identity and whether ``--resume`` takes it. Derived from
+those, never written by hand: the options of ``kdbench run`` / ``prepare`` and the sweep's
+"passed to every run" flags (kdbench/cli_parser.py), the ``--resume`` check (kdbench/cli.py),
+the keys of a sweep file's ``run:`` mapping, the configuration a sweep hands each job (JSON,
+:func:`to_json` / :func:`from_dict`) and the command line ``kdbench sweep --dry-run`` prints for
+it (:func:`command_line`), the run's stored ``request`` (:func:`stored_request`) and the
+RunConfig a resumed run rebuilds from it, and :func:`run_key`. Adding a run option is adding a
+field (docs/engine.md "Adding a run option").
+
+``resolve(config)`` checks everything a user can get wrong, before any model is loaded or
+anything is opened, and returns the objective, the suite with the config's overrides and the
 version label its results are filed under (``2+steps=3,eval_limit=3`` for a quick run: never
-ranked beside standard ones). The resolved configuration of a run (``runner.run``) is built
-from these once, printed once and stored once; :func:`run_key` hashes its identity, so two
-runs with one key are repeats of one experiment (``runs.config_hash``; a sweep skips keys that
-already finished).
+ranked beside standard ones). It only reads. Opening (creating, migrating) the store is its own
+step, :func:`open_store`, which the runner takes right after resolving. The resolved
+configuration of a run (``runner.run``) is built from these once, printed once and stored once;
+:func:`run_key` hashes its identity, so two runs with one key are repeats of one experiment
+(``runs.config_hash``; a sweep skips keys that already finished).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from kdbench.data import sources
 from kdbench.errors import UserError, did_you_mean
 from kdbench.suites import PairSpec, SuiteSpec, get_suite
 
-MAX_SEED = 2**32 - 1
+SEED_MAX = 2**32 - 1        # numpy / torch generators take 32-bit seeds
+COUNT_MAX = 10**9           # steps, prompts, documents, batches: anything larger is a typo
+MAX_SEED = SEED_MAX
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types: each checks a value before anything is opened (argparse types of the flags,
+# and the same checks for values read from a sweep file or a job's configuration)
+# ---------------------------------------------------------------------------------------------
+
+
+def _int_in(flag: str, lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi], checked before anything is opened."""
+    def parse(text: str) -> int:
+        t = text.strip()
+        if "_" in t:  # int("1_0") is 10: a digit separator is a typo more often than a number
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r} ('_' digit separators are "
+                                             f"not accepted)")
+        if not re.fullmatch(r"[+-]?\d+", t):  # \d: any Unicode digits, which int() reads
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}")
+        v = int(t)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least {lo}, got {text}" if hi >= COUNT_MAX else
+                                             f"{flag} must be in [{lo}, {hi}], got {text}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"{flag} must be at most {hi}, got {text}" if lo > 0 else
+                                             f"{flag} must be in [{lo}, {hi}], got {text}")
+        return v
+    parse.__name__ = flag
+    parse.bounds = (lo, hi)  # for the message on a value of the wrong kind (1.5 read from a file)
+    return parse
+
+
+def _nonempty(flag: str):
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty")
+        return text
+    return parse
+
+
+def _positive_float(flag: str):
+    def parse(text: str) -> float:
+        if "_" in text:  # float("1_0") is 10.0
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r} ('_' digit separators are not "
+                                             f"accepted)")
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not (v > 0 and v < 1e6):
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
+        return v
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid choices: cpu, cuda, cuda:N")
+    return text.strip()
+
+
+def parse_params(pairs: list[str] | None) -> dict[str, str]:
+    """``--param key=value`` (repeatable) → {key: "value"}; the registry coerces the types."""
+    params: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"malformed --param {pair!r}; expected key=value, e.g. --param tau=1.5")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+            raise UserError(f"malformed --param {pair!r}: {key.strip()!r} is not a parameter name")
+        if key.strip() in params:
+            raise UserError(f"--param {key.strip()!r} given twice")
+        params[key.strip()] = value.strip()
+    return params
+
+
+# Option.type takes the name a message should give the value (the flag, or "sweep file s.yaml:
+# run.steps") and returns the parser; these are the run options' types.
+_seed = functools.partial(_int_in, lo=0, hi=SEED_MAX)
+_count = functools.partial(_int_in, lo=1, hi=COUNT_MAX)
+
+
+def _device_type(_name: str):
+    return _device
+
+
+# ---------------------------------------------------------------------------------------------
+# The run options
+# ---------------------------------------------------------------------------------------------
+
+COMMANDS = ("run", "prepare", "sweep")
+#: What a sweep does with an option: "vary" -- the sweep's own grid key gives each job its value
+#: (--objectives, --param, --suite, --seeds); "tune" -- a --tune grid, or one value for every job
+#: in the file's run: mapping; "every" -- a flag of `kdbench sweep` (and a key of run:) passed to
+#: every job; None -- not the sweep's to set per job (the store: the sweep's own --db; the
+#: progress bar: jobs never draw one; the sweep id: the sweep's).
+SWEEP_ROLES = ("vary", "tune", "every", None)
+#: How an option enters the run's identity (run_key, runs.config_hash): "objective" -- through
+#: the resolved objective (name, version, every parameter); "label" -- through the version label
+#: resolve_suite makes (2+steps=3); "key" -- its value, under its name (an option added later
+#: only when it differs from its default, so the keys of runs made before it stay what they
+#: were); None -- provenance, not identity (device, teacher source, store, ...).
+IDENTITY_ROLES = ("objective", "label", "key", None)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A RunConfig field's metadata (``field(metadata={"option": Option(...)})``, see :func:`option`)."""
+
+    flag: str                                  # --steps; a bool option's flag turns its default over
+    help: str                                  # --help's text; says the default
+    type: Callable[[str], Callable[[str], Any]] | None = None  # name -> argparse type (checks the value)
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    commands: tuple[str, ...] = COMMANDS       # the commands that take it
+    sweep: str | None = "every"                # SWEEP_ROLES
+    identity: str | None = None                # IDENTITY_ROLES
+    resume: bool = False                       # `--resume` takes it: it belongs to the command, not the
+    #                                            run (so it is not stored in the run's request either)
+    # Filled in by options() from the field:
+    name: str = ""
+    default: Any = None
+    kind: type = str                           # str, int, float, bool or dict (the field's type, None aside)
+
+    @property
+    def key(self) -> str:
+        """The flag's name as argparse's dest and as a sweep file's ``run:`` key (``no_save``)."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def negated(self) -> bool:
+        """A flag that turns a True default off (``--no-save``: save_student=False)."""
+        return self.kind is bool and self.default is True
+
+    def field_value(self, flag_value):
+        """The field's value from the flag's (True for a given switch, the list of --param items)."""
+        if self.kind is bool:
+            return not flag_value if self.negated else bool(flag_value)
+        if self.kind is dict:
+            return parse_params(flag_value)
+        return flag_value
+
+    def argv(self, value, *, always: bool = False) -> list[str]:
+        """The flag and value that give the field ``value`` (nothing for the default, unless ``always``)."""
+        if value is None or (value == self.default and not (always and self.kind is not bool)):
+            return []
+        if self.kind is bool:
+            return [self.flag] if value != self.default else []
+        if self.kind is dict:
+            return [w for k, v in value.items() for w in (self.flag, f"{k}={v}")]
+        return [self.flag, str(value)]
+
+
+def option(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **meta):
+    """A RunConfig field: ``option(default, flag=..., help=..., ...)`` (the rest is :class:`Option`)."""
+    return field(default=default, default_factory=default_factory, metadata={"option": Option(**meta)})
 
 
 @dataclass
-class RunRequest:
-    objective: str
-    params: dict
-    suite: str = "micro"
-    seed: int = 0                  # training seed: data order and any randomness in training
-    steps: int | None = None       # None: the suite's budget
-    eval_limit: int | None = None  # None: the suite's number of test prompts
-    db: str | None = None          # path or SQLAlchemy URL; None: $KDBENCH_DB or ./runs.db
-    device: str = "cpu"
-    save_student: bool = True      # keep the distilled student (safetensors) for `kdbench eval`
-    progress: bool = True
-    pair: str | None = None        # a named pair of the suite (None: its default pair)
-    teacher: str | None = None     # a teacher folder or hub id instead of the pair's
-    student: str | None = None     # a pretrained student folder or hub id instead of the pair's
-    teacher_finetuned: bool = False  # --teacher is already fine-tuned for the suite: skip teacher SFT
-    data_dir: str | None = None    # data root for paper suites (None: $KDBENCH_DATA_DIR, else the hub)
-    teacher_source: str = "cache"  # "cache": the exact teacher cache (off-policy); "live": run the teacher each step
-    sweep_id: str | None = None    # the `kdbench sweep` this run belongs to
-    lr: float | None = None        # peak learning rate instead of the suite's (`kdbench sweep --tune lr=...`)
-    finetune_steps: int | None = None  # teacher fine-tuning budget instead of the suite's (quick runs, tests)
-    keep_activations: bool = False  # keep the student's block activations for backward instead of recomputing
-    #                                 them: bitwise the same result, less time, more memory (sweeps on big machines)
+class RunConfig:
+    """Every option of a run. Field order is the order of ``kdbench run --help``."""
+
+    objective: str | None = option(
+        None, flag="--objective", metavar="NAME", sweep="vary", identity="objective",
+        help="objective name or setting (see `kdbench list`; csd(tau=1.5)) or path/to/file.py:name "
+             "(run: required unless --resume; prepare: kl when not given)")
+    params: dict = option(
+        default_factory=dict, flag="--param", metavar="KEY=VALUE", sweep="vary", identity="objective",
+        help="objective parameter (repeatable; default: the objective's)")
+    suite: str = option(
+        "micro", flag="--suite", sweep="vary", identity="key",
+        help="benchmark suite (default: micro, the embedded CPU suite; see `kdbench list` and docs/suites.md)")
+    seed: int = option(
+        0, flag="--seed", type=_seed, sweep="vary", identity="key",
+        help="training seed: data order and any randomness in training (default 0)")
+    pair: str | None = option(
+        None, flag="--pair", identity="label",
+        help="a named teacher/student pair of the suite (default: its default pair)")
+    teacher: str | None = option(
+        None, flag="--teacher", metavar="PATH_OR_ID", identity="label",
+        help="teacher model folder or hub id instead of the pair's (fine-tuned first when the suite fine-tunes "
+             "its teacher)")
+    teacher_finetuned: bool = option(
+        False, flag="--teacher-finetuned", identity="label",
+        help="--teacher is already fine-tuned for the suite: skip the teacher fine-tuning")
+    student: str | None = option(
+        None, flag="--student", metavar="PATH_OR_ID", identity="label",
+        help="pretrained student folder or hub id instead of the pair's (same vocabulary as the teacher)")
+    data_dir: str | None = option(
+        None, flag="--data-dir", metavar="PATH", identity="label",
+        help="data root for the paper suites, laid out like ../shared/data (default: $KDBENCH_DATA_DIR, else the "
+             "hub)")
+    steps: int | None = option(
+        None, flag="--steps", type=_count, identity="label",
+        help="optimiser steps (default: the suite's budget)")
+    eval_limit: int | None = option(
+        None, flag="--eval-limit", type=_count, identity="label",
+        help="test prompts to evaluate (default: the suite's)")
+    finetune_steps: int | None = option(
+        None, flag="--finetune-steps", type=_count, identity="label",
+        help="teacher fine-tuning steps for suites that fine-tune (default: the suite's; a quick run's label "
+             "says so)")
+    lr: float | None = option(
+        None, flag="--lr", type=_positive_float, sweep="tune", identity="label",
+        help="peak learning rate instead of the suite's (default: the suite's; filed under version+lr=X)")
+    device: str = option(
+        "cpu", flag="--device", type=_device_type,
+        help="cpu (default), cuda or cuda:N")
+    teacher_source: str = option(
+        "cache", flag="--teacher-source", choices=("cache", "live"),
+        help="cache (default): the teacher's hidden states computed once per suite version and read from disk; "
+             "live: run the teacher on every batch")
+    save_student: bool = option(
+        True, flag="--no-save",
+        help="do not keep the distilled student's weights (default: kept for `kdbench eval`)")
+    keep_activations: bool = option(
+        False, flag="--keep-activations",
+        help="keep the student's activations for backward instead of recomputing them (default: recomputed): the "
+             "same result bit for bit, less training time, more memory (docs/performance.md)")
+    db: str | None = option(
+        None, flag="--db", type=_nonempty, commands=("run", "prepare"), sweep=None, resume=True,
+        help="run store: path or SQLAlchemy URL (default: $KDBENCH_DB or runs.db)")
+    progress: bool = option(
+        True, flag="--no-progress", commands=("run", "prepare"), sweep=None, resume=True,
+        help="no progress bar (default: one while training)")
+    sweep_id: str | None = option(
+        None, flag="--sweep-id", metavar="ID", commands=("run",), sweep=None,
+        help="the `kdbench sweep` this run belongs to (set by kdbench sweep; default: none)")
+
+
+def _kind(hint) -> type:
+    """str / int / float / bool / dict from a field's type (``int | None`` -> int)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    if origin not in (str, int, float, bool, dict):
+        raise TypeError(f"a run option is a str, int, float, bool or dict (--param), not {hint!r}")
+    return origin
+
+
+def options(command: str | None = None, cls: type | None = None) -> list[Option]:
+    """The run options (of ``command``: run / prepare / sweep; None: all), in field order, each
+    with its field's name, default and kind. ``cls``: the config class (default: this module's
+    :class:`RunConfig`, read when called, so a field added to it -- a subclass put in its place --
+    is everywhere at once)."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        o = f.metadata.get("option")
+        if o is None:
+            raise TypeError(f"RunConfig.{f.name} has no option(...) metadata (flag, help, ...)")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        o = dataclasses.replace(o, name=f.name, default=default, kind=_kind(hints[f.name]))
+        if o.sweep not in SWEEP_ROLES or o.identity not in IDENTITY_ROLES or not set(o.commands) <= set(COMMANDS) \
+                or ("sweep" in o.commands) != (o.sweep is not None) or (o.resume and o.identity):
+            raise TypeError(f"RunConfig.{f.name}: inconsistent option metadata {o}")
+        if command is None or command in o.commands:
+            out.append(o)
+    return out
+
+
+def option_named(name: str) -> Option:
+    return next(o for o in options() if o.name == name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a RunConfig: from flags, from a file's values, from JSON or a stored request
+# ---------------------------------------------------------------------------------------------
+
+
+def from_flags(values: Mapping[str, Any], command: str = "run") -> RunConfig:
+    """A RunConfig from flag values keyed by :attr:`Option.key` (argparse's namespace holds only
+    the flags given; a sweep file's ``run:`` mapping); the rest are the fields' defaults."""
+    by_key = {o.key: o for o in options(command)}
+    return RunConfig(**{by_key[k].name: by_key[k].field_value(v) for k, v in values.items()})
+
+
+def given_flags(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The run options given on the command line (their flags' defaults are ``SUPPRESS``: absent
+    from the namespace unless given, so ``--seed 0`` counts as given)."""
+    return {o.key: getattr(args, o.key) for o in options(command) if hasattr(args, o.key)}
+
+
+def _parsed(o: Option, text: str, where: str):
+    try:
+        return o.type(where)(text)
+    except argparse.ArgumentTypeError as exc:
+        msg = str(exc)
+        raise UserError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def flag_value(o: Option, value, where: str):
+    """A flag's value read from a file (YAML, JSON), checked as strictly as the flag reads it;
+    ``where`` names it in the one-line refusal (``sweep file s.yaml: run.steps``)."""
+    if o.kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where} is a flag: true or false, got {value!r}")
+        return value
+    if o.kind is dict:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where} must be a list of key=value strings, got {value!r}")
+        return value
+    if o.kind is int and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        lo, hi = getattr(o.type(where), "bounds", (None, None))
+        rng = f" in [{lo}, {hi}]" if lo is not None else ""
+        raise UserError(f"{where} must be an integer{rng}, got {value!r}")
+    if o.kind is float and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+        raise UserError(f"{where} must be a positive number, got {value!r}")
+    if o.kind is str and (not isinstance(value, str) or not value.strip()):
+        raise UserError(f"{where} must be a name or a path (a string), got {value!r}")
+    if o.choices is not None and value not in o.choices:
+        raise UserError(f"{where}: unknown value {value!r}; valid choices: {', '.join(o.choices)}")
+    return _parsed(o, str(value), where) if o.type else value
+
+
+def _field_value(o: Option, value, where: str):
+    """A field's value read from JSON (a job's configuration, a stored request), checked."""
+    if value is None and o.default is None:
+        return None
+    if o.kind is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float))
+                                                  and not isinstance(v, bool) for k, v in value.items()):
+            raise UserError(f"{where} must be a mapping of parameter names to values, got {value!r}")
+        return dict(value)
+    return flag_value(o, value, where)
+
+
+def from_dict(values: Mapping[str, Any], where: str, **given) -> RunConfig:
+    """A RunConfig from its fields' values (a job's JSON, a run's stored ``request``), each
+    checked; ``given`` replaces fields (a resume's store and progress bar). A key this kdbench
+    does not know (written by a newer one) is refused in one line; a missing key (written by an
+    older one) is the field's default."""
+    if not isinstance(values, Mapping):
+        raise UserError(f"{where} is not a run configuration (a mapping of options), got {type(values).__name__}")
+    known = {o.name: o for o in options()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{where} has option(s) this kdbench does not know ({', '.join(map(str, unknown))}): it was "
+                        f"written by a newer kdbench; use that one")
+    kw = {k: _field_value(known[k], v, f"{where}: {k}") for k, v in values.items()}
+    return RunConfig(**{**kw, **given})
+
+
+def to_json(config: RunConfig) -> str:
+    """The whole configuration, as :func:`from_dict` reads it back (a sweep's hand-off to a job)."""
+    return json.dumps(dataclasses.asdict(config), indent=1)
+
+
+def stored_request(config: RunConfig) -> dict:
+    """What a run stores of its configuration (``config["request"]``): every option but those
+    of the command rather than the run (``--resume`` takes them: the store, the progress bar)."""
+    return {o.name: getattr(config, o.name) for o in options(cls=type(config)) if not o.resume}
+
+
+def command_line(config: RunConfig, command: str = "run") -> list[str]:
+    """``kdbench <command> ...`` giving exactly ``config``: what a sweep varies always, any other
+    option where it differs from its default (``kdbench sweep --dry-run`` prints these)."""
+    argv = ["kdbench", command]
+    for o in options(command, cls=type(config)):
+        argv += o.argv(getattr(config, o.name), always=o.sweep == "vary")
+    return argv
 
 
 def _model_ref(flag: str, value: str | None) -> str | None:
@@ -65,8 +421,8 @@ def _short(name: str) -> str:
     return Path(name.rstrip("/")).name or name
 
 
-def resolve_suite(req: RunRequest) -> tuple[SuiteSpec, str]:
-    """The suite with the request's overrides, and the version label results are filed under.
+def resolve_suite(req: RunConfig) -> tuple[SuiteSpec, str]:
+    """The suite with the config's overrides, and the version label results are filed under.
     A run with a non-standard pair, model, budget or stand-in data is not comparable to
     standard ones, so its label says so (``2+pair=...,steps=3,data=standin``)."""
     suite = get_suite(req.suite)
@@ -130,34 +486,54 @@ def resolve_suite(req: RunRequest) -> tuple[SuiteSpec, str]:
     return suite, label
 
 
-def resolve(req: RunRequest):
-    """All user-facing validation, before anything heavy happens: (objective, suite, label, engine)."""
+def resolve(config: RunConfig):
+    """Everything a user can get wrong, checked before anything is opened or loaded: returns
+    (objective, suite, label). Reads only: the store is :func:`open_store`'s."""
     from kdbench.device import resolve_device
     from kdbench.engine.check import check_contract_early
-    from kdbench.models import cache_home
+    from kdbench.diskcache import cache_home
     from kdbench.registry import get_objective
-    from kdbench.store import open_engine
 
-    if not 0 <= int(req.seed) <= MAX_SEED:
-        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {req.seed}")
+    if config.objective is None:
+        raise UserError("the following arguments are required: --objective")
+    if not 0 <= int(config.seed) <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {config.seed}")
     try:
-        objective = get_objective(req.objective, **req.params)
+        objective = get_objective(config.objective, **config.params)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     check_contract_early(objective)  # a broken plug-in is refused before reference rows are written
-    suite, label = resolve_suite(req)
-    resolve_device(req.device)
-    if req.teacher_source not in ("cache", "live"):
-        raise UserError(f"unknown teacher source {req.teacher_source!r}; valid choices: cache, live")
+    suite, label = resolve_suite(config)
+    resolve_device(config.device)
+    if config.teacher_source not in ("cache", "live"):
+        raise UserError(f"unknown teacher source {config.teacher_source!r}; valid choices: cache, live")
     cache_home()  # a bad $KDBENCH_CACHE is refused before the store is opened (and perhaps created)
-    engine = open_engine(req.db)
-    return objective, suite, label, engine
+    return objective, suite, label
 
 
-def run_key(objective, suite_name: str, label: str, seed: int) -> str:
-    """The identity of an experiment: objective name, version and parameters, suite, version
-    label and training seed. Equal keys are repeats; the device, the teacher source and the
-    code version are provenance, not identity."""
+def open_store(config: RunConfig):
+    """The run's store (``--db``, else ``$KDBENCH_DB``, else ./runs.db), opened for writing:
+    created or migrated where needed. The runner's step right after :func:`resolve`, before any
+    model is loaded; a store that cannot be written is refused in one line."""
+    from kdbench.store import open_engine
+
+    return open_engine(config.db)
+
+
+#: The identity every run key has always held; options with identity "key" beyond these enter
+#: it only where they differ from their default (so the keys of existing runs never change).
+_BASE_IDENTITY = ("objective", "objective_version", "params", "suite", "suite_version", "seed")
+
+
+def run_key(config: RunConfig, objective, label: str) -> str:
+    """The identity of an experiment: the resolved objective (name, version, parameters), the
+    suite, the version label (every option with identity "label") and the options with identity
+    "key" (the training seed; an option added later where it is not its default). Equal keys are
+    repeats; the device, the teacher source and the code version are provenance, not identity."""
     ident = {"objective": objective.name, "objective_version": getattr(objective.spec, "version", 1),
-             "params": objective.params, "suite": suite_name, "suite_version": label, "seed": int(seed)}
+             "params": objective.params, "suite": config.suite, "suite_version": label, "seed": int(config.seed)}
+    for o in options(cls=type(config)):
+        value = getattr(config, o.name)
+        if o.identity == "key" and o.name not in _BASE_IDENTITY and value != o.default:
+            ident[o.name] = value
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]

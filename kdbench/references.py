@@ -13,7 +13,7 @@ import time
 import torch
 
 from kdbench import provenance
-from kdbench.evaluate import EvalResult, evaluate_model
+from kdbench.evaluation.protocol import EvalResult, evaluate_model
 from kdbench.prepare import Prepared, reference_fingerprint
 from kdbench.store import ROLE_STUDENT_INIT, ROLE_TEACHER, RunWriter, find_reference_run
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from kdbench.config import RunRequest, resolve_suite
+from kdbench.config import RunConfig, from_dict, resolve_suite
 from kdbench.errors import UserError
 from kdbench.lifecycle import Heartbeat, claim_run, effective_status, release_run, this_host
 from kdbench.store import ROLE_DISTILLED, Run, display_name, get_run, open_engine, require_schema
@@ -24,7 +24,7 @@ class ResumeClaim:
 
     engine: Engine
     run: Run                 # the row as it was before the claim
-    request: RunRequest      # the run's own request, with this command's store and progress bar
+    run_config: RunConfig    # the run's own configuration, with this command's store and progress bar
     folder: Path             # its train state
     owner: tuple[str, int]
     before: dict             # the row's fields the claim replaced
@@ -55,12 +55,13 @@ def claim_resume(run_id: int, db: str | None, *, progress: bool = True) -> Resum
     if not run.state_path or not ((folder / "state.json").is_file()
                                   or (folder.with_name("state.old") / "state.json").is_file()):
         raise UserError(f"run {run_id} has no saved train state ({folder}); start it again instead")
-    req = RunRequest(**{**run.config["request"], "db": db, "progress": progress})
-    _, label = resolve_suite(req)
+    # older rows lack options added since (their defaults apply); a newer kdbench's are refused
+    config = from_dict(run.config["request"], f"run {run_id}'s stored configuration", db=db, progress=progress)
+    _, label = resolve_suite(config)
     if label != run.suite_version:
         raise UserError(f"run {run_id} was filed under version {run.suite_version}; this kdbench resolves "
                         f"{label} (the suite changed): it cannot be resumed")
     engine = open_engine(db)
     owner = (this_host(), os.getpid())
     before = claim_run(engine, run_id, host=owner[0], pid=owner[1])
-    return ResumeClaim(engine, run, req, folder, owner, before, Heartbeat(engine, run_id, owned=True).start())
+    return ResumeClaim(engine, run, config, folder, owner, before, Heartbeat(engine, run_id, owned=True).start())

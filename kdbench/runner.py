@@ -12,7 +12,6 @@ the loop is kdbench/engine/trainer.py.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -24,22 +23,22 @@ from pathlib import Path
 import torch
 
 from kdbench import provenance
-from kdbench.config import RunRequest, resolve, resolve_suite, run_key  # noqa: F401  (RunRequest re-exported)
+from kdbench.config import RunConfig, open_store, resolve, resolve_suite, run_key, stored_request
 from kdbench.device import default_threads, inference_dtype, peak_memory_mb, release_memory  # noqa: F401
+from kdbench.diskcache import cache_dir
 from kdbench.engine import state as train_state
 from kdbench.engine import teacher_cache, trainer
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.check import startup_check
 from kdbench.engine.teacher import CachedTeacher, LiveTeacher
 from kdbench.engine.trainer import TrainingDiverged, make_optimizer, train
-from kdbench.errors import RunFailed, UserError
-from kdbench.evaluate import validation_score
+from kdbench.errors import RunFailed
+from kdbench.evaluation.protocol import validation_score
 from kdbench.lifecycle import GRACEFUL, Heartbeat, this_host
 from kdbench.losses import HIDDEN_CHUNK_SIZE
-from kdbench.models import cache_dir
 from kdbench.prepare import Prepared, prepare, reference_fingerprint
 from kdbench.references import ensure_reference_rows, evaluate_all
-from kdbench.store import ROLE_DISTILLED, OwnershipLost, RunWriter, get_run, open_engine, utcnow
+from kdbench.store import ROLE_DISTILLED, OwnershipLost, RunWriter, utcnow
 from kdbench.suites import SuiteSpec
 
 # The landed name of resolve_suite (kept for callers and tests).
@@ -86,11 +85,11 @@ def make_teacher_source(prep: Prepared, objective, kind: str, seed: int = 0, pro
             {"kind": "cache", "key": key, "rows": entry.meta["n_rows"], "examples": entry.meta["n_examples"]}, built_s)
 
 
-def checkpointing(req: RunRequest) -> bool:
+def checkpointing(run_config: RunConfig) -> bool:
     """Whether this run recomputes the student's block activations in backward: the trainer's
     default (on; ``KDBENCH_ACTIVATION_CHECKPOINTING=0`` turns it off) unless the run asked to keep
     them (``--keep-activations``). Either way the result is bitwise the same; only time and memory move."""
-    return trainer.ACTIVATION_CHECKPOINTING and not req.keep_activations
+    return trainer.ACTIVATION_CHECKPOINTING and not run_config.keep_activations
 
 
 def selection_rule(suite: SuiteSpec, n_valid: int) -> str:
@@ -115,7 +114,7 @@ def best_weights(db_url, run_id: int) -> train_state.BestWeights:
 class Setup:
     """Everything a run needs before its first step (built the same way for a new run and a resumed one)."""
 
-    req: RunRequest
+    run_config: RunConfig
     objective: object
     label: str
     engine: object
@@ -128,75 +127,77 @@ class Setup:
     cost: dict = field(default_factory=dict)
 
 
-def _setup(req: RunRequest, argv, *, check: bool = True) -> Setup:
-    objective, suite, label, engine = resolve(req)
-    device = torch.device(req.device)
+def _setup(run_config: RunConfig, argv, *, check: bool = True) -> Setup:
+    objective, suite, label = resolve(run_config)
+    engine = open_store(run_config)  # after everything was checked, before any model is loaded
+    device = torch.device(run_config.device)
     cost: dict[str, float] = {}
     t0 = time.perf_counter()
-    prep = prepare(suite, device, data_dir=req.data_dir, progress=req.progress)
+    prep = prepare(suite, device, data_dir=run_config.data_dir, progress=run_config.progress)
     suite = prep.suite  # budgets in steps
     examples = prep.train_examples()
     cost["prepare_s"] = time.perf_counter() - t0
     t = time.perf_counter()
     ref_ids = ensure_reference_rows(engine, prep, label, argv)
     cost["reference_rows_s"] = time.perf_counter() - t
-    teacher, desc, cost["teacher_cache_build_s"] = make_teacher_source(prep, objective, req.teacher_source, req.seed,
-                                                                       req.progress)
+    teacher, desc, cost["teacher_cache_build_s"] = make_teacher_source(prep, objective, run_config.teacher_source,
+                                                                       run_config.seed, run_config.progress)
     if teacher is None or teacher.kind == "cache":
         prep.release_teacher()  # training needs no teacher model; evaluation loads it again
-    torch.manual_seed(req.seed)
+    torch.manual_seed(run_config.seed)
     student = prep.new_student()
-    batches = PackedBatches(examples, suite.train.batch_size, req.seed, prep.tokenizer.pad_token_id)
+    batches = PackedBatches(examples, suite.train.batch_size, run_config.seed, prep.tokenizer.pad_token_id)
     result = None
     if check:
         t = time.perf_counter()
-        first = next(PackedBatches(examples, suite.train.batch_size, req.seed, prep.tokenizer.pad_token_id))
+        first = next(PackedBatches(examples, suite.train.batch_size, run_config.seed, prep.tokenizer.pad_token_id))
         result = startup_check(student, objective, first.to(device), teacher, chunk_size=HIDDEN_CHUNK_SIZE).to_dict()
         cost["startup_check_s"] = time.perf_counter() - t
         release_memory()  # the check's dense logits path is not training's
-    request = {k: v for k, v in dataclasses.asdict(req).items() if k not in ("db", "progress")}
+    request = stored_request(run_config)  # what `kdbench run --resume` rebuilds the run's RunConfig from
     config = {
         "objective": objective.name, "params": objective.params, "setting": objective.setting,
         "objective_version": getattr(objective.spec, "version", None),
-        "suite": suite.to_dict(), "suite_version": label, "seed": req.seed, "device": req.device,
-        "torch_threads": torch.get_num_threads(), "activation_checkpointing": checkpointing(req),
+        "suite": suite.to_dict(), "suite_version": label, "seed": run_config.seed, "device": run_config.device,
+        "torch_threads": torch.get_num_threads(), "activation_checkpointing": checkpointing(run_config),
         "teacher": prep.teacher_identity(),
         "teacher_path": str(prep.teacher_path), "teacher_source": desc, "data_order": batches.describe(),
         "startup_check": result, "reference_runs": ref_ids, "reference_fingerprint": reference_fingerprint(prep),
-        "student_keep": prep.student_keep, "data_sources": prep.data_manifest, "sweep_id": req.sweep_id,
+        "student_keep": prep.student_keep, "data_sources": prep.data_manifest, "sweep_id": run_config.sweep_id,
         "request": request,
     }
-    return Setup(req, objective, label, engine, prep, teacher, desc, student, batches, config, cost)
+    return Setup(run_config, objective, label, engine, prep, teacher, desc, student, batches, config, cost)
 
 
-def prepare_only(req: RunRequest, argv: list[str] | None = None) -> dict:
+def prepare_only(run_config: RunConfig, argv: list[str] | None = None) -> dict:
     """`kdbench prepare`: what every run of the suite shares, built now -- the (fine-tuned)
     teacher, the reference rows and the teacher cache (whatever the objective) -- so that
     parallel runs find them instead of racing to build them."""
-    objective, suite, label, engine = resolve(req)
-    device = torch.device(req.device)
-    prep = prepare(suite, device, data_dir=req.data_dir, progress=req.progress)
+    objective, suite, label = resolve(run_config)
+    engine = open_store(run_config)
+    device = torch.device(run_config.device)
+    prep = prepare(suite, device, data_dir=run_config.data_dir, progress=run_config.progress)
     refs = ensure_reference_rows(engine, prep, label, argv)
     desc = {"kind": "live"}
-    if req.teacher_source == "cache":
+    if run_config.teacher_source == "cache":
         from kdbench.registry import get_objective
 
-        _, desc, _ = make_teacher_source(prep, get_objective("kl"), "cache", req.seed, req.progress)
+        _, desc, _ = make_teacher_source(prep, get_objective("kl"), "cache", run_config.seed, run_config.progress)
     return {"suite": prep.suite.name, "version": label, "reference_runs": refs, "teacher_source": desc,
             "teacher": str(prep.teacher_path), "reference_fingerprint": reference_fingerprint(prep)}
 
 
-def run(req: RunRequest, argv: list[str] | None = None) -> int:
+def run(run_config: RunConfig, argv: list[str] | None = None) -> int:
     """Distil, evaluate and record one run; returns its run id."""
     t0 = time.perf_counter()
-    s = _setup(req, argv)
+    s = _setup(run_config, argv)
     check = s.config["startup_check"]
     print("[kdbench] resolved configuration:\n" + json.dumps(s.config, indent=2, default=str))
     writer = RunWriter.start(s.engine, role=ROLE_DISTILLED, suite=s.prep.suite.name, suite_version=s.label,
-                             seed=req.seed, config=s.config, provenance=provenance.collect(argv),
+                             seed=run_config.seed, config=s.config, provenance=provenance.collect(argv),
                              objective=s.objective.name, params=s.objective.params, setting=s.objective.setting,
-                             config_hash=run_key(s.objective, s.prep.suite.name, s.label, req.seed),
-                             sweep_id=req.sweep_id, host=this_host(), pid=os.getpid(), heartbeat_at=utcnow())
+                             config_hash=run_key(run_config, s.objective, s.label),
+                             sweep_id=run_config.sweep_id, host=this_host(), pid=os.getpid(), heartbeat_at=utcnow())
     writer.update(state_path=str(state_dir(s.engine.url, writer.run_id)))
     verdict = (f"start-up check passed: loss {check['loss_fast']:.6g} == {check['loss_dense']:.6g}" if check["passed"]
                else f"start-up check: loss not finite ({check['loss_dense']}) on the first batch")
@@ -211,9 +212,9 @@ def resume(claim, argv: list[str] | None = None) -> int:
     run_id, engine = claim.run.id, claim.engine
     t0 = time.perf_counter()
     try:
-        s = _setup(claim.request, argv, check=False)
+        s = _setup(claim.run_config, argv, check=False)
         s.config = {**claim.run.config}
-        optimizer = make_optimizer(s.student, s.prep.suite.train, torch.device(claim.request.device))
+        optimizer = make_optimizer(s.student, s.prep.suite.train, torch.device(claim.run_config.device))
         state, _ = train_state.load(claim.folder, s.student, optimizer, s.batches, best_weights(engine.url, run_id))
         writer = RunWriter(engine, run_id, claim.owner)
         writer.truncate_curve(state.step)
@@ -225,7 +226,7 @@ def resume(claim, argv: list[str] | None = None) -> int:
 
 
 def _execute(s: Setup, writer: RunWriter, restored, t0: float, heartbeat: Heartbeat | None = None) -> int:
-    suite, prep, device = s.prep.suite, s.prep, torch.device(s.req.device)
+    suite, prep, device = s.prep.suite, s.prep, torch.device(s.run_config.device)
     cost = dict(s.cost)
     folder = state_dir(s.engine.url, writer.run_id) / "state"
     heartbeat = heartbeat or Heartbeat(s.engine, writer.run_id, owned=writer.owner is not None).start()
@@ -268,8 +269,8 @@ def _execute(s: Setup, writer: RunWriter, restored, t0: float, heartbeat: Heartb
             result = train(model=s.student, objective=s.objective, batches=s.batches, teacher=s.teacher,
                            spec=suite.train, device=device, log=log, validate=validate,
                            valid_every=suite.eval.valid_every, log_valid=log_valid, state=state,
-                           optimizer=optimizer, on_step=on_step, activation_checkpointing=checkpointing(s.req),
-                           progress=s.req.progress)
+                           optimizer=optimizer, on_step=on_step, activation_checkpointing=checkpointing(s.run_config),
+                           progress=s.run_config.progress)
         finally:
             GRACEFUL.armed = False
         cost["train_s"] = result.train_time_s
@@ -289,7 +290,7 @@ def _execute(s: Setup, writer: RunWriter, restored, t0: float, heartbeat: Heartb
         res = evaluate_all(s.student, prep)
         cost["evaluation_s"] = time.perf_counter() - t
         fault_point("writing")
-        ckpt = save_student(s.student, prep.tokenizer, s.engine.url, writer.run_id) if s.req.save_student else None
+        ckpt = save_student(s.student, prep.tokenizer, s.engine.url, writer.run_id) if s.run_config.save_student else None
         cost["wall_s"] = time.perf_counter() - t0
         cost["peak_memory_mb"] = peak_memory_mb(device) or 0.0
         writer.results(res.metrics, res.samples)

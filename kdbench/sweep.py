@@ -8,7 +8,14 @@ once per suite — the (fine-tuned) teacher, the teacher cache, the reference ro
 never race to build them. A job whose configuration hash (``runs.config_hash``) already has
 a finished run is skipped; one whose run was interrupted with a checkpoint is resumed
 (``kdbench run --resume``). A failed job does not stop the sweep; the summary names it.
-``--dry-run`` prints the exact ``kdbench run`` command lines (for a cluster scheduler).
+
+Each job is one :class:`kdbench.config.RunConfig`, handed to its ``kdbench run`` process whole,
+as JSON (``kdbench run --config-json <job key>.json`` in the sweep's log folder), never
+re-serialised to flags; ``kdbench prepare`` gets its configuration the same way.
+``--dry-run`` prints, per job, the ``kdbench run`` command line that gives the same
+configuration (:func:`kdbench.config.command_line`; for a cluster scheduler). A store URL with a
+password is never put on a command line nor in a job's file: the jobs read it from
+``$KDBENCH_DB``.
 
 Equal tuning budget: ``--tune lr=1e-4,3e-4`` gives every objective the same grid; the summary
 reports, per objective setting, the grid point with the best **validation** score (the suite's
@@ -33,6 +40,7 @@ in a file are read as strictly as on the command line (no ``1_5``, no octal ``01
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -44,16 +52,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdbench.config import (SEED_MAX, RunConfig, _int_in, _positive_float, command_line, flag_value, from_flags,
+                            options, resolve_suite, run_key, to_json)
 from kdbench.errors import UserError
 from kdbench.secrets import redact_url
-from kdbench.store.engines import resolve_url
+from kdbench.store.location import resolve_url
 from kdbench.store.models import DB_ENV_VAR
 
-TUNABLE = ("lr",)                     # TrainSpec fields `--tune` may grid over (a `kdbench run --lr` each)
-RUN_OPTIONS = {"steps": "--steps", "eval_limit": "--eval-limit", "finetune_steps": "--finetune-steps", "pair": "--pair", "teacher": "--teacher",
-               "student": "--student", "data_dir": "--data-dir", "device": "--device",
-               "teacher_source": "--teacher-source", "lr": "--lr"}
-RUN_FLAGS = {"no_save": "--no-save", "teacher_finetuned": "--teacher-finetuned", "keep_activations": "--keep-activations"}
+
+def _tunable() -> tuple[str, ...]:
+    """The RunConfig options `--tune` may grid over (sweep role "tune": lr)."""
+    return tuple(o.name for o in options("sweep") if o.sweep == "tune")
+
+
+def _run_keys() -> dict:
+    """{key of a sweep file's ``run:`` mapping (the flag's name: no_save): its RunConfig option}:
+    the options a sweep passes to every job (sweep role "every" or "tune")."""
+    return {o.key: o for o in options("sweep") if o.sweep in ("every", "tune")}
 
 
 @dataclass
@@ -105,22 +120,16 @@ class Job:
     key: str = ""                # runs.config_hash of its run
     setting: str = ""
     label: str = ""
+    config: RunConfig | None = None  # the job's run configuration (store and sweep id aside)
 
-    def argv(self, spec: SweepSpec, sweep_id: str, db: str | None) -> list[str]:
-        """The job's ``kdbench run`` command line; ``db``: the ``--db`` to name (None: the
-        store comes from ``$KDBENCH_DB``, as it does when the URL holds a password)."""
-        args = ["kdbench", "run", "--objective", self.objective, "--suite", self.suite, "--seed", str(self.seed)]
-        for k, v in self.params.items():
-            args += ["--param", f"{k}={v}"]
-        for k, v in {**spec.run, **self.train}.items():
-            if k in RUN_FLAGS:
-                if v:
-                    args.append(RUN_FLAGS[k])
-            else:
-                args += [RUN_OPTIONS[k], str(v)]
-        if db:
-            args += ["--db", db]
-        return args + ["--sweep-id", sweep_id, "--no-progress"]
+    def run_config(self, sweep_id: str | None, db: str | None) -> RunConfig:
+        """What the job's ``kdbench run`` gets; ``db``: the store to name (None: the store comes
+        from ``$KDBENCH_DB``, as it does when the URL holds a password)."""
+        return dataclasses.replace(self.config, sweep_id=sweep_id, db=db, progress=False)
+
+    def argv(self, sweep_id: str, db: str | None) -> list[str]:
+        """The ``kdbench run`` command line that gives the job's configuration (``--dry-run``)."""
+        return command_line(self.run_config(sweep_id, db), "run")
 
 
 def _grid(values: dict[str, list]) -> list[dict]:
@@ -170,7 +179,7 @@ def _where(spec: SweepSpec, key: str) -> str:
         return f"{spec.source}: {key}"
     head, _, sub = key.partition(".")
     if head == "run":
-        return {**RUN_OPTIONS, **RUN_FLAGS}.get(sub, sub)
+        return _run_keys()[sub].flag if sub in _run_keys() else sub
     flag = _FLAGS.get(head, head)
     return f"{flag} {sub}" if sub else flag
 
@@ -202,8 +211,6 @@ def _items(spec: SweepSpec, key: str, value, *, split: bool = True) -> list:
 
 def _integer(spec: SweepSpec, key: str, value, lo: int, hi: int) -> int:
     """An integer in [lo, hi], read as the flag reads one (``1_0``, ``1.5``, ``true`` refused)."""
-    from kdbench.cli_parser import _int_in
-
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise UserError(f"{_where(spec, key)} must be an integer in [{lo}, {hi}], got {value!r}")
     return _parsed(_int_in(_where(spec, key), lo, hi), str(value))
@@ -211,8 +218,6 @@ def _integer(spec: SweepSpec, key: str, value, lo: int, hi: int) -> int:
 
 def _positive(spec: SweepSpec, key: str, value) -> float:
     """A positive finite number, read as ``kdbench run --lr`` reads one."""
-    from kdbench.cli_parser import _positive_float
-
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UserError(f"{_where(spec, key)} must be a positive number, got {value!r}")
     return _parsed(_positive_float(_where(spec, key)), str(value))
@@ -234,35 +239,17 @@ def _once(spec: SweepSpec, key: str, values: list) -> list:
 
 
 def _run_options(spec: SweepSpec) -> dict:
-    """The `kdbench run` options of every job, typed as their flags are."""
-    from kdbench.cli_parser import COUNT_MAX, _device
-
+    """The `kdbench run` options of every job (keys: the flags' names), typed as their flags are."""
     run = {} if spec.run is None else spec.run
     if not isinstance(run, dict):
         raise UserError(f"{_where(spec, 'run')} must be a mapping of `kdbench run` options (run: {{steps: 3}}), "
                         f"got {run!r}")
-    bad = set(run) - set(RUN_OPTIONS) - set(RUN_FLAGS)
+    known = _run_keys()
+    bad = set(run) - set(known)
     if bad:
         raise UserError(f"sweep run option(s) {', '.join(sorted(map(str, bad)))} unknown; known: "
-                        f"{', '.join(sorted(set(RUN_OPTIONS) | set(RUN_FLAGS)))}")
-    out = {}
-    for key, value in run.items():
-        where = _where(spec, f"run.{key}")
-        if key in RUN_FLAGS:
-            if not isinstance(value, bool):
-                raise UserError(f"{where} is a flag: true or false, got {value!r}")
-        elif key in ("steps", "eval_limit", "finetune_steps"):
-            value = _integer(spec, f"run.{key}", value, 1, COUNT_MAX)
-        elif key == "lr":
-            value = _positive(spec, "run.lr", value)
-        elif key == "teacher_source" and value not in ("cache", "live"):
-            raise UserError(f"{where}: unknown teacher source {value!r}; valid choices: cache, live")
-        elif key == "device":
-            value = _parsed(_device, value if isinstance(value, str) else repr(value), f"{where}: ")
-        elif not isinstance(value, str) or not value.strip():  # pair, teacher, student, data_dir
-            raise UserError(f"{where} must be a name or a path (a string), got {value!r}")
-        out[key] = value
-    return out
+                        f"{', '.join(sorted(known))}")
+    return {key: flag_value(known[key], value, _where(spec, f"run.{key}")) for key, value in run.items()}
 
 
 def _grid_values(spec: SweepSpec, key: str) -> dict[str, list]:
@@ -291,8 +278,6 @@ def validate(spec: SweepSpec) -> dict:
     typed as their `kdbench run` flags; tuned learning rates positive and finite; no grid empty
     and no value twice. Returns the values normalised: {objectives, seeds, suites, params, tune,
     workers, run}. Grid keys and values are checked against the objectives by :func:`expand`."""
-    from kdbench.cli_parser import SEED_MAX
-
     if isinstance(spec.objectives, str):  # a setting may hold commas (csd(tau=1.5,w1=T)): no guessing
         raise UserError(f"{_where(spec, 'objectives')} must be a list, e.g. objectives: [{spec.objectives}]; got "
                         f"the string {spec.objectives!r}")
@@ -304,9 +289,9 @@ def validate(spec: SweepSpec) -> dict:
     suites = _once(spec, "suites", _strings(spec, "suites", suites, "suite names"))
     params = {k: _once(spec, f"params.{k}", v) for k, v in _grid_values(spec, "params").items()}
     tune = _grid_values(spec, "tune")
-    bad = set(tune) - set(TUNABLE)
+    bad = set(tune) - set(_tunable())
     if bad:
-        raise UserError(f"--tune {', '.join(sorted(bad))}: only {', '.join(TUNABLE)} can be tuned")
+        raise UserError(f"--tune {', '.join(sorted(bad))}: only {', '.join(_tunable())} can be tuned")
     tune = {k: _once(spec, f"tune.{k}", [_positive(spec, f"tune.{k}", x) for x in v]) for k, v in tune.items()}
     workers = _integer(spec, "workers", 1 if spec.workers is None else spec.workers, 1, 256)
     if spec.db is not None and (not isinstance(spec.db, str) or not spec.db.strip()):
@@ -318,13 +303,13 @@ def validate(spec: SweepSpec) -> dict:
 def expand(spec: SweepSpec) -> list[Job]:
     """Every job of the sweep, validated (unknown objectives, parameters, suites and run options
     are one-line errors), with its configuration hash and version label resolved."""
-    from kdbench.config import RunRequest, resolve_suite, run_key
     from kdbench.errors import did_you_mean
     from kdbench.registry import get_objective
 
     checked = validate(spec)
     spec.workers, spec.run = checked["workers"], checked["run"]  # normalised: run_sweep schedules with them
     params, tune, seeds = checked["params"], checked["tune"], checked["seeds"]
+    shared = from_flags(spec.run, "sweep")  # what every job's configuration shares
     bases = {}
     for name in checked["objectives"]:
         try:
@@ -348,16 +333,12 @@ def expand(spec: SweepSpec) -> list[Job]:
                     raise UserError(str(exc)) from None
                 for train in _grid(tune):
                     for seed in seeds:
-                        req = RunRequest(objective=name, params=combo, suite=suite_name, seed=seed,
-                                         steps=spec.run.get("steps"), eval_limit=spec.run.get("eval_limit"),
-                                         finetune_steps=spec.run.get("finetune_steps"),
-                                         pair=spec.run.get("pair"), teacher=spec.run.get("teacher"),
-                                         student=spec.run.get("student"), data_dir=spec.run.get("data_dir"),
-                                         teacher_finetuned=bool(spec.run.get("teacher_finetuned")),
-                                         lr=train.get("lr"))
-                        _, label = resolve_suite(req)
-                        jobs.append(Job(suite_name, name, {k: str(v) for k, v in combo.items()}, train, seed,
-                                        run_key(obj, suite_name, label, seed), obj.setting, label))
+                        grid = {k: str(v) for k, v in combo.items()}
+                        config = dataclasses.replace(shared, objective=name, params=grid, suite=suite_name, seed=seed,
+                                                     **train)
+                        _, label = resolve_suite(config)
+                        jobs.append(Job(suite_name, name, grid, train, seed, run_key(config, obj, label),
+                                        obj.setting, label, config))
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
         raise UserError("the sweep names the same run twice (an alias and its setting?); remove the duplicate")
@@ -422,7 +403,7 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
             out(f"# store {redact_url(resolve_url(spec.db))}: its password is not printed; these lines read the store "
                 f"from ${DB_ENV_VAR} — export {DB_ENV_VAR}='<the URL with its password>' before running them")
         for j in jobs:
-            out(shlex.join(j.argv(spec, sid, db_flag)))
+            out(shlex.join(j.argv(sid, db_flag)))
         return 0
     engine = open_engine(spec.db)
     logs = _log_dir(sid)
@@ -467,8 +448,12 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
     while queue or running:
         while queue and len(running) < spec.workers:
             job, resume_id = queue.pop(0)
-            argv = job.argv(spec, sid, db_flag) if resume_id is None else \
-                ["kdbench", "run", "--resume", str(resume_id), "--no-progress"] + (["--db", db_flag] if db_flag else [])
+            if resume_id is None:  # the job's configuration, whole, as JSON (never re-serialised to flags)
+                argv = ["kdbench", "run", "--config-json", str(_write_config(logs / f"{job.key}.json",
+                                                                             job.run_config(sid, db_flag)))]
+            else:  # a resume takes only the store and the progress bar; the run keeps its configuration
+                argv = ["kdbench", "run", "--resume", str(resume_id), "--no-progress"] + (["--db", db_flag] if db_flag
+                                                                                          else [])
             log = logs / f"{job.key}.log"
             fh = open(log, "a")
             proc = subprocess.Popen([sys.executable, "-m", "kdbench", *argv[1:]], stdout=fh,
@@ -508,7 +493,8 @@ def _prepare_suites(spec: SweepSpec, jobs: list[Job], env, logs: Path, out, db: 
         ident = (job.suite, json.dumps(spec.run, sort_keys=True), job.train.get("lr"))
         if ident not in seen:
             info = logs / f"prepare-{len(seen)}.json"
-            argv = ["prepare"] + job.argv(spec, "prepare", db)[2:] + ["--info-json", str(info)]
+            config = _write_config(logs / f"prepare-{len(seen)}-config.json", job.run_config(None, db))
+            argv = ["prepare", "--config-json", str(config), "--info-json", str(info)]
             out(f"[sweep] preparing {job.suite} (teacher, teacher cache, reference rows) ...")
             with open(logs / f"prepare-{job.suite}.log", "a") as fh:
                 rc = subprocess.run([sys.executable, "-m", "kdbench", *argv], stdout=fh, stderr=subprocess.STDOUT,
@@ -518,6 +504,12 @@ def _prepare_suites(spec: SweepSpec, jobs: list[Job], env, logs: Path, out, db: 
             seen[ident] = json.loads(info.read_text())["reference_fingerprint"]
         fps[job.key] = seen[ident]
     return fps
+
+
+def _write_config(path: Path, config: RunConfig) -> Path:
+    """A job's RunConfig as JSON (kdbench/config.py to_json), for ``--config-json``."""
+    path.write_text(to_json(config))
+    return path
 
 
 def tuning_report(engine, jobs: list[Job]) -> list[str]:
@@ -553,7 +545,7 @@ def tuning_report(engine, jobs: list[Job]) -> list[str]:
 
 
 def _log_dir(sid: str) -> Path:
-    from kdbench.models import cache_dir
+    from kdbench.diskcache import cache_dir
 
     d = cache_dir() / "sweeps" / sid
     d.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def fmt(v: Any, decimals: int = 2) -> str:
     return f"{float(v):.{decimals}f}"
 
 
-FLAG_SCORES = {"degenerate"}  # per-sample 0/1 flags (kdbench.evaluate)
+FLAG_SCORES = {"degenerate"}  # per-sample 0/1 flags (kdbench.evaluation.protocol)
 
 
 def fmt_score(name: str, v: Any) -> str:

@@ -288,7 +288,7 @@ CHATTERBOT = "chatterbot"
 # rougeL per row on the real task name: base + {-1, 0, +1} over the sampling seeds 10/20/30
 VERSION_ROUGE = {VERSION: {TEACHER: 30.0, STUDENT: 5.0, KL: 20.0},
                  QUICK: {TEACHER: 31.0, STUDENT: 4.0, KL: 6.0, RKL: 8.0}}
-# seed-free metrics (seed NULL), one value per run, as kdbench.evaluate writes them
+# seed-free metrics (seed NULL), one value per run, as kdbench.evaluation.protocol writes them
 ACROSS_SEEDS = {TEACHER: 7.5, STUDENT: 2.5, KL: 2.1, RKL: 4.7}
 
 

@@ -286,7 +286,7 @@ def test_a_damaged_entry_is_listed_and_clearable_not_a_traceback(tmp_path, monke
 
 def test_cache_home_looks_up_and_cache_dir_creates(tmp_path, monkeypatch):
     from kdbench.errors import UserError
-    from kdbench.models import cache_dir, cache_home
+    from kdbench.diskcache import cache_dir, cache_home
 
     monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "a" / "b"))
     assert cache_home() == tmp_path / "a" / "b" and not (tmp_path / "a").exists()

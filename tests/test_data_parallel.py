@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from kdbench.engine.batches import PackedBatches, RankBatches
-from kdbench.engine.forward import final_hidden, output_head
 from kdbench.engine.state import lr_at
 from kdbench.engine.teacher import LiveTeacher
 from kdbench.engine.trainer import train
+from kdbench.modeling import final_hidden, output_head
 from kdbench.registry import get_objective
 
 try:
@@ -50,7 +50,7 @@ def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, out: str) ->
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from kdbench.engine.forward import StudentBody
+    from kdbench.modeling import StudentBody
     from kdbench.models import load_causal_lm
 
     torch.set_num_threads(1)
@@ -141,7 +141,7 @@ def test_ddp_steps_are_the_mean_gradient_of_the_ranks_losses(ranks, tiny):
 
 def test_ddp_around_the_bare_lm_is_refused_with_the_fix(ranks):
     msg = ranks[0]["ddp_of_lm"]
-    assert "wrap kdbench.engine.forward.StudentBody(model) instead" in msg and "DistributedDataParallel" in msg
+    assert "wrap kdbench.modeling.StudentBody(model) instead" in msg and "DistributedDataParallel" in msg
 
 
 def test_a_rank_cursor_resumes_only_its_own_share(tiny):

@@ -10,11 +10,11 @@ import textwrap
 import pytest
 import torch
 
-from kdbench.data.batching import collate
-from kdbench.engine.batches import PackedBatches, pack
+from kdbench.data.batching import collate, pack
+from kdbench.engine.batches import PackedBatches
 from kdbench.engine.check import FastPathMismatch, startup_check
-from kdbench.engine.forward import final_hidden, head_logits_check, output_head
 from kdbench.engine.teacher import LiveTeacher
+from kdbench.modeling import final_hidden, head_logits_check, output_head
 from kdbench.registry import get_objective, list_objectives, load_plugin_file
 
 try:

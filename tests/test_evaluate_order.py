@@ -1,4 +1,4 @@
-"""kdbench.evaluate.evaluate_model runs the model's decodes first, drops the model's prompt cache,
+"""kdbench.evaluation.protocol.evaluate_model runs the model's decodes first, drops the model's prompt cache,
 then lets the teacher score: the same samples, scores and metrics as decoding and scoring seed
 by seed, without the two prompt caches ever held at once (tiny random Llamas, real tokenizer)."""
 
@@ -26,8 +26,9 @@ def setup(tmp_path_factory):
 def seed_by_seed(student, teacher, tok, inputs, task, spec, dev):
     """The order evaluate_model had before: decode a seed, let the teacher score it, next seed;
     the reference KL at the end from both prompt caches."""
-    from kdbench.evaluate import Decoder, decode_texts, reference_kl
-    from kdbench.scoring import score_decode
+    from kdbench.evaluation.decoder import Decoder, decode_texts
+    from kdbench.evaluation.protocol import reference_kl
+    from kdbench.evaluation.scoring import score_decode
 
     dec = Decoder(student, inputs.prompt_ids, spec, dev, pad_id=tok.pad_token_id)
     scorer = Decoder(teacher, inputs.prompt_ids, spec, dev, pad_id=tok.pad_token_id)
@@ -47,7 +48,7 @@ def seed_by_seed(student, teacher, tok, inputs, task, spec, dev):
 
 @pytest.mark.parametrize("greedy", [False, True])
 def test_the_staged_order_gives_what_seed_by_seed_gave(setup, greedy):
-    from kdbench.evaluate import evaluate_model
+    from kdbench.evaluation.protocol import evaluate_model
     from kdbench.suites import EvalSpec, TaskSpec
 
     teacher, student, tok, inputs = setup
@@ -72,13 +73,14 @@ def test_the_staged_order_gives_what_seed_by_seed_gave(setup, greedy):
 
 
 def test_the_models_prompt_cache_is_gone_before_the_teacher_makes_its_own(setup, monkeypatch):
-    import kdbench.evaluate as ev
+    import kdbench.evaluation.decoder as dec
+    import kdbench.evaluation.protocol as ev
     from kdbench.suites import EvalSpec, TaskSpec
 
     teacher, student, tok, inputs = setup
     made: list[tuple[object, weakref.ref]] = []
     alive_at_teacher_prefill: list[int] = []
-    real = ev.prefill
+    real = dec.prefill
 
     def tracking(model, prompts, **kw):
         if model is teacher:
@@ -87,7 +89,7 @@ def test_the_models_prompt_cache_is_gone_before_the_teacher_makes_its_own(setup,
         made.append((model, weakref.ref(out)))
         return out
 
-    monkeypatch.setattr(ev, "prefill", tracking)
+    monkeypatch.setattr(dec, "prefill", tracking)
     spec = EvalSpec(seeds=(10, 20), max_new_tokens=4, batch_size=2)
     ev.evaluate_model(student, teacher=teacher, tokenizer=tok, inputs=inputs, task=TaskSpec("t", source="test"),
                       spec=spec, device=torch.device("cpu"))

@@ -3,8 +3,6 @@ on the tasks whose headline it is, not averaged with a task scored by another he
 
 from __future__ import annotations
 
-import pytest
-
 from kdbench.results import leaderboard, leaderboard_markdown
 from kdbench.results.paired import resolution
 from kdbench.results.queries import metric_tasks

@@ -13,9 +13,9 @@ import pytest
 from kdbench import suites
 from kdbench.data import micro_task as MT
 from kdbench.data.loaders import Example
-from kdbench.scoring import is_correct, score_decode
+from kdbench.evaluation.scoring import is_correct, score_decode
 from tests.fixtures_store import rows
-from kdbench.store import CurvePoint, Metric, Run, Sample, open_engine
+from kdbench.store import CurvePoint, Metric, Run, Sample
 from kdbench.suites import MICRO_TASK, TrainSpec
 
 try:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from kdbench.models import layer_subset, publishing_dir
+from kdbench.diskcache import publishing_dir
+from kdbench.models import layer_subset
 
 
 def test_publishing_dir_replaces_the_target_only_on_success(tmp_path):

@@ -170,11 +170,6 @@ def test_shift_invariance(setting):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def st():
-    return randn(4, 3, 29, scale=2.0, seed=7), randn(4, 3, 29, scale=2.0, seed=8)
-
-
 def assert_converges(value_at, limit, eps_list, tol=2e-6):
     """|f(ε) − f(0)| shrinks at least linearly: ≤ 3·slope·|ε| + tol, slope measured at the largest ε."""
     e0 = eps_list[0]

@@ -1,4 +1,4 @@
-"""The teacher's prompt prefill on disk (kdbench/engine/prompt_cache.py): a loaded prefix is the
+"""The teacher's prompt prefill on disk (kdbench/evaluation/prompt_cache.py): a loaded prefix is the
 computed one bit for bit (decodes, scores and whole evaluations equal), the key follows every
 input, an incomplete entry is never read, a cache it cannot store is used live,
 `kdbench cache list|clear` show and remove entries, and two processes asking for one entry at
@@ -38,7 +38,7 @@ def cache_home(tmp_path, monkeypatch):
 
 
 def entry_for(inputs, batch_size=2, teacher_identity=None):
-    from kdbench.engine import prompt_cache
+    from kdbench.evaluation import prompt_cache
 
     key_inputs = prompt_cache.key_inputs(teacher_identity or {"weights": "w", "tokenizer": "t"}, inputs.prompt_ids,
                                          batch_size, CPU, torch.float32)
@@ -46,7 +46,7 @@ def entry_for(inputs, batch_size=2, teacher_identity=None):
 
 
 def test_a_loaded_prefix_is_the_computed_one_bit_for_bit(setup, cache_home):
-    from kdbench.evaluate import Decoder
+    from kdbench.evaluation.decoder import Decoder
     from kdbench.suites import EvalSpec
 
     teacher, _, tok, inputs = setup
@@ -76,7 +76,7 @@ def test_a_loaded_prefix_is_the_computed_one_bit_for_bit(setup, cache_home):
 
 
 def test_an_evaluation_through_the_stored_prefill_equals_the_live_one(setup, cache_home):
-    from kdbench.evaluate import evaluate_model
+    from kdbench.evaluation.protocol import evaluate_model
     from kdbench.suites import EvalSpec, TaskSpec
 
     teacher, student, tok, inputs = setup
@@ -101,7 +101,7 @@ def test_an_evaluation_through_the_stored_prefill_equals_the_live_one(setup, cac
 
 
 def test_the_key_follows_every_input(setup):
-    from kdbench.engine import prompt_cache
+    from kdbench.evaluation import prompt_cache
 
     inputs = setup[3]
     base = dict(teacher_identity={"weights": "w", "tokenizer": "t"}, prompt_ids=inputs.prompt_ids, batch_size=2,
@@ -123,7 +123,8 @@ def test_the_key_follows_every_input(setup):
 
 
 def test_the_key_does_not_follow_the_teacher_caches_format(setup, monkeypatch):
-    from kdbench.engine import prompt_cache, teacher_cache
+    from kdbench.engine import teacher_cache
+    from kdbench.evaluation import prompt_cache
 
     inputs = prompt_cache.key_inputs({"weights": "w", "tokenizer": "t"}, setup[3].prompt_ids, 2, CPU, torch.float32)
     key = prompt_cache.entry_key(inputs)
@@ -134,8 +135,8 @@ def test_the_key_does_not_follow_the_teacher_caches_format(setup, monkeypatch):
 
 
 def test_an_incomplete_or_foreign_entry_is_never_read(setup, cache_home):
-    from kdbench.engine import prompt_cache
-    from kdbench.evaluate import Decoder
+    from kdbench.evaluation import prompt_cache
+    from kdbench.evaluation.decoder import Decoder
     from kdbench.suites import EvalSpec
 
     teacher, _, tok, inputs = setup
@@ -157,8 +158,8 @@ def test_an_incomplete_or_foreign_entry_is_never_read(setup, cache_home):
 
 
 def test_a_cache_that_cannot_be_stored_is_used_live(setup, cache_home):
-    from kdbench.engine import prompt_cache
-    from kdbench.sampling import Prefix
+    from kdbench.evaluation import prompt_cache
+    from kdbench.evaluation.sampling import Prefix
 
     class SlidingLayer:  # not a DynamicLayer
         keys = values = torch.zeros(1)
@@ -171,7 +172,7 @@ def test_a_cache_that_cannot_be_stored_is_used_live(setup, cache_home):
 
 def test_cache_list_and_clear_show_and_remove_prompt_entries(setup, cache_home, capsys):
     from kdbench.cli import main
-    from kdbench.evaluate import Decoder
+    from kdbench.evaluation.decoder import Decoder
     from kdbench.suites import EvalSpec
 
     teacher, _, tok, inputs = setup
@@ -191,8 +192,9 @@ PREFILLER = textwrap.dedent("""
     import hashlib, sys, time, torch
     torch.set_num_threads(1)
     from kdbench.data.records import Example
-    from kdbench.engine import prompt_cache
-    from kdbench.evaluate import Decoder, TaskInputs
+    from kdbench.evaluation import prompt_cache
+    from kdbench.evaluation.decoder import Decoder
+    from kdbench.evaluation.protocol import TaskInputs
     from kdbench.models import load_causal_lm, load_tokenizer
     from kdbench.suites import EvalSpec
     from tests.tiny_models import EVAL_PROMPTS, EVAL_REFERENCES
@@ -236,7 +238,7 @@ def test_two_processes_asking_for_one_entry_compute_it_once(setup, cache_home):
 
 
 def test_a_loaded_entry_is_stamped_last_used(setup, cache_home):
-    from kdbench.engine.teacher_cache import USED
+    from kdbench.diskcache import USED
 
     teacher, _, tok, inputs = setup
     entry = entry_for(inputs)
@@ -247,7 +249,7 @@ def test_a_loaded_entry_is_stamped_last_used(setup, cache_home):
 
 
 def _prefill(teacher, inputs, tok):
-    from kdbench.evaluate import Decoder
+    from kdbench.evaluation.decoder import Decoder
     from kdbench.suites import EvalSpec
 
     return Decoder(teacher, inputs.prompt_ids, EvalSpec(seeds=(1,), max_new_tokens=4, batch_size=2), CPU,

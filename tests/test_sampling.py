@@ -1,4 +1,4 @@
-"""kdbench.sampling.decode: the evaluator's decoder against transformers' generate, and its
+"""kdbench.evaluation.sampling.decode: the evaluator's decoder against transformers' generate, and its
 protocol knobs (temperature, top-k, top-p), on a tiny random Llama with the real tokenizer."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench.sampling import _filter, decode
+from kdbench.evaluation.sampling import _filter, decode
 
 try:
     from tests.tiny_models import make_tiny_pair
@@ -67,7 +67,7 @@ def test_protocol_knobs_match_their_definitions():
 def test_scoring_with_the_prompt_cache_equals_scoring_packed_sequences(float32_cpu, model):
     """The evaluator scores responses given the prompts' cache; the packed path scores whole
     sequences: the same log-likelihoods."""
-    from kdbench.evaluate import Decoder
+    from kdbench.evaluation.decoder import Decoder
     from kdbench.suites import EvalSpec
 
     spec = EvalSpec(batch_size=2, max_new_tokens=5)
@@ -91,7 +91,7 @@ def test_reference_kl_from_the_cached_teacher_equals_the_live_teacher(model, tmp
     from kdbench.data.batching import Encoded
     from kdbench.engine import teacher_cache
     from kdbench.engine.teacher import CachedTeacher
-    from kdbench.evaluate import reference_kl
+    from kdbench.evaluation.protocol import reference_kl
 
     monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path))
     refs = [Encoded(p + [11, 12, 13], len(p)) for p in PROMPTS]
@@ -105,7 +105,7 @@ def test_reference_kl_from_the_cached_teacher_equals_the_live_teacher(model, tmp
 
 
 def test_length_groups_cover_every_row_once_and_bound_the_padding():
-    from kdbench.sampling import length_groups
+    from kdbench.evaluation.sampling import length_groups
 
     lengths = [1, 32, 5, 5, 17, 30, 2, 9, 31, 12, 3, 28, 8, 1, 16, 20, 4, 32, 6, 7]
     groups = length_groups(lengths, min_rows=3, ratio=0.75)
@@ -122,7 +122,7 @@ def test_length_groups_cover_every_row_once_and_bound_the_padding():
 def test_continuation_hidden_in_length_groups_equals_each_sequence_alone(model):
     """Many ragged continuations (so several length groups, one of length 1) through the
     prompt cache: each row equals the hidden state of the sequence run alone."""
-    from kdbench.sampling import continuation_hidden, prefill
+    from kdbench.evaluation.sampling import continuation_hidden, prefill
 
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 60, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (18,), generator=gen)]
@@ -146,7 +146,8 @@ def test_reference_kl_through_the_prompt_caches_equals_packed_sequences(float32_
     import copy
 
     from kdbench.data.batching import Encoded
-    from kdbench.evaluate import Decoder, reference_kl
+    from kdbench.evaluation.decoder import Decoder
+    from kdbench.evaluation.protocol import reference_kl
     from kdbench.suites import EvalSpec
 
     student = copy.deepcopy(model)
@@ -168,7 +169,7 @@ def test_reference_kl_through_the_prompt_caches_equals_packed_sequences(float32_
 def test_an_empty_continuation_has_no_rows_and_no_log_likelihood(model):
     import math
 
-    from kdbench.sampling import continuation_hidden, continuation_logprobs, prefill
+    from kdbench.evaluation.sampling import continuation_hidden, continuation_logprobs, prefill
 
     pre = prefill(model, PROMPTS, pad_id=2)
     conts = [[], [14, 15], [16]]

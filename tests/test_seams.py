@@ -2,7 +2,7 @@
 
 On-policy distillation (responses sampled from the student being trained, scored by the
 teacher) is a *batch source* beside the objective: :class:`StudentSampled` below is one, written
-against the seams alone — ``next()`` gives a packed :class:`~kdbench.engine.batches.Batch`,
+against the seams alone — ``next()`` gives a packed :class:`~kdbench.data.batching.Batch`,
 ``state_dict()`` / ``load_state_dict()`` give its cursor. The tests train through the unchanged
 ``train()`` with a live teacher, resume such a run bit for bit through the unchanged train state
 (which saves torch's generator, so a resumed run draws the same responses), and check that the
@@ -16,14 +16,14 @@ import dataclasses
 import pytest
 import torch
 
-from kdbench.data.batching import Encoded
+from kdbench.data.batching import Encoded, pack
 from kdbench.engine import state as S
 from kdbench.engine import teacher_cache
-from kdbench.engine.batches import PackedBatches, pack
+from kdbench.engine.batches import PackedBatches
 from kdbench.engine.teacher import CachedTeacher, LiveTeacher
 from kdbench.engine.trainer import make_optimizer, train
 from kdbench.registry import get_objective
-from kdbench.sampling import decode
+from kdbench.evaluation.sampling import decode
 
 try:
     from tests.engine_helpers import SPEC, fresh, tiny  # noqa: F401  (tiny: a module fixture)

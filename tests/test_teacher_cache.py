@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kdbench import diskcache
 from kdbench.engine import teacher_cache
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.teacher import CachedTeacher, LiveTeacher, TeacherHead
@@ -165,7 +166,7 @@ def test_rows_are_refused_for_other_tokens_under_a_cached_id_even_of_the_same_le
     """An on-policy sampler's fresh response under an example id the cache knows: the count of
     positions can match, the teacher's states cannot."""
     from kdbench.data.batching import Encoded
-    from kdbench.engine.batches import pack
+    from kdbench.data.batching import pack
 
     entry, _ = _build(tiny)
     source = CachedTeacher(entry)
@@ -201,11 +202,31 @@ def test_a_reused_entry_is_stamped_last_used_and_listed_so(tiny, cache, capsys):
     assert built > 0 and entry.last_used == entry.meta["created_at"]  # built, never read yet
     _build(tiny, "used2")
     assert _build(tiny, "used1")[1] == 0.0  # reused: stamped now
-    stamp = entry.path / teacher_cache.USED
+    stamp = entry.path / diskcache.USED
     os.utime(stamp, (0, 0))  # as if read in 1970
     assert entry.last_used == "1970-01-01T00:00:00Z"
     _build(tiny, "used1")
-    assert entry.last_used > "2026" and not (teacher_cache.lookup("used2").path / teacher_cache.USED).exists()
+    assert entry.last_used > "2026" and not (teacher_cache.lookup("used2").path / diskcache.USED).exists()
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
     assert f"last used {entry.last_used}" in out
+
+
+def test_keys_and_digests_are_the_ones_stored_entries_are_named_by():
+    """Entries on disk are found by their keys: the digests behind them (kdbench/diskcache.py
+    ``digest``, the teacher cache's data digest) must not change a digit. The values are the
+    ones the caches computed before ``digest`` became the one helper."""
+    from kdbench.data.batching import Encoded
+    from kdbench.evaluation import prompt_cache
+
+    teacher = {"weights": "w", "tokenizer": "t"}
+    assert teacher_cache.cache_key({"teacher": teacher, "data": "d", "max_tokens": 192, "dtype": "float32"}) \
+        == "5c1def72c9ecb45a4db40207"
+    assert prompt_cache.entry_key({"teacher": teacher, "prompts": "p", "batch_size": 50, "threads": 2}) \
+        == "a8e2621b6856c07ca03de3a9"
+    assert diskcache.digest({"b": [1, 2.5, "é"], "a": None}) == "b129e8b869243fd11bf91cf8"
+    assert teacher_cache.tokens_digest(Encoded([5, 6, 7, 8], 2)) == "e0b1235f5fa78937"
+    assert prompt_cache.prompts_digest([[1, 2, 3], [4]]) \
+        == "1ae1ffac8630e40e7edb5101011b64a79b62896da839f3a5e803a911041e4da6"
+    assert teacher_cache.data_digest([("x1", Encoded([5, 6, 7], 1)), ("x2", Encoded([9, 10], 1))]) \
+        == "26bc05e9f7fab58aeb631908b9876173217a11811016c2d837e1946f88e8739f"

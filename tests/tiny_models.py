@@ -39,7 +39,7 @@ def tiny_eval_setup(root: Path):
     """A tiny teacher and student (eval mode), their tokenizer and five chat prompts with
     references as evaluation inputs: ``(teacher, student, tokenizer, TaskInputs)``."""
     from kdbench.data.records import Example
-    from kdbench.evaluate import TaskInputs
+    from kdbench.evaluation.protocol import TaskInputs
     from kdbench.models import load_causal_lm, load_tokenizer
 
     t_path, s_path = make_tiny_pair(root)

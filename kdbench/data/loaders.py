@@ -31,8 +31,8 @@ from kdbench.data.instruction_sets import (
 from kdbench.data.records import Example, alpaca_prompt, instruction_prompt, shared_data_dir
 from kdbench.data.splits import sample_subset, split_train_valid_test
 from kdbench.data.task_sets import (
-    DIALOGSUM_INSTRUCTION,
-    MULTI30K_INSTRUCTION,
+    DIALOGSUM_INSTRUCTION as DIALOGSUM_INSTRUCTION,  # re-exported: the task prompts' instructions, read with the loaders
+    MULTI30K_INSTRUCTION as MULTI30K_INSTRUCTION,  # re-exported: the task prompts' instructions, read with the loaders
     load_dialogsum,
     load_gsm8k,
     load_multi30k,

@@ -1,89 +1,21 @@
-"""Where training data comes in: encoded examples → packed batches, with a resumable cursor.
+"""Where training data comes in: the suite's encoded examples as packed batches in a fixed
+order, with a resumable cursor.
 
 A step's batch is ``batch_size`` examples drawn in the order fixed by ``(seed, epoch)`` — the
-same for every objective, so runs on one suite and seed differ only in the loss. The examples
-are **packed**: laid end to end in one row, positions restarting at 0 for each sequence, so
-attention stays within a sequence and no position is padding (42% of the positions of the
-landed padded batches were). The objective counts only response positions; their flat
-indices into the packed row are ``Batch.counted``, in example order.
-
-Shapes (L = the batch's real tokens, N = its counted positions)::
-
-    input_ids     [1, L]  long   sequences end to end (prompt + response + end-of-turn each)
-    position_ids  [1, L]  long   0, 1, … restarting at every sequence
-    counted       [N]     long   flat indices of the positions whose next token is a response token
-    labels        [N]     long   that next token
-
-``Batch.padded()`` gives the landed layout of the same examples (``[B, T]`` right-padded with
-``attention_mask`` / ``labels`` / ``loss_mask``), the dense reference the start-up check
-compares against. The model must treat packed sequences independently: transformers does for
-``position_ids`` with no attention mask and no cache (tests/test_engine.py checks packed ==
-per-sequence hidden states).
+same for every objective, so runs on one suite and seed differ only in the loss — and packed
+into one row (``Batch`` and ``pack``, with the shapes: kdbench/data/batching.py).
+:class:`RankBatches` is one rank's share of that order when several processes train together.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
-
-from kdbench.data.batching import Encoded, collate
+from kdbench.data.batching import Batch, Encoded, pack
 
 ORDER_RULE = "epoch k: random.Random(seed * 100003 + k).shuffle(range(n)); consecutive batch_size slices, last partial dropped"
-
-
-def counted_span(e: Encoded) -> range:
-    """Positions of ``e.ids`` whose next token is a response token (end-of-turn included)."""
-    return range(max(e.n_prompt - 1, 0), len(e.ids) - 1)
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    counted: torch.Tensor
-    labels: torch.Tensor
-    example_ids: list[str]
-    encoded: list[Encoded] = field(repr=False)
-    pad_id: int = 0
-
-    @property
-    def n_tokens(self) -> int:
-        """Real tokens through the model (what ``runs.train_tokens_per_s`` counts)."""
-        return int(self.input_ids.numel())
-
-    @property
-    def n_counted(self) -> int:
-        return int(self.counted.numel())
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.counted.to(device),
-                     self.labels.to(device), self.example_ids, self.encoded, self.pad_id)
-
-    def padded(self) -> dict[str, torch.Tensor]:
-        """The same examples in the landed right-padded layout (``data.batching.collate``)."""
-        return collate(self.encoded, self.pad_id)
-
-
-def pack(encoded: Sequence[Encoded], example_ids: Sequence[str], pad_id: int = 0) -> Batch:
-    """One packed row of ``encoded`` (see the module docstring)."""
-    ids: list[int] = []
-    pos: list[int] = []
-    counted: list[int] = []
-    labels: list[int] = []
-    for e in encoded:
-        offset = len(ids)
-        ids += e.ids
-        pos += range(len(e.ids))
-        span = counted_span(e)
-        counted += (offset + i for i in span)
-        labels += (e.ids[i + 1] for i in span)
-    return Batch(torch.tensor([ids], dtype=torch.long), torch.tensor([pos], dtype=torch.long),
-                 torch.tensor(counted, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
-                 list(example_ids), list(encoded), pad_id)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from kdbench.engine.batches import Batch
-from kdbench.engine.forward import final_hidden, head_logits_check, output_head
+from kdbench.data.batching import Batch
 from kdbench.errors import UserError
+from kdbench.modeling import final_hidden, head_logits_check, output_head
 from kdbench.objective import ObjectiveContractError
 from kdbench.objective_spec import ObjectiveError
 from kdbench.plugins import one_line

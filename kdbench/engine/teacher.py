@@ -21,8 +21,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from kdbench.engine.batches import Batch
-from kdbench.engine.forward import final_hidden
+from kdbench.data.batching import Batch
+from kdbench.modeling import final_hidden, head_params
 
 
 class TeacherHead:
@@ -42,11 +42,6 @@ class TeacherHead:
             narrow = w.to(torch.bfloat16)
             self.weight = narrow if torch.equal(narrow.to(w.dtype), w) else w.float()
         self.bias = None if bias is None else bias.detach().float()
-
-    @classmethod
-    def of(cls, model) -> "TeacherHead":
-        head = model.get_output_embeddings()
-        return cls(head.weight, getattr(head, "bias", None))
 
     def to(self, device) -> "TeacherHead":
         return TeacherHead(self.weight.to(device), None if self.bias is None else self.bias.to(device))
@@ -68,7 +63,7 @@ class LiveTeacher:
 
     def __init__(self, model):
         self.model = model.eval().requires_grad_(False)
-        self.head = TeacherHead.of(model)
+        self.head = TeacherHead(*head_params(model))
 
     @torch.inference_mode()
     def hidden(self, batch: Batch) -> Tensor:

@@ -23,19 +23,15 @@ length matches.
 
 **Concurrency**: a builder holds an exclusive ``flock`` on ``<key>.lock`` and writes into a
 temporary sibling folder that is renamed into place when complete, so concurrent runs
-building one entry build it once and a reader never sees a half-written entry.
+building one entry build it once and a reader never sees a half-written entry (the lock, the
+publishing, the read stamp, the listing and removal are every cache's: kdbench/diskcache.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,10 +39,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kdbench.data.batching import Encoded
-from kdbench.engine.batches import counted_span, pack
-from kdbench.engine.forward import final_hidden, head_logits_check
+from kdbench import diskcache
+from kdbench.data.batching import Encoded, counted_span, pack
+from kdbench.diskcache import Published, cache_home, digest, lock, mark_used, publishing_dir
 from kdbench.engine.teacher import TeacherHead
+from kdbench.modeling import final_hidden, head_logits_check, head_params
 
 CACHE_FORMAT = 2  # 2: each index row carries its example's tokens digest (format 1 entries are listed, not read)
 BUILD_BATCH = 16  # examples per teacher forward while building (packed)
@@ -56,13 +53,13 @@ _DTYPES = {"bfloat16": (torch.bfloat16, np.int16), "float32": (torch.float32, np
 def cache_root() -> Path:
     """``$KDBENCH_CACHE/teacher-hidden``, not created here (a builder's lock creates it; a listing
     writes nothing)."""
-    from kdbench.models import cache_home
-
     return cache_home() / "teacher-hidden"
 
 
 def data_digest(examples: Sequence[tuple[str, Encoded]]) -> str:
-    """Digest of the encoded training data: ids, token ids and prompt lengths, in order."""
+    """Digest of the encoded training data: ids, token ids and prompt lengths, in order. Streamed
+    example by example (not :func:`kdbench.diskcache.digest` of one list): its value is in every
+    stored entry's key, so its formula stays."""
     h = hashlib.sha256()
     for ex_id, e in examples:
         h.update(json.dumps([ex_id, e.n_prompt, e.ids]).encode())
@@ -71,84 +68,12 @@ def data_digest(examples: Sequence[tuple[str, Encoded]]) -> str:
 
 def tokens_digest(e: Encoded) -> str:
     """What an example's cached rows were computed from: its prompt length and token ids."""
-    return hashlib.sha256(json.dumps([e.n_prompt, e.ids]).encode()).hexdigest()[:16]
-
-
-def content_key(obj: dict) -> str:
-    """sha256 of the canonical JSON of ``obj``, 24 hex digits: how both caches name an entry."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+    return digest([e.n_prompt, e.ids], 16)
 
 
 def cache_key(inputs: dict) -> str:
-    """The entry key: :func:`content_key` of ``inputs`` plus the format version."""
-    return content_key({"format": CACHE_FORMAT, **inputs})
-
-
-@dataclass
-class Published:
-    """A published entry: its folder and its ``meta.json`` (the file written last)."""
-
-    path: Path
-    meta: dict
-
-    @property
-    def key(self) -> str:
-        return self.meta["key"]
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
-
-    @property
-    def last_used(self) -> str:
-        """When a run last read this entry (UTC), else when it was built: what tells a live
-        entry from one whose key no run computes any more (``kdbench cache list``)."""
-        try:
-            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((self.path / USED).stat().st_mtime))
-        except OSError:
-            return self.meta.get("created_at", "?")
-
-
-USED = "last_used"  # an empty file in an entry, touched whenever a run reads the entry
-
-
-def mark_used(path: Path) -> None:
-    """Stamp an entry as read now (best effort: a read-only cache is still usable)."""
-    try:
-        (path / USED).touch()
-    except OSError:
-        pass
-
-
-def remove(root: Path, entries: Sequence[Published], keys: Sequence[str] = (), *,
-           everything: bool = False) -> list[tuple[str, int]]:
-    """Remove the entries whose key is one of ``keys`` (whole keys, never prefixes: an empty
-    string names nothing), or every entry with ``everything=True``; each under its lock, by a
-    rename out of sight first (an entry is there whole or gone). Returns (key, bytes freed)."""
-    from kdbench.errors import UserError
-
-    wanted = {k for k in keys if k}
-    removed = []
-    for entry in entries:
-        if not (everything or entry.key in wanted):
-            continue
-        with lock(root, entry.key):
-            gone = entry.path.with_name(f".{entry.path.name}.removing-{os.getpid()}-{time.time_ns()}")
-            try:
-                size = entry.size_bytes
-                os.rename(entry.path, gone)
-            except FileNotFoundError:  # removed meanwhile by another process
-                size = None
-            except OSError as exc:
-                raise UserError(f"cannot remove cache entry {entry.key} from {root}: {exc.strerror or exc}"
-                                + (f" (removed before it: {', '.join(k for k, _ in removed)})" if removed else "")
-                                ) from None
-            else:
-                shutil.rmtree(gone, ignore_errors=True)
-        (root / f"{entry.key}.lock").unlink(missing_ok=True)
-        if size is not None:
-            removed.append((entry.key, size))
-    return removed
+    """The entry key: the :func:`~kdbench.diskcache.digest` of ``inputs`` and the format version."""
+    return digest({"format": CACHE_FORMAT, **inputs})
 
 
 @dataclass
@@ -206,33 +131,6 @@ class Entry(Published):
         tensors = load_file(str(self.path / "head.safetensors"))
         return TeacherHead(tensors["weight"], tensors.get("bias"))
 
-def publish(final: Path, write) -> None:
-    """Make the entry folder ``final`` with ``write(folder)`` in a temporary sibling renamed into
-    place when complete (a reader never sees half an entry); call under the entry's lock."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # an inconsistent leftover (never published completely)
-        shutil.rmtree(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def lock(root: Path, key: str):
-    """An exclusive ``flock`` on ``root/<key>.lock`` (held while an entry is built or removed)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{key}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def lookup(key: str) -> Entry | None:
     return Entry.open(cache_root() / key)
 
@@ -254,7 +152,8 @@ def get_or_build(key: str, inputs: dict, teacher, examples: Sequence[tuple[str, 
         t0 = time.perf_counter()
         final = cache_root() / key
         model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
-        publish(final, lambda folder: _write(folder, key, inputs, model, examples, device, progress))
+        with publishing_dir(final) as folder:
+            _write(folder, key, inputs, model, examples, device, progress)
         seconds = time.perf_counter() - t0
         entry = Entry.open(final)
         assert entry is not None, f"teacher cache entry {final} failed its own consistency check"
@@ -270,7 +169,7 @@ def _write(folder: Path, key: str, inputs: dict, teacher, examples, device, prog
 
     teacher.eval()
     n_rows = sum(len(counted_span(e)) for _, e in examples)
-    d = teacher.get_output_embeddings().weight.shape[1]
+    d = head_params(teacher)[0].shape[1]
     dtype_name = "bfloat16" if next(teacher.parameters()).dtype == torch.bfloat16 else "float32"
     torch_dtype, np_dtype = _DTYPES[dtype_name]
     arr = np.memmap(folder / "hidden.bin", dtype=np_dtype, mode="w+", shape=(max(n_rows, 1), d))
@@ -297,7 +196,7 @@ def _write(folder: Path, key: str, inputs: dict, teacher, examples, device, prog
     del arr
     if n_rows == 0:  # keep the file size consistent with n_rows = 0
         (folder / "hidden.bin").write_bytes(b"")
-    head = TeacherHead.of(teacher)
+    head = TeacherHead(*head_params(teacher))
     tensors = {"weight": head.weight.float().contiguous().cpu()}  # the file keeps float32
     if head.bias is not None:
         tensors["bias"] = head.bias.contiguous().cpu()
@@ -320,35 +219,13 @@ def _check_head(teacher, batch, hidden, dtype_name: str) -> None:
                          f"teacher logits from hidden states and needs a plain linear output head")
 
 
-def published_meta(p: Path) -> dict | None:
-    """``meta.json`` of the entry folder ``p`` if it is one (a published entry names itself: its
-    key is the folder's name), else None. Reads only."""
-    if p.name.startswith(".") or p.is_symlink() or not p.is_dir():
-        return None
-    try:
-        meta = json.loads((p / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("key") == p.name else None
-
-
 def list_entries() -> list[Published]:
     """The published entries: usable ones as :class:`Entry`, and those an earlier cache format
     wrote or that are damaged (never read; listed so that ``kdbench cache clear`` can remove
     them). Reads only: creates nothing, stamps nothing."""
-    root = cache_root()
-    if not root.is_dir():
-        return []
-    out: list[Published] = []
-    for p in sorted(root.iterdir()):
-        meta = published_meta(p)
-        if meta is None:
-            continue
-        entry = Entry.open(p)
-        out.append(entry if entry is not None else Published(p, meta))
-    return out
+    return [Entry.open(p.path) or p for p in diskcache.published(cache_root())]
 
 
 def clear(keys: Sequence[str] = (), *, everything: bool = False) -> list[tuple[str, int]]:
     """Remove the entries with these whole keys, or every entry; returns (key, bytes freed)."""
-    return remove(cache_root(), list_entries(), keys, everything=everything)
+    return diskcache.clear(cache_root(), keys, everything=everything)

@@ -21,7 +21,6 @@ precision helpers (kdbench/device.py).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,12 +29,12 @@ from typing import Callable
 import torch
 
 from kdbench.device import autocast_context
-from kdbench.engine.forward import final_hidden, output_head, set_activation_checkpointing, unwrap
 from kdbench.engine.state import TrainState, lr_at
+from kdbench.modeling import final_hidden, output_head, set_activation_checkpointing, unwrap
 
 
 #: Recompute the student's block activations in backward rather than keep them (bitwise the same
-#: gradients; kdbench/engine/forward.py). On the default run it is what brings the peak under
+#: gradients; kdbench/modeling.py). On the default run it is what brings the peak under
 #: 3 GB, for ~25% more training time, ~10% of the run (docs/performance.md "Session 8").
 #: ``KDBENCH_ACTIVATION_CHECKPOINTING=0`` trades the memory back for speed.
 ACTIVATION_CHECKPOINTING = os.environ.get("KDBENCH_ACTIVATION_CHECKPOINTING", "1") != "0"
@@ -71,7 +70,7 @@ def make_optimizer(model: torch.nn.Module, spec, device: torch.device) -> torch.
 def train(
     *,
     model: torch.nn.Module,                    # trained in place (float32 weights); on several processes
-                                               # DDP(StudentBody(lm)) (kdbench/engine/forward.py)
+                                               # DDP(StudentBody(lm)) (kdbench/modeling.py)
     objective,                                 # a kdbench.objective.Objective
     batches,                                   # PackedBatches (or anything yielding Batch with a state_dict)
     teacher,                                   # a TeacherSource, or None when the objective needs none
@@ -169,10 +168,3 @@ def train(
         selected_step=state.best_step if state.valid_scores else spec.steps, selection_rule=rule,
         valid_scores=dict(state.valid_scores),
     )
-
-
-def steps_for(spec, n_train: int) -> int:
-    """A TrainSpec's budget in steps (``epochs`` converted with the training-set size)."""
-    if spec.epochs:
-        return max(1, math.ceil(spec.epochs * n_train / spec.batch_size))
-    return spec.steps

@@ -1,7 +1,7 @@
 """The teacher's prompt prefill on disk: the evaluation prompts run through the teacher once.
 
 Every run of a suite is evaluated on the same prompts, and the teacher scores each run's
-samples through its cache of those prompts (kdbench/evaluate.py ``Decoder``): the same prefill
+samples through its cache of those prompts (kdbench/evaluation/decoder.py ``Decoder``): the same prefill
 in every run — ~16–20 s of a float32 run's 166–226 s evaluation on 2 cores
 (docs/performance.md). The first evaluation that needs it computes it as before and publishes
 it here; later ones load it. The stored tensors are the computed ones, so a loaded prefix is
@@ -17,15 +17,14 @@ Layout of an entry ``$KDBENCH_CACHE/teacher-prompts/<key>/``::
                 the loaded cache costs the memory a computed one does, not twice that)
     meta.json   key, its inputs, number of batches and layers (written last)
 
-Published like the teacher cache (kdbench/engine/teacher_cache.py): built under an exclusive
-lock in a temporary folder that is renamed into place, so no reader sees half an entry.
+Published like every cache (kdbench/diskcache.py): built under an exclusive lock in a
+temporary folder that is renamed into place, so no reader sees half an entry.
 A cache whose layers are not plain ``DynamicLayer``s (sliding windows, quantised caches) is
 used live and never stored.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -34,20 +33,20 @@ from typing import Callable, Sequence
 
 import torch
 
-from kdbench.engine.teacher_cache import Published, content_key, lock, mark_used, publish, published_meta, remove
+from kdbench import diskcache
+from kdbench.diskcache import Published, cache_home, digest, lock, mark_used, publishing_dir
+from kdbench.evaluation.sampling import Prefix
 
-FORMAT = 1  # bump when kdbench.sampling.prefill computes something else
+FORMAT = 1  # bump when kdbench.evaluation.sampling.prefill computes something else
 
 
 def cache_root() -> Path:
     """``$KDBENCH_CACHE/teacher-prompts``, not created here (a builder's lock creates it)."""
-    from kdbench.models import cache_home
-
     return cache_home() / "teacher-prompts"
 
 
 def prompts_digest(prompt_ids: Sequence[Sequence[int]]) -> str:
-    return hashlib.sha256(json.dumps([list(p) for p in prompt_ids]).encode()).hexdigest()
+    return digest([list(p) for p in prompt_ids], 64)
 
 
 def key_inputs(teacher_identity: dict, prompt_ids, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -62,7 +61,7 @@ def key_inputs(teacher_identity: dict, prompt_ids, batch_size: int, device: torc
 def entry_key(inputs: dict) -> str:
     """The key of ``inputs`` and this cache's format (not the teacher cache's: a change there
     must not orphan these entries)."""
-    return content_key({"prompt_cache_format": FORMAT, **inputs})
+    return digest({"prompt_cache_format": FORMAT, **inputs})
 
 
 @dataclass
@@ -78,7 +77,7 @@ class PromptCache:
         return cache_root() / self.key
 
     def prefixes(self, compute: Callable[[], list], device: torch.device, config=None) -> list:
-        """The prompts' :class:`kdbench.sampling.Prefix` per batch: loaded when published, else
+        """The prompts' :class:`~kdbench.evaluation.sampling.Prefix` per batch: loaded when published, else
         ``compute()`` (the live prefill), published for the next run. ``config``: the model's
         (its cache layers are made from it, as the model's own forward makes them)."""
         loaded = _load(self.path, device, config)
@@ -118,11 +117,9 @@ def _publish(final: Path, key: str, inputs: dict, prefixes) -> None:
             "layers": len(prefixes[0].cache.layers) if prefixes else 0,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    def write(folder: Path) -> None:
+    with publishing_dir(final) as folder:
         torch.save(tensors, folder / "prefix.pt")
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-
-    publish(final, write)
 
 
 def _load(path: Path, device: torch.device, config=None) -> list | None:
@@ -130,8 +127,6 @@ def _load(path: Path, device: torch.device, config=None) -> list | None:
     layers hold the stored tensors themselves (what ``DynamicLayer.update`` would hold after
     the prefill, without its copy)."""
     from transformers.cache_utils import DynamicCache
-
-    from kdbench.sampling import Prefix
 
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -153,12 +148,9 @@ def _load(path: Path, device: torch.device, config=None) -> list | None:
 
 def list_entries() -> list[Published]:
     """The published entries, by key. Reads only: creates nothing, stamps nothing."""
-    root = cache_root()
-    if not root.is_dir():
-        return []
-    return [Published(p, meta) for p in sorted(root.iterdir()) if (meta := published_meta(p)) is not None]
+    return diskcache.published(cache_root())
 
 
 def clear(keys: Sequence[str] = (), *, everything: bool = False) -> list[tuple[str, int]]:
     """Remove the entries with these whole keys, or every entry; returns (key, bytes freed)."""
-    return remove(cache_root(), list_entries(), keys, everything=everything)
+    return diskcache.clear(cache_root(), keys, everything=everything)

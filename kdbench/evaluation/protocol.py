@@ -1,5 +1,5 @@
-"""Evaluation: decode responses (sampled over seeds and/or greedy) and score them (metrics in
-kdbench/metrics/, applied per task kind in kdbench/scoring.py).
+"""The evaluation protocol: decode responses (sampled over seeds and/or greedy) and score them
+(metrics in kdbench/metrics/, applied per task kind in kdbench/evaluation/scoring.py).
 
 The protocol (REFERENCE §3, fixed by the suite's EvalSpec): for each sampling seed, responses
 to every test prompt are sampled with temperature 1, top-p 1, no top-k, cut at the end of
@@ -13,12 +13,12 @@ scored on one greedy decode (metrics with seed NULL), as the paper does for GSM8
 
 Without waste: prompts are tokenised once per task (:class:`TaskInputs`) and reused by every
 seed, by the teacher's scoring and by the reference KL; generation is batched with left
-padding and the KV cache, finished responses leaving the batch (kdbench/sampling.py); the
-teacher scores the **sampled token ids** themselves (never a decode → re-encode round trip)
+padding and the KV cache, finished responses leaving the batch (kdbench/evaluation/decoder.py);
+the teacher scores the **sampled token ids** themselves (never a decode → re-encode round trip)
 through its prompt cache, in groups of similar length, and the reference KL runs only the
 reference tokens through both prompt caches. The teacher's prompt cache is the same in every
 run of a suite: the first evaluation stores it, later ones load it
-(kdbench/engine/prompt_cache.py).
+(kdbench/evaluation/prompt_cache.py).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import metrics as M
-from kdbench.data.batching import Encoded, chat_prompt, encode
+from kdbench.data.batching import Encoded, chat_prompt, encode, pack
 from kdbench.device import autocast_context
-from kdbench.engine.batches import pack
-from kdbench.engine.forward import final_hidden, output_head
-from kdbench.sampling import HEAD_CHUNK, continuation_hidden, continuation_logprobs, decode_from, prefill
-from kdbench.scoring import headline_score, score_decode
+from kdbench.evaluation.decoder import Decoder, decode_texts, generate_ids
+from kdbench.evaluation.sampling import HEAD_CHUNK
+from kdbench.evaluation.scoring import headline_score, score_decode
+from kdbench.modeling import final_hidden, head_params
 from kdbench.suites import EvalSpec, TaskSpec
 
 SCORE_TOKENS = 2048   # tokens per packed forward of the reference KL when no prompt cache serves it
@@ -68,85 +68,6 @@ class TaskInputs:
                    for e in examples]
         refs = [encode(tokenizer, e.prompt, e.references[0], max_prompt_tokens, max_tokens, system) for e in examples]
         return cls(list(examples), prompts, refs)
-
-
-# ---------------------------------------------------------------------------- decoding
-
-
-class Decoder:
-    """One model over one task's prompts: each batch of prompts is run through the model once
-    (:func:`kdbench.sampling.prefill`) and its cache reused by every seed's decode and by the
-    scoring of responses. Batches are fixed by prompt order (EvalSpec.batch_size), so a seed
-    gives the same samples for the same model whatever else runs."""
-
-    def __init__(self, model, prompt_ids: Sequence[list[int]], spec: EvalSpec, device: torch.device, *, pad_id: int,
-                 stored=None):
-        self.model, self.spec, self.device, self.pad_id = model.eval(), spec, device, pad_id
-        self.chunks = [list(prompt_ids[a:a + spec.batch_size]) for a in range(0, len(prompt_ids), spec.batch_size)]
-        self.stored = stored  # a PromptCache (kdbench/engine/prompt_cache.py) of this model on these prompts
-        self._prefixes = None
-
-    @property
-    def prefixes(self):
-        if self._prefixes is None:
-            self._prefixes = (self.stored.prefixes(self._prefill, self.device, getattr(self.model, "config", None))
-                              if self.stored else self._prefill())
-        return self._prefixes
-
-    def _prefill(self) -> list:
-        with autocast_context(self.device, True):
-            return [prefill(self.model, c, pad_id=self.pad_id, device=self.device) for c in self.chunks]
-
-    def release(self) -> None:
-        """Drop the prompts' cache (a float32 student's on micro: ~330 MB); a later use
-        prefills again, with the same result."""
-        self._prefixes = None
-
-    def generate(self, seed: int | None, *, eos_id: int, greedy: bool = False,
-                 max_new_tokens: int | None = None) -> list[list[int]]:
-        """One response per prompt as token ids, cut after the first end-of-turn (kept): sampled
-        with the spec's protocol under ``seed``, or greedy."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        out: list[list[int]] = []
-        with autocast_context(self.device, True):
-            for prefix in self.prefixes:
-                out += decode_from(self.model, prefix.copy(), max_new_tokens=max_new_tokens or self.spec.max_new_tokens,
-                                   eos_id=eos_id, greedy=greedy, temperature=self.spec.temperature,
-                                   top_k=self.spec.top_k, top_p=self.spec.top_p)
-        return out
-
-    def logprobs(self, responses: Sequence[list[int]]) -> list[float]:
-        """This model's mean per-token log-likelihood of each response given its prompt."""
-        return self._per_chunk(continuation_logprobs, responses)
-
-    def hidden(self, continuations: Sequence[list[int]]) -> list[torch.Tensor]:
-        """``[len(c), d]`` final hidden states predicting each token of each continuation."""
-        return self._per_chunk(continuation_hidden, continuations)
-
-    def serves(self, prompt_ids: Sequence[list[int]]) -> bool:
-        """Whether these are exactly this decoder's prompts (so its cache can be reused)."""
-        return [p for c in self.chunks for p in c] == [list(p) for p in prompt_ids]
-
-    def _per_chunk(self, fn, continuations):
-        out: list = []
-        at = 0
-        with autocast_context(self.device, True):
-            for prefix, chunk in zip(self.prefixes, self.chunks):
-                out += fn(self.model, prefix, continuations[at:at + len(chunk)], pad_id=self.pad_id)
-                at += len(chunk)
-        return out
-
-
-def generate_ids(model, prompt_ids: Sequence[list[int]], spec: EvalSpec, seed: int | None, device: torch.device,
-                 *, eos_id: int, pad_id: int, greedy: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
-    """One decode of ``prompt_ids`` (see :class:`Decoder`, which reuses the prompts' cache)."""
-    return Decoder(model, prompt_ids, spec, device, pad_id=pad_id).generate(seed, eos_id=eos_id, greedy=greedy,
-                                                                           max_new_tokens=max_new_tokens)
-
-
-def decode_texts(tokenizer, ids: Sequence[list[int]]) -> list[str]:
-    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 # ---------------------------------------------------------------------------- scoring through the head
@@ -189,18 +110,13 @@ def reference_kl(student, teacher, refs: Sequence[Encoded], device: torch.device
                  teacher_decoder: Decoder | None = None) -> tuple[float, float]:
     """Token-level forward and reverse KL(teacher, student) on the references' response tokens.
 
-    ``teacher`` is a model, or a teacher source (kdbench/engine/teacher.py) that serves its
+    ``teacher`` is a model, or a teacher source (``.hidden(batch)``, ``.head``) that serves its
     hidden states for ``ref_ids`` (the suite's cached teacher on the test references). A
     :class:`Decoder` of a side whose prompts are the references' prompts reuses its prompt
     cache (only the response tokens are run); otherwise that side runs packed sequences."""
     h_s = reference_hidden(student, refs, device, ref_ids, decoder=student_decoder)
     h_t = reference_hidden(teacher, refs, device, ref_ids, decoder=teacher_decoder)
-    return kl_from_hidden(h_s, output_head(student), h_t, head_of(teacher))
-
-
-def head_of(model_or_source):
-    """The output head of a model, or of a teacher source (its ``head``)."""
-    return output_head(model_or_source) if isinstance(model_or_source, torch.nn.Module) else model_or_source.head
+    return kl_from_hidden(h_s, student, h_t, teacher)
 
 
 @torch.no_grad()
@@ -219,8 +135,10 @@ def reference_hidden(model_or_source, refs: Sequence[Encoded], device: torch.dev
 @torch.no_grad()
 def kl_from_hidden(h_s: torch.Tensor, head_s, h_t: torch.Tensor, head_t) -> tuple[float, float]:
     """Mean token-level KL(teacher‖student) and KL(student‖teacher) over the rows of ``h_s`` /
-    ``h_t`` (``[n, d]`` each, row-aligned), logits made through the heads in float32 per chunk."""
-    ws, wt = head_s.weight.float(), head_t.weight.float()
+    ``h_t`` (``[n, d]`` each, row-aligned), logits made through the heads' weights in float32 per
+    chunk (a head bias is not added). ``head_s`` / ``head_t``: a model, a teacher source or a
+    head (:func:`kdbench.modeling.head_params`)."""
+    ws, wt = head_params(head_s)[0].float(), head_params(head_t)[0].float()
     fkl = rkl = 0.0
     for a in range(0, h_s.shape[0], HEAD_CHUNK):
         ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), ws).log_softmax(-1)
@@ -246,7 +164,7 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
     ``teacher`` scores the samples (the prompts' cache shared with the decode when the model is
     the teacher); ``teacher_refs``, a teacher source serving the test references (the suite's
     cached teacher), replaces a teacher forward in the reference KL; ``teacher_prompts``, a
-    :class:`kdbench.engine.prompt_cache.PromptCache`, serves the teacher's prompt cache from
+    :class:`kdbench.evaluation.prompt_cache.PromptCache`, serves the teacher's prompt cache from
     disk instead of a prefill (the same tensors). The headline decode is
     the greedy one when ``task.greedy`` (samples with seed NULL), else the sampled one; metrics
     of the sampled decode that the greedy decode also reports get the suffix ``_sampled``, and
@@ -304,7 +222,7 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
         teacher_side = teacher_refs or teacher
         h_teacher = reference_hidden(teacher_side, inputs.references, device, [e.id for e in examples],
                                      decoder=scorer)
-        fkl, rkl = kl_from_hidden(h_model, output_head(model), h_teacher, head_of(teacher_side))
+        fkl, rkl = kl_from_hidden(h_model, model, h_teacher, teacher_side)
     result.metrics += [(task.name, "fkl_tok", fkl, None), (task.name, "rkl_tok", rkl, None)]
     # Undefined values (Self-BLEU of a single response, ...) are left out rather than stored as NaN.
     result.metrics = [m for m in result.metrics if not math.isnan(m[2])]

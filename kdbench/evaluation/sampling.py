@@ -9,7 +9,7 @@ score what was sampled. Three things keep that cheap:
   batch and from the cache (``Cache.batch_select_indices``), so the work follows the tokens
   actually generated — ``model.generate`` computes every row until the longest ends;
 * logits come from the final hidden states through the head in float32, the same map the
-  training path uses (kdbench/engine/forward.py).
+  training path uses (kdbench/modeling.py).
 
 Decoding follows the paper's protocol knobs with transformers' semantics: temperature, then
 top-k (0: off), then top-p (1.0: off), then a draw with the global torch generator (seeded by
@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from kdbench.engine.forward import output_head
+from kdbench.modeling import head_params
 
 HEAD_CHUNK = 256  # positions per float32 head chunk when scoring (256 × 49,152 logits: 50 MB)
 
@@ -60,13 +60,6 @@ def cache_copy(cache, rows: torch.Tensor | None = None):
     if rows is not None:
         out.batch_select_indices(rows)
     return out
-
-
-def head_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output head in float32 (made once per call site, not once per token)."""
-    head = output_head(model)
-    bias = getattr(head, "bias", None)
-    return head.weight.float(), None if bias is None else bias.float()
 
 
 @torch.no_grad()
@@ -104,7 +97,7 @@ def decode_from(model, prefix: Prefix, *, max_new_tokens: int, eos_id: int, gree
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
     """One response per prompt of ``prefix`` (consumed: pass ``prefix.copy()`` to reuse it),
     token ids cut after the first ``eos_id`` (kept)."""
-    w, b = head_weights(model)
+    w, b = head_params(model, torch.float32)  # made once per call, not once per token
     cache, hidden, mask, next_pos = prefix.cache, prefix.last_hidden, prefix.mask, prefix.next_pos
     n = hidden.shape[0]
     alive = torch.arange(n, device=hidden.device)
@@ -192,7 +185,7 @@ def continuation_hidden(model, prefix: Prefix, continuations: Sequence[list[int]
 def continuation_logprobs(model, prefix: Prefix, continuations: Sequence[list[int]], *, pad_id: int) -> list[float]:
     """Mean per-token log-likelihood of each continuation given its prompt (the ``prefix``,
     not consumed), from :func:`continuation_hidden` through the head in float32."""
-    w, b = head_weights(model)
+    w, b = head_params(model, torch.float32)  # made once per call, not once per token
     hidden = continuation_hidden(model, prefix, continuations, pad_id=pad_id)
     hs = torch.cat(hidden)
     targets = torch.cat([torch.tensor(c, dtype=torch.long) for c in continuations]).to(hs.device)

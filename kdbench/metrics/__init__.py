@@ -20,9 +20,9 @@ from kdbench.metrics.answers import exact_match_number, extract_final_number
 from kdbench.metrics.fidelity import mean_logprob, token_kl
 from kdbench.metrics.stats import bootstrap_ci, mean_std, t_interval
 from kdbench.metrics.text import (
-    DEGENERATE_MIN_TOKENS,
-    DEGENERATE_N,
-    DEGENERATE_THRESHOLD,
+    DEGENERATE_MIN_TOKENS as DEGENERATE_MIN_TOKENS,  # re-exported: the degeneration rule's constants
+    DEGENERATE_N as DEGENERATE_N,  # re-exported: the degeneration rule's constants
+    DEGENERATE_THRESHOLD as DEGENERATE_THRESHOLD,  # re-exported: the degeneration rule's constants
     SELF_BLEU_CONFIG,
     corpus_rouge_l,
     degenerate_fraction,

@@ -127,10 +127,12 @@ def csd(s, t, *, w1, w2, tau, alpha):
     L = ½ Σ_y Σ_x w1(y)·w2(x)·(d[x] − d[y])²
       = ½ [ Var_w1(d) + Var_w2(d) + (E_w1[d] − E_w2[d])² ]      (w1 = w2 = w: L = Var_w(d))
     ∂L/∂s[k] = w2(k)·(d[k] − E_w1[d]) + w1(k)·(d[k] − E_w2[d])
-    The value is the closed form itself (never a surrogate). Identity: for (S,S) the gradient is
-    2τ² × the gradient of KL(softmax(s/τ) ‖ softmax(t/τ)) (tempered reverse KL), so CSD(S,S)
-    and RKL differ in scale, not direction. Variants: csd_ss (S,S) mode-seeking, csd_us (U,S)
-    balanced, csd_ts (T,S) mode-covering. terms: var_w1, var_w2, mean_gap_sq.
+    The value is the closed form itself (never a surrogate); the official CSD code's surrogate
+    has half this gradient, for every weighting. Identity: for (S,S) the gradient is
+    2τ² × the gradient of KL(softmax(s/τ) ‖ softmax(t/τ)) (tempered reverse KL; the official
+    surrogate's is τ² ×, RKL's own at τ = 1), so CSD(S,S) and RKL differ in scale, not direction.
+    Variants: csd_ss (S,S) mode-seeking, csd_us (U,S) balanced, csd_ts (T,S) mode-covering.
+    terms: var_w1, var_w2, mean_gap_sq.
     """
     d = s - t
     d = d - d.mean(-1, keepdim=True)

@@ -39,7 +39,9 @@ def dld(s, t, *, weight, norm):
     ŝ, t̂: none = the logits; mean = minus their row mean; std = z-scored per row
     (population std, ε = 1e-6 inside the square root). Only norm = mean/std is shift
     invariant. With w = U and norm = mean, DLD = ½·CSD(U,U); in general DLD_w after removing
-    the best per-row constant equals ½·CSD(w,w).
+    the best per-row constant equals ½·CSD(w,w). The ½ is REFERENCE's (Ba & Caruana's squared
+    error); at the official CSD surrogate's scale the same identity gives ¼ Σ w·r², whose
+    gradient is half of this one.
     """
     r = _normalise(s, norm) - _normalise(t, norm)
     sq = r * r

@@ -15,8 +15,9 @@ up front, so a read-then-write never fails half-way; plain reads stay deferred),
 concurrent writers wait, and a busy/locked error that still escapes is retried with
 exponential backoff and jitter (:func:`in_transaction`).
 
-Layout: ``models`` (tables, constants) ← ``transactions`` ← ``schema`` (detection, migrations)
-← ``engines`` (locations, :func:`open_engine`) ← ``writer`` (:class:`RunWriter`); the readers are here.
+Layout: ``models`` (tables, constants) ← ``location`` (where a store is) ← ``transactions`` ←
+``schema`` (detection, migrations) ← ``engines`` (:func:`open_engine`) ← ``writer``
+(:class:`RunWriter`); the readers are here.
 """
 
 from __future__ import annotations
@@ -26,13 +27,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from kdbench.secrets import redact_url
-from kdbench.store.engines import (  # noqa: F401  (the store's public names, re-exported)
-    Location,
-    check_sqlite_file,
-    locate,
-    open_engine,
-    resolve_url,
-)
+from kdbench.store.engines import check_sqlite_file, open_engine  # noqa: F401  (the store's public names, re-exported)
+from kdbench.store.location import Location, locate, resolve_url  # noqa: F401  (the store's public names, re-exported)
 from kdbench.store.models import (  # noqa: F401  (the store's public names, re-exported)
     BUSY_TIMEOUT_MS,
     DB_ENV_VAR,

@@ -1,6 +1,6 @@
-"""Where the store is and how it is opened: URLs and paths, the SQLite file checks, engines
-(read-only for every URL), and :func:`open_engine`, which checks the schema before anything
-is written."""
+"""How the store is opened: the SQLite file checks, engines (read-only for every URL), and
+:func:`open_engine`, which checks the schema before anything is written. Where it is (URLs and
+paths): kdbench/store/location.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import re
 import sqlite3
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,74 +16,10 @@ from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from kdbench.secrets import parse_url, redact_url, redact_word
-from kdbench.store.models import (
-    BUSY_TIMEOUT_MS,
-    DB_ENV_VAR,
-    DEFAULT_DB,
-    IMMEDIATE_OPTION,
-    SCHEMA_VERSION,
-    StoreError,
-)
+from kdbench.store.location import Location, first_line, locate
+from kdbench.store.models import BUSY_TIMEOUT_MS, IMMEDIATE_OPTION, SCHEMA_VERSION, StoreError
 from kdbench.store.schema import damaged_store, prepare_schema, read_schema_state
 from kdbench.store.transactions import retry_busy
-
-
-def resolve_url(db: str | None) -> str:
-    """A path, a SQLAlchemy URL, or None (``$KDBENCH_DB``, else ``runs.db`` in the cwd)."""
-    db = db or os.environ.get(DB_ENV_VAR) or DEFAULT_DB
-    if "://" in db:
-        return db
-    return f"sqlite:///{Path(db).expanduser().resolve()}"
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a store lives: ``url`` (parsed), ``path`` for a SQLite file (None: in memory or
-    another database), ``display`` for messages (SQLite: the path; else the URL, no password)."""
-
-    url: Any
-    path: Path | None
-    memory: bool
-    display: str
-
-    @property
-    def sqlite(self) -> bool:
-        return self.url.get_backend_name() == "sqlite"
-
-
-def locate(db: str | None) -> Location:
-    """Parse any spelling of a store location (``sqlite:///``, ``sqlite+pysqlite:///``, with or
-    without a query string, ``file:`` URIs with ``uri=true``, other SQLAlchemy URLs)."""
-    raw = resolve_url(db)
-    try:
-        url = parse_url(raw)
-    except Exception as exc:  # ArgumentError and friends: not a URL at all
-        raise StoreError(f"cannot open run store {redact_url(raw)!r}: not a path or a SQLAlchemy URL "
-                         f"({_first_line(exc)})") from None
-    if url.get_backend_name() != "sqlite":
-        return Location(url, None, False, redact_url(url))
-    database = url.database or ""
-    query = {k: (v if isinstance(v, str) else v[-1]) for k, v in url.query.items()}
-    if query.get("uri", "").lower() in ("true", "1"):
-        rest = database[len("file:"):] if database.startswith("file:") else database
-        rest, _, uri_query = rest.partition("?")
-        if not rest or rest == ":memory:" or "mode=memory" in uri_query or query.get("mode") == "memory":
-            return Location(url, None, True, redact_url(raw))
-        path = Path(urllib.parse.unquote(rest)).expanduser().resolve()
-    elif not database or database == ":memory:":
-        return Location(url, None, True, redact_url(raw))
-    else:
-        path = Path(database).expanduser().resolve()
-        url = url.set(database=str(path))
-    return Location(url, path, False, str(path))
-
-
-def _first_line(exc: BaseException) -> str:
-    """An error's first line, with any URL in it redacted (drivers may quote the URL they were given)."""
-    text_ = str(getattr(exc, "orig", None) or exc).strip()
-    return " ".join(redact_word(w) for w in (text_.splitlines() or [type(exc).__name__])[0].split(" "))
-
 
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -232,7 +167,7 @@ def _make_other_engine(loc: Location, *, readonly: bool) -> Engine:
     try:
         engine = create_engine(loc.url, connect_args=connect_args)
     except Exception as exc:  # bad URL, unknown dialect, missing driver
-        raise StoreError(f"cannot open run store {loc.display!r}: {_first_line(exc)}") from None
+        raise StoreError(f"cannot open run store {loc.display!r}: {first_line(exc)}") from None
     if readonly:
         engine = _readonly_other(engine)
     return engine
@@ -303,7 +238,7 @@ def open_engine(db: str | None = None, *, readonly: bool = False, allow_memory: 
             hint = (f" (folder {loc.path.parent} is not writable and the store has a pending write-ahead log, which "
                     f"SQLite must write beside it to read: copy {loc.path.name} and its -wal file to a writable "
                     f"folder and read the copy)")
-        raise StoreError(f"cannot {verb} run store {loc.display}: {_first_line(exc)}{hint}") from None
+        raise StoreError(f"cannot {verb} run store {loc.display}: {first_line(exc)}{hint}") from None
     return engine
 
 
@@ -317,6 +252,6 @@ def _probe(loc: Location) -> None:
         if state.version == SCHEMA_VERSION and state.missing:
             raise damaged_store(loc.display, state.missing)
     except sa_exc.SQLAlchemyError as exc:
-        raise StoreError(f"cannot read run store {loc.display}: {_first_line(exc)}") from None
+        raise StoreError(f"cannot read run store {loc.display}: {first_line(exc)}") from None
     finally:
         probe.dispose()

@@ -10,17 +10,15 @@ import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from sqlalchemy import event, inspect, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from kdbench.store.location import Location
 from kdbench.store.models import BUSY_TIMEOUT_MS, SCHEMA_VERSION, Base, Meta, StoreError
 from kdbench.store.transactions import retry_busy, writing
-
-if TYPE_CHECKING:  # only an annotation: engines.py imports this module
-    from kdbench.store.engines import Location
 
 
 @dataclass

@@ -15,6 +15,7 @@ never beside standard results.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 # Headline metric per task kind: what the leaderboard ranks by and what checkpoint selection
@@ -41,6 +42,12 @@ class TrainSpec:
     valid_every_epochs: float | None = None  # with `epochs`: validate every N epochs (sets
     #                                  EvalSpec.valid_every in steps once the data is known)
 
+    def steps_for(self, n_train: int) -> int:
+        """The budget in steps (``epochs`` converted with the training-set size)."""
+        if self.epochs:
+            return max(1, math.ceil(self.epochs * n_train / self.batch_size))
+        return self.steps
+
 
 @dataclass(frozen=True)
 class EvalSpec:
@@ -60,7 +67,7 @@ class TaskSpec:
     """One evaluation task: where its test set comes from and how it is scored.
 
     kind "open": ROUGE-L headline (+ diversity, fidelity); "exact": accuracy headline, the
-    answer compared through the extraction function named by ``answer`` (kdbench/scoring.py);
+    answer compared through the extraction function named by ``answer`` (kdbench/evaluation/scoring.py);
     "translation": corpus BLEU headline and chrF (sacrebleu) + ROUGE-L.
     Decoding: ``sample`` = the EvalSpec protocol over its seeds (metrics per seed); ``greedy``
     = one deterministic decode (metrics with seed NULL; the headline of an exact task when
