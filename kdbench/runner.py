@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from kdbench import provenance
-from kdbench.config import RunConfig, open_store, resolve, resolve_suite, run_key, stored_request
+from kdbench.config import RunConfig, open_store, resolve, run_key, stored_request
 from kdbench.device import default_threads, inference_dtype, peak_memory_mb, release_memory  # noqa: F401
 from kdbench.diskcache import cache_dir
 from kdbench.engine import state as train_state
@@ -40,9 +40,6 @@ from kdbench.prepare import Prepared, prepare, reference_fingerprint
 from kdbench.references import ensure_reference_rows, evaluate_all
 from kdbench.store import ROLE_DISTILLED, OwnershipLost, RunWriter, utcnow
 from kdbench.suites import SuiteSpec
-
-# The landed name of resolve_suite (kept for callers and tests).
-effective_suite = resolve_suite
 
 #: Save the train state after this many seconds of training (and at its end, and on SIGTERM);
 #: ``$KDBENCH_CHECKPOINT_EVERY_S`` overrides it (0: after every step).
@@ -329,11 +326,6 @@ def fault_point(name: str, step: int | None = None) -> None:
         deadline = time.monotonic() + 3600
         while not GRACEFUL.requested and time.monotonic() < deadline:  # SIGKILL, or SIGTERM ends the wait
             time.sleep(0.05)
-
-
-def test_examples(prep: Prepared, task: str | None = None) -> list:
-    """The evaluated test examples of a task (default: the first)."""
-    return prep.tests[task or prep.suite.tasks[0].name]
 
 
 def save_student(student, tokenizer, db_url, run_id: int) -> str:

@@ -9,8 +9,7 @@ from kdbench.cli import main
 from kdbench.data import sources
 from kdbench.data.loaders import shared_data_dir
 from kdbench.errors import UserError
-from kdbench.config import RunConfig
-from kdbench.runner import effective_suite
+from kdbench.config import RunConfig, resolve_suite
 from kdbench.evaluation.scoring import ANSWERS
 from kdbench.suites.embedded import STUDENT_BLOCKS
 from kdbench.suites import (FAMILIES, MICRO, MICRO_TASK, PAPER_INSTRUCT, PAPER_TASK_GSM8K, SUITES, EvalSpec, SuiteSpec,
@@ -21,7 +20,7 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not foun
 
 
 def label(**kw) -> str:
-    return effective_suite(RunConfig(objective="kl", **kw))[1]
+    return resolve_suite(RunConfig(objective="kl", **kw))[1]
 
 
 def test_spine_imports_and_micro_shape_are_kept():
@@ -94,7 +93,7 @@ def test_version_labels():
     assert label(suite="paper-task-gsm8k", data_dir=str(DATA)) == "1"  # the real GSM8K files: comparable
     assert label(suite="paper-task-gsm8k") == "1"  # the hub
     assert label(suite="paper-task-gsm8k", student="google/gemma-2b", data_dir=str(DATA)) == "1+student=gemma-2b"
-    suite, _ = effective_suite(RunConfig(objective="kl", suite="paper-instruct", steps=7))
+    suite, _ = resolve_suite(RunConfig(objective="kl", suite="paper-instruct", steps=7))
     assert suite.train.steps == 7 and suite.train.epochs is None
 
 
