@@ -83,18 +83,13 @@ def test_dry_run_never_prints_a_password_and_says_where_it_goes(capsys):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     try:
-        from tests.tiny_models import make_tiny_pair
+        from tests.tiny_models import make_tiny_gsm8k
     except ImportError:
-        from tiny_models import make_tiny_pair
+        from tiny_models import make_tiny_gsm8k
     tmp = tmp_path_factory.mktemp("secrets")
-    teacher, student = make_tiny_pair(tmp / "models")
-    data = tmp / "data" / "gsm8k"
-    data.mkdir(parents=True)
-    for name, n in (("train", 24), ("test", 2)):
-        (data / f"{name}.jsonl").write_text("".join(
-            json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(n)))
+    teacher, student, data_root = make_tiny_gsm8k(tmp)
     common = ["--suite", "paper-task-gsm8k", "--teacher", str(teacher), "--teacher-finetuned", "--student",
-              str(student), "--data-dir", str(tmp / "data"), "--steps", "1", "--eval-limit", "1", "--no-save"]
+              str(student), "--data-dir", str(data_root), "--steps", "1", "--eval-limit", "1", "--no-save"]
     return {"tmp": tmp, "common": common}
 
 

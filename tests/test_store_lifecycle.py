@@ -192,30 +192,16 @@ def test_gc_on_missing_or_empty_stores(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_gsm8k(tmp_path_factory):
-    """A tiny real run setup: random 2-layer teacher / 1-layer student, 8 GSM8K-style problems."""
-    import dataclasses
-    import json
-
-    from kdbench import suites
-
+    """A tiny real run setup: random 2-layer teacher / 1-layer student, GSM8K-style problems."""
     try:
-        from tests.tiny_models import make_tiny_pair
+        from tests.tiny_models import make_tiny_gsm8k, tiny_gsm8k_suite
     except ImportError:
-        from tiny_models import make_tiny_pair
+        from tiny_models import make_tiny_gsm8k, tiny_gsm8k_suite
     tmp = tmp_path_factory.mktemp("tinyrun")
-    teacher, student = make_tiny_pair(tmp / "models")
-    data = tmp / "data" / "gsm8k"
-    data.mkdir(parents=True)
-    for name, n in (("train", 24), ("test", 2)):  # 24: more than a batch of 8 after validation is split off
-        (data / f"{name}.jsonl").write_text("".join(
-            json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(n)))
-    spec = suites.PAPER_TASK_GSM8K
-    cut = dict(max_prompt_tokens=32, max_tokens=40)
-    small = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **cut),
-                                eval=dataclasses.replace(spec.eval, seeds=(10,), max_new_tokens=4, n_valid=1),
-                                tasks=tuple(dataclasses.replace(t, max_new_tokens=4) for t in spec.tasks))
-    args = ["run", "--objective", "kl", "--suite", spec.name, "--teacher", str(teacher), "--teacher-finetuned",
-            "--student", str(student), "--data-dir", str(tmp / "data"), "--steps", "1", "--eval-limit", "1",
+    teacher, student, data_root = make_tiny_gsm8k(tmp)
+    small = tiny_gsm8k_suite()
+    args = ["run", "--objective", "kl", "--suite", small.name, "--teacher", str(teacher), "--teacher-finetuned",
+            "--student", str(student), "--data-dir", str(data_root), "--steps", "1", "--eval-limit", "1",
             "--no-save", "--no-progress", "--db", str(tmp / "runs.db")]
     return {"spec": small, "args": args, "db": tmp / "runs.db"}
 

@@ -48,3 +48,29 @@ def tiny_eval_setup(root: Path):
     examples = [Example(id=f"t:{i}", prompt=p, references=r, task="t")
                 for i, (p, r) in enumerate(zip(EVAL_PROMPTS, EVAL_REFERENCES))]
     return teacher, student, tok, TaskInputs.build(tok, examples, max_prompt_tokens=64, max_tokens=96)
+
+
+def make_tiny_gsm8k(root: Path) -> tuple[Path, Path, Path]:
+    """(teacher, student, data root): the tiny pair and 24 training / 2 test GSM8K-style problems in
+    the layout of ../shared/data (24: more than a batch of 8 after validation is split off)."""
+    import json
+
+    teacher, student = make_tiny_pair(root / "models")
+    data = root / "data" / "gsm8k"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", 24), ("test", 2)):
+        (data / f"{name}.jsonl").write_text("".join(
+            json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(n)))
+    return teacher, student, root / "data"
+
+
+def tiny_gsm8k_suite():
+    """paper-task-gsm8k cut to the tiny world: short sequences, one sampling seed, 4 new tokens."""
+    import dataclasses
+
+    from kdbench import suites
+
+    spec = suites.PAPER_TASK_GSM8K
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_prompt_tokens=32, max_tokens=40),
+                               eval=dataclasses.replace(spec.eval, seeds=(10,), max_new_tokens=4, n_valid=1),
+                               tasks=tuple(dataclasses.replace(t, max_new_tokens=4) for t in spec.tasks))
