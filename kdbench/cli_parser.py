@@ -32,6 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _seconds(text: str) -> float:
     try:
+        if "_" in text:  # float() reads Python's digit separators ("1_0" is 10): numbers are read strictly
+            raise ValueError(text)
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--stale-after must be a number of seconds, got {text!r}") from None

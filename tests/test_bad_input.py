@@ -113,6 +113,7 @@ CASES = [
     Case("analyze-finetune-zero", ["analyze", "--finetune-steps", "0", *G], "--finetune-steps must be at least 1"),
     Case("leaderboard-port-zero", ["leaderboard", "--port", "0", *G], "--port must be in [1, 65535]"),
     Case("leaderboard-port-huge", ["leaderboard", "--port", "70000", *G], "--port must be at most 65535"),
+    Case("gc-stale-digit-separator", ["gc", "--stale-after", "1_0", *G], "--stale-after must be a number of seconds"),
     Case("gc-stale-negative", ["gc", "--stale-after", "-5", *G], "--stale-after must be a positive"),
     Case("gc-mark-and-delete", ["gc", "--mark", "--delete", *G], "not allowed with"),
     # ---- suites, pairs, devices, models
