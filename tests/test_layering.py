@@ -1,9 +1,10 @@
 """The import graph of kdbench keeps its layers: no import cycle, no upward import, and
 evaluation (``kdbench/evaluation/``) imports nothing from the training engine (``kdbench/engine/``).
 
-The graph is read with ``ast`` from every ``kdbench/**/*.py``: module-level imports, imports
-inside functions (a lazy import that hides a cycle is still a cycle) and ``TYPE_CHECKING``
-imports alike. ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else
+The graph is read with ``ast`` from every ``kdbench/**/*.py`` and ``objectives/*.py`` (the
+package ``kdbench.objectives``, see :data:`SOURCES`): module-level imports, imports inside
+functions (a lazy import that hides a cycle is still a cycle) and ``TYPE_CHECKING`` imports
+alike. ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else
 to ``pkg``. Dynamic imports (``importlib.import_module``: the registry's discovery of
 ``objectives/``, plug-ins) are not read.
 
@@ -25,6 +26,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kdbench"
+#: Source folder of each installed package, as pyproject.toml's package-dir maps them: the
+#: built-in objectives sit beside kdbench/ and are imported only as ``kdbench.objectives``.
+SOURCES: dict[str, Path] = {"kdbench": PACKAGE, "kdbench.objectives": ROOT / "objectives"}
 
 #: (layer, module prefixes), lowest first. A prefix names a module or a whole package
 #: (``kdbench.store`` is ``store/`` and everything in it); ``kdbench`` alone is the package's
@@ -53,8 +57,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # What a suite's runs share: prepared assets, the fine-tuned teacher, the reference rows.
     ("pipeline", ("kdbench.prepare", "kdbench.finetune", "kdbench.references")),
     # One request end to end, and the commands' machinery.
-    ("spine", ("kdbench.config", "kdbench.cli_parser", "kdbench.runner", "kdbench.sweep", "kdbench.resumption",
-               "kdbench.analyze", "kdbench.lmeval")),
+    ("spine", ("kdbench.run_option", "kdbench.config", "kdbench.cli_parser", "kdbench.recipe", "kdbench.sweep_spec",
+               "kdbench.sweep", "kdbench.resumption", "kdbench.analyze", "kdbench.lmeval")),
     ("commands", ("kdbench.cli", "kdbench.__main__")),
 ]
 
@@ -63,14 +67,20 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 WALLS = [("kdbench.evaluation", "kdbench.engine")]
 
 
-def module_files(package: Path = PACKAGE) -> dict[str, Path]:
-    """Dotted module name -> file, for every ``.py`` under ``package``."""
-    out = {}
-    for path in sorted(package.rglob("*.py")):
-        parts = list(path.relative_to(package.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        out[".".join(parts)] = path
+def module_files(sources: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` under each folder of ``sources`` (package
+    name -> folder; :data:`SOURCES` by default). A name found in two folders is an error: a
+    stale ``kdbench/objectives/`` would shadow the real one at import time."""
+    out: dict[str, Path] = {}
+    for name, folder in (SOURCES if sources is None else sources).items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            module = ".".join([name, *parts])
+            if module in out:
+                raise AssertionError(f"{module} is both {out[module].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+            out[module] = path
     return out
 
 
@@ -118,8 +128,8 @@ def imports_of(module: str, source: str, modules, is_package: bool) -> list[tupl
     return out
 
 
-def import_graph(package: Path = PACKAGE) -> dict[str, list[tuple[str, int, bool]]]:
-    files = module_files(package)
+def import_graph(sources: dict[str, Path] | None = None) -> dict[str, list[tuple[str, int, bool]]]:
+    files = module_files(sources)
     return {m: imports_of(m, p.read_text(encoding="utf-8"), files, p.name == "__init__.py") for m, p in files.items()}
 
 
@@ -262,3 +272,17 @@ def test_importing_evaluation_loads_no_engine_module():
             "print(sorted(m for m in sys.modules if m.startswith('kdbench.engine')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_pyproject_installs_every_package_from_its_folder():
+    """pyproject.toml lists packages by hand (a folder mapped by package-dir is out of
+    packages.find's sight): the list must be exactly the package folders, so a new one is not
+    left out of the wheel, and package-dir must map each folder of :data:`SOURCES` as read here."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    folders = {**SOURCES, "leaderboard_app": ROOT / "leaderboard_app"}
+    packages = {m for m, p in module_files(folders).items() if p.name == "__init__.py"}
+    assert sorted(conf["packages"]) == sorted(packages)
+    assert conf["package-dir"] == {name: folder.relative_to(ROOT).as_posix()
+                                   for name, folder in SOURCES.items() if name != "kdbench"}
+    assert not (PACKAGE / "objectives").exists(), "kdbench/objectives/ would shadow objectives/ at import time"
