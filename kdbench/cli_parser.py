@@ -3,8 +3,9 @@
 Commands (what each subcommand does) are in kdbench/cli.py; this module only parses. The
 options of ``kdbench run`` and ``kdbench prepare``, and the sweep's "passed to every run"
 flags, are made from the fields of ``kdbench.config.RunConfig`` (with their argument types,
-which live there); the rest are written here. Argument types check their values before
-anything is opened, and argparse's own mistakes become one line (UserError, exit 2).
+which live in kdbench/run_option.py, as do the ones the other flags here share); the rest are
+written here. Argument types check their values before anything is opened, and argparse's own
+mistakes become one line (UserError, exit 2).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import ipaddress
 import re
 import sys
 
-from kdbench.config import (COUNT_MAX, SEED_MAX, Option, _device, _int_in, _nonempty,  # noqa: F401  (re-exported)
-                            _positive_float, option_named, options, parse_params)
+from kdbench.config import option_named, options
 from kdbench.errors import UserError
+from kdbench.run_option import COUNT_MAX, SEED_MAX, Option, _int_in, _nonempty
 
 RUN_ID_MAX = 2**63 - 1      # SQLite INTEGER
 

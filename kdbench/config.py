@@ -1,23 +1,25 @@
-"""A run's configuration and its resolution.
+"""A run's configuration and its resolution: which options a run has, and what is made of
+them together (one option's declaration and the checked reading of its values are
+kdbench/run_option.py's).
 
 :class:`RunConfig` is the one place a run option is spelled. Each field carries an
-:class:`Option` (its metadata): the flag with its argument type, metavar or choices, the help
-text (which states the default written beside it), the commands that take it, what a sweep does
-with it, whether it enters the run's identity and whether ``--resume`` takes it. Derived from
-those, never written by hand: the options of ``kdbench run`` / ``prepare`` and the sweep's
-"passed to every run" flags (kdbench/cli_parser.py), the ``--resume`` check (kdbench/cli.py),
-the keys of a sweep file's ``run:`` mapping, the configuration a sweep hands each job (JSON,
-:func:`to_json` / :func:`from_dict`) and the command line ``kdbench sweep --dry-run`` prints for
-it (:func:`command_line`), the run's stored ``request`` (:func:`stored_request`) and the
-RunConfig a resumed run rebuilds from it, and :func:`run_key`. Adding a run option is adding a
-field (docs/engine.md "Adding a run option").
+:class:`~kdbench.run_option.Option` (its metadata): the flag with its argument type, metavar or
+choices, the help text (which states the default written beside it), the commands that take it,
+what a sweep does with it, whether it enters the run's identity and whether ``--resume`` takes
+it. Derived from those, never written by hand: the options of ``kdbench run`` / ``prepare`` and
+the sweep's "passed to every run" flags (kdbench/cli_parser.py), the ``--resume`` check
+(kdbench/cli.py), the keys of a sweep file's ``run:`` mapping, the configuration a sweep hands
+each job (JSON, :func:`to_json` / :func:`from_dict`) and the command line ``kdbench sweep
+--dry-run`` prints for it (:func:`command_line`), the run's stored ``request``
+(:func:`stored_request`) and the RunConfig a resumed run rebuilds from it, and :func:`run_key`.
+Adding a run option is adding a field (docs/engine.md "Adding a run option").
 
 ``resolve(config)`` checks everything a user can get wrong, before any model is loaded or
 anything is opened, and returns the objective, the suite with the config's overrides and the
 version label its results are filed under (``2+steps=3,eval_limit=3`` for a quick run: never
 ranked beside standard ones). It only reads. Opening (creating, migrating) the store is its own
-step, :func:`open_store`, which the runner takes right after resolving. The resolved
-configuration of a run (``runner.run``) is built from these once, printed once and stored once;
+step, :func:`open_store`, which a run takes right after resolving. The resolved
+configuration of a run (``recipe.DistillRun.setup``) is built from these once, printed once and stored once;
 :func:`run_key` hashes its identity, so two runs with one key are repeats of one experiment
 (``runs.config_hash``; a sweep skips keys that already finished).
 """
@@ -26,177 +28,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
-import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from kdbench.data import sources
 from kdbench.errors import UserError, did_you_mean
+from kdbench.run_option import (COMMANDS, IDENTITY_ROLES, SEED_MAX, SWEEP_ROLES, Option, _count, _device_type,
+                                _nonempty, _positive_float, _seed, json_value, option)
 from kdbench.suites import PairSpec, SuiteSpec, get_suite
-
-SEED_MAX = 2**32 - 1        # numpy / torch generators take 32-bit seeds
-COUNT_MAX = 10**9           # steps, prompts, documents, batches: anything larger is a typo
-MAX_SEED = SEED_MAX
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument types: each checks a value before anything is opened (argparse types of the flags,
-# and the same checks for values read from a sweep file or a job's configuration)
-# ---------------------------------------------------------------------------------------------
-
-
-def _int_in(flag: str, lo: int, hi: int):
-    """An argparse type: an integer in [lo, hi], checked before anything is opened."""
-    def parse(text: str) -> int:
-        t = text.strip()
-        if "_" in t:  # int("1_0") is 10: a digit separator is a typo more often than a number
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r} ('_' digit separators are "
-                                             f"not accepted)")
-        if not re.fullmatch(r"[+-]?\d+", t):  # \d: any Unicode digits, which int() reads
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}")
-        v = int(t)
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{flag} must be at least {lo}, got {text}" if hi >= COUNT_MAX else
-                                             f"{flag} must be in [{lo}, {hi}], got {text}")
-        if v > hi:
-            raise argparse.ArgumentTypeError(f"{flag} must be at most {hi}, got {text}" if lo > 0 else
-                                             f"{flag} must be in [{lo}, {hi}], got {text}")
-        return v
-    parse.__name__ = flag
-    parse.bounds = (lo, hi)  # for the message on a value of the wrong kind (1.5 read from a file)
-    return parse
-
-
-def _nonempty(flag: str):
-    def parse(text: str) -> str:
-        if not text.strip():
-            raise argparse.ArgumentTypeError(f"{flag} must not be empty")
-        return text
-    return parse
-
-
-def _positive_float(flag: str):
-    def parse(text: str) -> float:
-        if "_" in text:  # float("1_0") is 10.0
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r} ('_' digit separators are not "
-                                             f"accepted)")
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
-        if not (v > 0 and v < 1e6):
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
-        return v
-    return parse
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid choices: cpu, cuda, cuda:N")
-    return text.strip()
-
-
-def parse_params(pairs: list[str] | None) -> dict[str, str]:
-    """``--param key=value`` (repeatable) → {key: "value"}; the registry coerces the types."""
-    params: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UserError(f"malformed --param {pair!r}; expected key=value, e.g. --param tau=1.5")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
-            raise UserError(f"malformed --param {pair!r}: {key.strip()!r} is not a parameter name")
-        if key.strip() in params:
-            raise UserError(f"--param {key.strip()!r} given twice")
-        params[key.strip()] = value.strip()
-    return params
-
-
-# Option.type takes the name a message should give the value (the flag, or "sweep file s.yaml:
-# run.steps") and returns the parser; these are the run options' types.
-_seed = functools.partial(_int_in, lo=0, hi=SEED_MAX)
-_count = functools.partial(_int_in, lo=1, hi=COUNT_MAX)
-
-
-def _device_type(_name: str):
-    return _device
-
-
-# ---------------------------------------------------------------------------------------------
-# The run options
-# ---------------------------------------------------------------------------------------------
-
-COMMANDS = ("run", "prepare", "sweep")
-#: What a sweep does with an option: "vary" -- the sweep's own grid key gives each job its value
-#: (--objectives, --param, --suite, --seeds); "tune" -- a --tune grid, or one value for every job
-#: in the file's run: mapping; "every" -- a flag of `kdbench sweep` (and a key of run:) passed to
-#: every job; None -- not the sweep's to set per job (the store: the sweep's own --db; the
-#: progress bar: jobs never draw one; the sweep id: the sweep's).
-SWEEP_ROLES = ("vary", "tune", "every", None)
-#: How an option enters the run's identity (run_key, runs.config_hash): "objective" -- through
-#: the resolved objective (name, version, every parameter); "label" -- through the version label
-#: resolve_suite makes (2+steps=3); "key" -- its value, under its name (an option added later
-#: only when it differs from its default, so the keys of runs made before it stay what they
-#: were); None -- provenance, not identity (device, teacher source, store, ...).
-IDENTITY_ROLES = ("objective", "label", "key", None)
-
-
-@dataclass(frozen=True)
-class Option:
-    """A RunConfig field's metadata (``field(metadata={"option": Option(...)})``, see :func:`option`)."""
-
-    flag: str                                  # --steps; a bool option's flag turns its default over
-    help: str                                  # --help's text; says the default
-    type: Callable[[str], Callable[[str], Any]] | None = None  # name -> argparse type (checks the value)
-    metavar: str | None = None
-    choices: tuple[str, ...] | None = None
-    commands: tuple[str, ...] = COMMANDS       # the commands that take it
-    sweep: str | None = "every"                # SWEEP_ROLES
-    identity: str | None = None                # IDENTITY_ROLES
-    resume: bool = False                       # `--resume` takes it: it belongs to the command, not the
-    #                                            run (so it is not stored in the run's request either)
-    # Filled in by options() from the field:
-    name: str = ""
-    default: Any = None
-    kind: type = str                           # str, int, float, bool or dict (the field's type, None aside)
-
-    @property
-    def key(self) -> str:
-        """The flag's name as argparse's dest and as a sweep file's ``run:`` key (``no_save``)."""
-        return self.flag.lstrip("-").replace("-", "_")
-
-    @property
-    def negated(self) -> bool:
-        """A flag that turns a True default off (``--no-save``: save_student=False)."""
-        return self.kind is bool and self.default is True
-
-    def field_value(self, flag_value):
-        """The field's value from the flag's (True for a given switch, the list of --param items)."""
-        if self.kind is bool:
-            return not flag_value if self.negated else bool(flag_value)
-        if self.kind is dict:
-            return parse_params(flag_value)
-        return flag_value
-
-    def argv(self, value, *, always: bool = False) -> list[str]:
-        """The flag and value that give the field ``value`` (nothing for the default, unless ``always``)."""
-        if value is None or (value == self.default and not (always and self.kind is not bool)):
-            return []
-        if self.kind is bool:
-            return [self.flag] if value != self.default else []
-        if self.kind is dict:
-            return [w for k, v in value.items() for w in (self.flag, f"{k}={v}")]
-        return [self.flag, str(value)]
-
-
-def option(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, **meta):
-    """A RunConfig field: ``option(default, flag=..., help=..., ...)`` (the rest is :class:`Option`)."""
-    return field(default=default, default_factory=default_factory, metadata={"option": Option(**meta)})
 
 
 @dataclass
@@ -325,48 +169,6 @@ def given_flags(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return {o.key: getattr(args, o.key) for o in options(command) if hasattr(args, o.key)}
 
 
-def _parsed(o: Option, text: str, where: str):
-    try:
-        return o.type(where)(text)
-    except argparse.ArgumentTypeError as exc:
-        msg = str(exc)
-        raise UserError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-
-
-def flag_value(o: Option, value, where: str):
-    """A flag's value read from a file (YAML, JSON), checked as strictly as the flag reads it;
-    ``where`` names it in the one-line refusal (``sweep file s.yaml: run.steps``)."""
-    if o.kind is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{where} is a flag: true or false, got {value!r}")
-        return value
-    if o.kind is dict:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{where} must be a list of key=value strings, got {value!r}")
-        return value
-    if o.kind is int and (isinstance(value, bool) or not isinstance(value, (int, str))):
-        lo, hi = getattr(o.type(where), "bounds", (None, None))
-        rng = f" in [{lo}, {hi}]" if lo is not None else ""
-        raise UserError(f"{where} must be an integer{rng}, got {value!r}")
-    if o.kind is float and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
-        raise UserError(f"{where} must be a positive number, got {value!r}")
-    if o.kind is str and (not isinstance(value, str) or not value.strip()):
-        raise UserError(f"{where} must be a name or a path (a string), got {value!r}")
-    if o.choices is not None and value not in o.choices:
-        raise UserError(f"{where}: unknown value {value!r}; valid choices: {', '.join(o.choices)}")
-    return _parsed(o, str(value), where) if o.type else value
-
-
-def _field_value(o: Option, value, where: str):
-    """A field's value read from JSON (a job's configuration, a stored request), checked."""
-    if value is None and o.default is None:
-        return None
-    if o.kind is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float))
-                                                  and not isinstance(v, bool) for k, v in value.items()):
-            raise UserError(f"{where} must be a mapping of parameter names to values, got {value!r}")
-        return dict(value)
-    return flag_value(o, value, where)
 
 
 def from_dict(values: Mapping[str, Any], where: str, **given) -> RunConfig:
@@ -381,7 +183,7 @@ def from_dict(values: Mapping[str, Any], where: str, **given) -> RunConfig:
     if unknown:
         raise UserError(f"{where} has option(s) this kdbench does not know ({', '.join(map(str, unknown))}): it was "
                         f"written by a newer kdbench; use that one")
-    kw = {k: _field_value(known[k], v, f"{where}: {k}") for k, v in values.items()}
+    kw = {k: json_value(known[k], v, f"{where}: {k}") for k, v in values.items()}
     return RunConfig(**{**kw, **given})
 
 
@@ -496,8 +298,8 @@ def resolve(config: RunConfig):
 
     if config.objective is None:
         raise UserError("the following arguments are required: --objective")
-    if not 0 <= int(config.seed) <= MAX_SEED:
-        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {config.seed}")
+    if not 0 <= int(config.seed) <= SEED_MAX:
+        raise UserError(f"--seed must be in [0, {SEED_MAX}], got {config.seed}")
     try:
         objective = get_objective(config.objective, **config.params)
     except ValueError as exc:
@@ -513,15 +315,15 @@ def resolve(config: RunConfig):
 
 def open_store(config: RunConfig):
     """The run's store (``--db``, else ``$KDBENCH_DB``, else ./runs.db), opened for writing:
-    created or migrated where needed. The runner's step right after :func:`resolve`, before any
+    created or migrated where needed. A run's step right after :func:`resolve`, before any
     model is loaded; a store that cannot be written is refused in one line."""
     from kdbench.store import open_engine
 
     return open_engine(config.db)
 
 
-#: The identity every run key has always held; options with identity "key" beyond these enter
-#: it only where they differ from their default (so the keys of existing runs never change).
+#: The identity every run key holds; options with identity "key" beyond these enter it only
+#: where they differ from their default, so adding an option never changes an existing run's key.
 _BASE_IDENTITY = ("objective", "objective_version", "params", "suite", "suite_version", "seed")
 
 

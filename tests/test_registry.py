@@ -429,7 +429,7 @@ def test_sys_exit_inside_an_objective_fails_the_call_not_the_process(fresh_regis
 
 def test_numbers_are_read_strictly():
     """No '_' digit separators (float('1_5') is 15.0); other Unicode digits read as Python reads them."""
-    from kdbench.cli_parser import _int_in, _positive_float
+    from kdbench.run_option import _int_in, _positive_float
 
     for text in ("1_5", "1_000", " 1_0 "):
         with pytest.raises(ObjectiveError, match="'_' digit separators are not accepted"):

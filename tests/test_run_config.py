@@ -27,7 +27,7 @@ from kdbench.cli_parser import build_parser
 from kdbench.errors import UserError
 from kdbench.registry import get_objective
 from kdbench.store import Run, open_engine
-from kdbench.sweep import SweepSpec, expand
+from kdbench.sweep_spec import SweepSpec, expand
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,7 @@ def test_a_new_option_reaches_a_real_run_its_hash_and_its_resume(extended, tiny_
     carry them."""
     import torch
 
-    from kdbench import runner, suites
+    from kdbench import recipe, suites
     from kdbench.lifecycle import GRACEFUL
 
     base, new = extended
@@ -243,19 +243,22 @@ def test_a_new_option_reaches_a_real_run_its_hash_and_its_resume(extended, tiny_
     monkeypatch.setenv("KDBENCH_CHECKPOINT_EVERY_S", "0")
     torch.set_num_threads(1)
 
-    def stop_after_step_1(name, step=None):  # SIGTERM's path: checkpoint at the end of the step, then stop
-        if name == "training" and step == 1:
+    on_step = recipe.RunHooks.on_step
+
+    def stop_after_step_1(self, state, optimizer):  # SIGTERM's path: checkpoint at the end of the step, then stop
+        if state.step == 1:
             GRACEFUL.requested = True
+        return on_step(self, state, optimizer)
 
-    monkeypatch.setattr(runner, "fault_point", stop_after_step_1)
+    monkeypatch.setattr(recipe.RunHooks, "on_step", stop_after_step_1)
     seen = []  # the RunConfig each run starts from
-    setup = runner._setup
+    setup = recipe.DistillRun.setup
 
-    def spy(run_config, *a, **k):
-        seen.append(run_config)
-        return setup(run_config, *a, **k)
+    def spy(self, *a, **k):
+        seen.append(self.run_config)
+        return setup(self, *a, **k)
 
-    monkeypatch.setattr(runner, "_setup", spy)
+    monkeypatch.setattr(recipe.DistillRun, "setup", spy)
 
     try:
         assert main([*tiny_gsm8k["args"], "--warmup-ratio", "0.5", "--trace"]) == 130
