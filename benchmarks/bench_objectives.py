@@ -3,7 +3,7 @@
 * time of every registered objective through the training path (Objective.from_hidden:
   logits per chunk through the heads, gradients made per chunk) at P positions × V vocabulary,
   relative to ``kl``; objectives with a declared closed-form gradient (CSD) are timed a second
-  time through autograd (``[autograd]``, the path before the closed form), side by side;
+  time through autograd (``[autograd]``, the path of an objective without one), side by side;
 * peak memory of the chunked path against the materialised one (logits [P, V] made whole,
   Objective.compute) at 8,192 positions — each arm in a fresh subprocess, peak resident
   memory above the process's baseline;
@@ -46,7 +46,7 @@ def _inputs(p: int, v: int, seed: int = 0):
 def time_objective(setting: str, p: int, v: int, repeats: int, materialised: bool = False,
                    autograd: bool = False) -> float:
     """Best of ``repeats`` forward + backward. ``autograd``: ignore the objective's declared
-    closed-form gradient (the path every objective took before one was declared)."""
+    closed-form gradient (the path of every objective that declares none)."""
     import dataclasses
 
     from kdbench.objective import Objective

@@ -55,13 +55,14 @@ def machine() -> dict:
     return info
 
 
-V1_KEEP_EVERY = 2  # micro v1's student: blocks 0, 2, ..., 28, 29 of the base teacher
+V1_KEEP_EVERY = 2  # the benchmark student: blocks 0, 2, ..., 28, 29 of the base teacher (micro v1's)
 
 
 def micro_setup(device: torch.device, n_examples: int | None = None):
     """The real SmolLM2-135M-Instruct teacher (bf16 where native), a fresh 16-block student recipe
-    (every other block plus the last: micro v1's pair, on which the engine issue measured the
-    landed loop -- kept fixed so the ratios compare like with like and no fine-tune is needed),
+    (every other block plus the last: micro v1's pair, on which the baseline loop's reference
+    figures in docs/performance.md were measured -- fixed, so ratios from every machine and every
+    version of the engine compare like with like, and no fine-tune is needed),
     the tokenizer and the encoded micro training examples ``[(id, Encoded)]``."""
     from kdbench.data.batching import encode
     from kdbench.data.micro import build_splits

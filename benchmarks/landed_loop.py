@@ -1,7 +1,9 @@
-"""The landed (v1) distillation loop, kept verbatim so benchmarks can run it side by side with
-the engine (kdbench/engine/trainer.py) in one process. Not used by kdbench itself.
+"""The baseline distillation loop ("landed" in the benchmarks): padded batches, full logits for
+every position, the teacher's forward every step. The engine's speed is reported as a ratio to
+it, side by side in one process (benchmarks/bench_train.py), so its code is frozen: changing it
+would change every ratio in docs/performance.md. Not used by kdbench itself.
 
-Original docstring: The distillation loop. Read top to bottom: this is where the loss is computed.
+The loop, read top to bottom: this is where the loss is computed.
 
 One optimiser step:
   1. take the next batch (same order for every objective: data/batching.py),
@@ -12,7 +14,7 @@ One optimiser step:
   6. log the loss and the objective's terms; every ``valid_every`` steps score the validation
      set and keep the best student weights (the checkpoint-selection rule).
 
-Everything the loop does is fixed by the suite's ``TrainSpec`` (kdbench/suites.py); only the
+Everything the loop does is fixed by the suite's ``TrainSpec`` (kdbench/suites/spec.py); only the
 objective differs between runs.
 """
 

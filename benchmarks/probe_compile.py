@@ -1,4 +1,5 @@
-"""Would torch.compile make a training step fast enough for the engine issue's target 1?
+"""Would torch.compile make a training step fast enough for target 1 (docs/performance.md
+"Targets": with the teacher cache, >= 3x the baseline loop's tokens/s)?
 
 The trainer's step (teacher cache warm, activations kept, the suite's bf16 autocast where the
 CPU has it) on the same batches, eager against the student's transformer body compiled with

@@ -3,18 +3,19 @@
 1. **The head products in another precision.** A cached step makes four products with the
    ``[V, d]`` head at its counted positions (student and teacher logits, ``∂L/∂h``, ``∂L/∂W``);
    kdbench makes them in float32 (kdbench/losses.py ``_logits``: CSD's residuals need more than
-   bf16's three digits). Arms: float32 as kdbench does; bf16 operands and output, as the landed
-   loop and TRL do under autocast (the casts of the float32 weight counted); bf16 operands with
-   float32 output through oneDNN's ``fp32_precision = "bf16"``; and "bf16x3" (hi/lo splits,
-   three products, float32 output), which would keep float32-class accuracy. Each arm's largest
-   error against float64 is printed beside its time.
+   bf16's three digits). Arms: float32 as kdbench does; bf16 operands and output, as the baseline
+   loop (benchmarks/landed_loop.py) and TRL do under autocast (the casts of the float32 weight
+   counted); bf16 operands with float32 output through oneDNN's ``fp32_precision = "bf16"``; and
+   "bf16x3" (hi/lo splits, three products, float32 output), which would keep float32-class
+   accuracy. Each arm's largest error against float64 is printed beside its time.
 2. **Attention over a packed row.** transformers masks a packed row's attention with a
    block-diagonal causal mask over the whole ``L × L`` square; the alternative scatters the
    sequences into a right-padded ``[B, H, T, D]`` batch, runs causal attention without a mask,
    and gathers back. Forward + backward of one layer's attention (9 heads of 64, 3 KV heads,
    bf16 where native), 8 sequences of micro-like lengths.
 
-Run alone: ``.venv/bin/python benchmarks/probe_step_leads.py`` (docs/performance.md "Session 12").
+Run alone: ``.venv/bin/python benchmarks/probe_step_leads.py`` (results: docs/performance.md,
+"What the two remaining leads are worth").
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ for one more step. The micro v1 pair of benchmarks/bench_train.py, forward KL un
 
     .venv/bin/python benchmarks/profile_step.py --steps 10 --profile
 
-It found the page faults behind kdbench/allocator.py's purge delay (docs/performance.md
-"Session 11"): zero-filling the tied embedding's freshly faulted 113 MB gradient took 53 ms a step.
+It shows page faults as time: zero-filling a freshly faulted gradient (the tied embedding's,
+113 MB) appears as ``aten::fill_``, which is how kdbench/allocator.py's purge delay was chosen
+(docs/performance.md, "mimalloc's purge delay").
 """
 
 from __future__ import annotations

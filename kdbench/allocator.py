@@ -25,7 +25,7 @@ the resident set climbs for as long as the run lasts (pytorch/pytorch#27971; one
 :func:`bound_kernel_caches` sets both capacities before torch is imported
 (``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` and ``LRU_CACHE_CAPACITY``; values already in the
 environment win). Measured on the standard run (2-core Xeon with AMX, bf16;
-``benchmarks/bench_memory.py``, docs/performance.md "Session 6"), the libraries' capacities
+``benchmarks/bench_memory.py``; docs/performance.md, "bounded kernel caches"), the libraries' capacities
 against these, one after the other: peak 3,938 → 3,253 MB, training 43 → 42 s, the 390 samples
 identical. A oneDNN capacity of 0 recompiles every primitive (training 5× slower); ideep's
 must stay ≥ 1 (0 segfaults torch 2.13).
@@ -33,14 +33,14 @@ must stay ≥ 1 (0 segfaults torch 2.13).
 **Purging.** mimalloc hands freed memory back to the OS (``MADV_DONTNEED``) once it has been
 free for ``MIMALLOC_PURGE_DELAY`` ms (mimalloc 3.4: 1,000). A training step takes about a
 second and frees its gradients (model-sized, dropped before the next forward to keep them out
-of the step's peak) and its activations, so every step faulted the same pages in again: a
-20-step profile made 345k minor page faults (88k with purging off), and zero-filling the
-tied embedding's 113 MB gradient took 53 ms a step (``torch.profiler``, docs/performance.md
-"Session 11"). kdbench sets the delay to
+of the step's peak) and its activations, so at that delay every step faults the same pages in
+again: a 20-step profile made 345k minor page faults (88k with purging off), and zero-filling
+the tied embedding's 113 MB gradient took 53 ms a step (``torch.profiler``; docs/performance.md,
+"mimalloc's purge delay"). kdbench sets the delay to
 :data:`PURGE_DELAY_MS` (a value you set is kept), so a phase reuses its own pages, and
 :func:`kdbench.device.release_memory` forces the purge where a phase ends (after the start-up
 check, each validation, training), so what one phase freed is not resident under the next.
-Never purging (``-1``) is faster still but kept the training memory resident under evaluation:
+Never purging (``-1``) is faster still but keeps the training memory resident under evaluation:
 peak 2,860 -> 3,400 MB on the standard run.
 """
 

@@ -76,7 +76,8 @@ def set_activation_checkpointing(model, enabled: bool) -> bool:
     forward (transformers' checkpointing, non-reentrant). The same operations run on the same
     inputs, so the gradients are bitwise the same (tests/test_engine.py; the standard micro run
     gave the committed run's 1,035 samples); what changes is memory and time: on that run (AMX,
-    side by side, docs/performance.md "Session 8") peak 3,164 -> 2,888 MB, training 48 -> 61 s. Returns
+    side by side; docs/performance.md, "the default run under 3 GB") the peak is 2,888 MB with it
+    and 3,164 MB without, training 61 s with it and 48 s without. Returns
     whether the model is now checkpointing (False for a model that cannot: anything but a
     transformers model declaring support)."""
     if not getattr(model, "supports_gradient_checkpointing", False):

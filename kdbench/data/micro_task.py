@@ -5,8 +5,8 @@ answers (GSM8K) and distils it into a student that has never seen the task; accu
 headline. Offline and on two CPU cores we need a task with exact answers that the 135M
 teacher learns in a few minutes, built from real text that ships on PyPI. Word-position
 questions over real sentences fit: the answer is a word of the sentence, so it is exactly
-right or wrong, and a model has to read the sentence to get it. (Word counts were tried
-and dropped: the fine-tuned 135M teacher got 10% of them right.)
+right or wrong, and a model has to read the sentence to get it. (Not word counts: the
+fine-tuned 135M teacher answers only 10% of them right; docs/suites.md "micro-task".)
 
 Source: the sentences of the English ``chatterbot-corpus`` files (BSD-3-Clause, the same
 files as the ``micro`` suite; :func:`kdbench.data.micro.corpus_dir`).

@@ -2,9 +2,10 @@
 
 Before the first step, on the first batch, the training path (packed batch → final hidden
 states at counted positions → logits per chunk → objective, gradients made per chunk) is
-compared with the dense reference (the landed layout: right-padded ``[B, T]`` batch, the
-model's body with an attention mask, logits materialised for every counted position,
-:meth:`Objective.compute`). Three comparisons, all in float32 (autocast off):
+compared with the dense reference, the plainest way to compute the same loss (right-padded
+``[B, T]`` batch, the model's body with an attention mask, logits materialised for every
+counted position, :meth:`Objective.compute`): it shares none of the training path's packing,
+position selection or chunking, so agreement means those are right. Three comparisons, all in float32 (autocast off):
 
 1. **body**: hidden states at counted positions, packed vs padded (catches packing or
    position-selection errors);

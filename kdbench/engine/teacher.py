@@ -32,7 +32,7 @@ class TeacherHead:
     its float32 copy in the cache), else in float32: the losses make float32 logits from it per
     chunk (kdbench/losses.py ``_logits``), so the logits are bitwise the same either way, and a
     training step holds 57 MB instead of 113 MB for SmolLM2's 49,152 x 576 head (at the step's
-    memory peak, docs/performance.md "Session 8")."""
+    memory peak; docs/performance.md, "the default run under 3 GB")."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         w = weight.detach()
