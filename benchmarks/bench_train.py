@@ -2,7 +2,8 @@
 
 Arms (same teacher, student recipe, examples, batch order, batch size 8, bf16 autocast where
 native, forward KL unless --objective):
-  landed        the v1 loop (benchmarks/landed_loop.py): padded batches, full logits
+  landed        the baseline loop (benchmarks/landed_loop.py): padded batches, full logits, the
+                teacher's forward every step -- the plain loop the engine's ratios are taken against
   engine-live   kdbench/engine/trainer.py with the live teacher, as kdbench runs it (activation
                 checkpointing on: kdbench/engine/trainer.py ACTIVATION_CHECKPOINTING)
   engine-cache  the same with the teacher cache (built before timing, for these batches)
@@ -56,13 +57,13 @@ def arm_landed(teacher, new_student, tok, enc, objective, spec, device, warmup):
 
 def arm_engine(teacher_source, new_student, tok, enc, objective, spec, device, warmup, checkpointing):
     from kdbench.engine.batches import PackedBatches
-    from kdbench.engine.trainer import train
+    from kdbench.engine.trainer import LogHooks, train
 
     points = []
     student = new_student()
     train(model=student, objective=objective, batches=PackedBatches(enc, spec.batch_size, 0, tok.pad_token_id),
           teacher=teacher_source, spec=spec, device=device,
-          log=lambda step, p: points.append((step, p["tokens"], p["elapsed_s"])), progress=False,
+          hooks=LogHooks(lambda step, p: points.append((step, p["tokens"], p["elapsed_s"]))), progress=False,
           activation_checkpointing=checkpointing)
     return window_rate(points, warmup)
 

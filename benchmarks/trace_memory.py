@@ -45,7 +45,7 @@ def main() -> None:
 
     import torch
 
-    import kdbench.runner as R
+    import kdbench.recipe as R
     from kdbench.config import RunConfig
 
     peak = [0]
@@ -66,7 +66,8 @@ def main() -> None:
     train, validation_score, evaluate_all = R.train, R.validation_score, R.evaluate_all
 
     def traced_train(**kw):
-        on_step = kw["on_step"]
+        hooks = kw["hooks"]
+        on_step = hooks.on_step
         if args.in_step:  # marks inside each step: after the forward, the loss, the backward
             objective, from_hidden, clip = kw["objective"], kw["objective"].from_hidden, torch.nn.utils.clip_grad_norm_
 
@@ -84,7 +85,8 @@ def main() -> None:
         def step(st, opt):
             mark(f"step {st.step} (optimiser)")
             on_step(st, opt)
-        return train(**{**kw, "on_step": step})
+        hooks.on_step = step
+        return train(**kw)
 
     def traced_validation(*a, **k):
         mark("before validation")

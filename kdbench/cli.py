@@ -51,7 +51,8 @@ def cmd_run(args) -> int:
 
         claim = claim_resume(args.resume, config.db, progress=config.progress)  # before torch is imported
         try:
-            from kdbench.runner import default_threads, resume
+            from kdbench.device import default_threads
+            from kdbench.recipe import resume
 
             default_threads()
         except BaseException:
@@ -60,7 +61,8 @@ def cmd_run(args) -> int:
         run_id = resume(claim, argv=sys.argv)
         return _print_run_table(config.db, run_id)
     config = _run_config(args, "run")
-    from kdbench.runner import default_threads, run
+    from kdbench.device import default_threads
+    from kdbench.recipe import run
 
     default_threads()
     run_id = run(config, argv=sys.argv)
@@ -86,7 +88,8 @@ def cmd_prepare(args) -> int:
     config = _run_config(args, "prepare")
     if config.objective is None:  # what a suite's runs share does not depend on the objective
         config = dataclasses.replace(config, objective="kl")
-    from kdbench.runner import default_threads, prepare_only
+    from kdbench.device import default_threads
+    from kdbench.recipe import prepare_only
 
     default_threads()
     info = prepare_only(config, argv=sys.argv)
@@ -99,7 +102,8 @@ def cmd_prepare(args) -> int:
 
 def cmd_sweep(args) -> int:
     from kdbench.config import options
-    from kdbench.sweep import SweepSpec, run_sweep
+    from kdbench.sweep import run_sweep
+    from kdbench.sweep_spec import SweepSpec
 
     # the RunConfig options given to pass to every run (their flags: kdbench/cli_parser.py)
     run_opts = {o.key: getattr(args, o.key) for o in options("sweep") if o.sweep == "every" and hasattr(args, o.key)}

@@ -29,7 +29,7 @@ import torch
 from kdbench.data.batching import encode
 from kdbench.diskcache import cache_dir, publishing_dir
 from kdbench.engine.batches import PackedBatches
-from kdbench.engine.trainer import train
+from kdbench.engine.trainer import LogHooks, train
 from kdbench.models import fingerprint, load_causal_lm, load_tokenizer
 
 FINETUNE_FORMAT = 2  # 2: fine-tuned on the engine's trainer (packed batches, loss from hidden states)
@@ -67,8 +67,8 @@ def finetune_teacher(base: Path, suite_name: str, spec, train_examples, device: 
     t0 = time.perf_counter()
     result = train(model=model, objective=get_objective("ce"),
                    batches=PackedBatches(encoded, spec.batch_size, seed, tok.pad_token_id), teacher=None, spec=spec,
-                   device=device, log=lambda step, p: curve.append({"step": step, "loss": p["loss"],
-                                                                    "elapsed_s": p["elapsed_s"]}),
+                   device=device, hooks=LogHooks(lambda step, p: curve.append({"step": step, "loss": p["loss"],
+                                                                               "elapsed_s": p["elapsed_s"]})),
                    progress=progress)
     wall = time.perf_counter() - t0
     if (out / "config.json").is_file():  # another process finished the same fine-tune meanwhile

@@ -232,7 +232,7 @@ def release_run(engine: Engine, run_id: int, before: dict, owner: tuple[str, int
 
 class GracefulStop:
     """SIGTERM during training: finish the step, checkpoint, then stop (``kdbench run --resume``
-    continues). Armed by the runner while it trains; the CLI's SIGTERM handler calls
+    continues). Armed by the run (kdbench/recipe.py) while it trains; the CLI's SIGTERM handler calls
     :meth:`request` and, when nothing is armed (or on a second signal), raises KeyboardInterrupt."""
 
     def __init__(self) -> None:
@@ -259,10 +259,10 @@ class Heartbeat:
     ``start()`` writes host, PID and ``heartbeat_at`` synchronously (so the row identifies its
     process before any work starts), then a daemon thread refreshes ``heartbeat_at`` every
     ``interval_s`` seconds. ``stop()`` ends the thread promptly (it waits on an event, not a
-    sleep) and joins it. The status is never touched here: the runner finishes, fails or
+    sleep) and joins it. The status is never touched here: the run finishes, fails or
     interrupts the run itself. With ``owned=True`` (the process already owns the row: it created
     or claimed it) every beat only touches a row that still names this host and PID; when one
-    finds another owner, :attr:`lost` is set and the beats stop (the runner checks it each step).
+    finds another owner, :attr:`lost` is set and the beats stop (the run checks it each step).
     """
 
     def __init__(self, engine: Engine, run_id: int, interval_s: float = DEFAULT_INTERVAL_S, *,

@@ -13,7 +13,8 @@
   vocabulary (checked here, never mapped).
 
 Models are loaded lazily and can be released (:meth:`Prepared.release_teacher`): a run that
-reads the teacher cache holds no teacher while it trains. Every example is tokenised once.
+reads the teacher cache holds no teacher while it trains. Every split is tokenised once, by
+:func:`prepare`, and only read afterwards.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Prepared:
     tests: dict = field(default_factory=dict)        # task name -> evaluated examples (capped, stable order)
     data_manifest: dict = field(default_factory=dict)
     _teacher: torch.nn.Module | None = field(default=None, repr=False)
-    _cache: dict = field(default_factory=dict, repr=False)
+    _inputs: dict = field(default_factory=dict, repr=False)   # tokenise(): train, valid, test:<task>
+    _cache: dict = field(default_factory=dict, repr=False)    # teacher-cache sources of the test references
 
     # -- models ----------------------------------------------------------------------------
     def teacher(self) -> torch.nn.Module:
@@ -78,35 +80,36 @@ class Prepared:
             return build_student(base, self.student_keep, copy_weights=False).to(self.device)
         return load_causal_lm(spec["name"]).to(self.device)
 
-    # -- tokenised inputs (once per process) -------------------------------------------------
+    # -- tokenised inputs (built once by prepare(), read-only afterwards) ---------------------
+    def tokenise(self) -> None:
+        """Encode every split the runs read: the training examples (their first reference), the
+        validation prompts and each task's evaluated test prompts with their references. Done
+        once, before anything is trained, so that data a suite cannot use is refused before a
+        model is loaded or a row is written."""
+        t = self.suite.train
+        try:
+            train = [(e.id, encode(self.tokenizer, e.prompt, e.references[0], t.max_prompt_tokens, t.max_tokens,
+                                   self.suite.system_prompt, e.id)) for e in self.splits["train"]]
+        except ValueError as exc:
+            raise UserError(f"suite {self.suite.name}: {exc}") from None
+        if len(train) < t.batch_size:
+            raise UserError(f"suite {self.suite.name}: {len(train)} training examples are fewer than one batch of "
+                            f"{t.batch_size}")
+        valid = sorted(self.splits["valid"], key=lambda e: e.id)[: self.suite.eval.n_valid]
+        self._inputs = {"train": train, "valid": self._task_inputs(valid),
+                        **{f"test:{name}": self._task_inputs(examples) for name, examples in self.tests.items()}}
+
     def train_examples(self) -> list[tuple[str, Encoded]]:
         """``(example id, Encoded)`` for every training example (its first reference)."""
-        if "train" not in self._cache:
-            t = self.suite.train
-            try:
-                self._cache["train"] = [(e.id, encode(self.tokenizer, e.prompt, e.references[0], t.max_prompt_tokens,
-                                                      t.max_tokens, self.suite.system_prompt, e.id))
-                                        for e in self.splits["train"]]
-            except ValueError as exc:
-                raise UserError(f"suite {self.suite.name}: {exc}") from None
-            if len(self._cache["train"]) < t.batch_size:
-                raise UserError(f"suite {self.suite.name}: {len(self._cache['train'])} training examples are fewer "
-                                f"than one batch of {t.batch_size}")
-        return self._cache["train"]
+        return self._inputs["train"]
 
     def task_inputs(self, task: str) -> TaskInputs:
-        key = f"test:{task}"
-        if key not in self._cache:
-            self._cache[key] = self._inputs(self.tests[task])
-        return self._cache[key]
+        return self._inputs[f"test:{task}"]
 
     def valid_inputs(self) -> TaskInputs:
-        if "valid" not in self._cache:
-            valid = sorted(self.splits["valid"], key=lambda e: e.id)[: self.suite.eval.n_valid]
-            self._cache["valid"] = self._inputs(valid)
-        return self._cache["valid"]
+        return self._inputs["valid"]
 
-    def _inputs(self, examples) -> TaskInputs:
+    def _task_inputs(self, examples) -> TaskInputs:
         t = self.suite.train
         return TaskInputs.build(self.tokenizer, examples, t.max_prompt_tokens, t.max_tokens, self.suite.system_prompt)
 
@@ -118,12 +121,9 @@ class Prepared:
         if key not in self._cache:
             inputs = self.task_inputs(task)
             examples = [(e.id, r) for e, r in zip(inputs.examples, inputs.references)]
-            t = self.suite.train
-            spec = {"teacher": self.teacher_identity(), "data": teacher_cache.data_digest(examples),
-                    "max_prompt_tokens": t.max_prompt_tokens, "max_tokens": t.max_tokens,
-                    "system_prompt": self.suite.system_prompt, "device": self.device.type, "role": f"test:{task}",
-                    "dtype": str(inference_dtype(self.device, t.bf16_autocast)).replace("torch.", "")}
-            entry, _ = teacher_cache.get_or_build(teacher_cache.cache_key(spec), spec, self.teacher, examples,
+            inputs = teacher_cache.key_inputs(self.teacher_identity(), examples, self.suite.train,
+                                              self.suite.system_prompt, self.device, role=f"test:{task}")
+            entry, _ = teacher_cache.get_or_build(teacher_cache.cache_key(inputs), inputs, self.teacher, examples,
                                                   self.device, progress=False)
             self._cache[key] = CachedTeacher(entry, self.device)
         return self._cache[key]
@@ -135,6 +135,14 @@ class Prepared:
                                          self.suite.eval.batch_size, self.device,
                                          inference_dtype(self.device, self.suite.train.bf16_autocast))
         return prompt_cache.PromptCache(prompt_cache.entry_key(inputs), inputs)
+
+    def training_teacher(self, seed: int, *, progress: bool = True):
+        """The cached teacher a training run with ``seed`` reads (which examples it holds, and its
+        key, are the teacher cache's to decide: kdbench/engine/teacher_cache.py ``for_training``).
+        Returns ``(source, what the run records about it, seconds spent building)``."""
+        return teacher_cache.for_training(self.teacher, self.teacher_identity(), self.train_examples(),
+                                          self.suite.train, self.suite.system_prompt, self.device, seed,
+                                          progress=progress)
 
     # -- identities --------------------------------------------------------------------------
     def teacher_identity(self) -> dict:
@@ -208,7 +216,9 @@ def prepare(suite: SuiteSpec, device: torch.device, *, data_dir=None, progress: 
     print(f"[kdbench] prepared {suite.name}: teacher {teacher_path} ({time.perf_counter() - t0:.1f}s), "
           f"data train/valid/test = {len(data.train)}/{len(data.valid)}/"
           f"{'+'.join(str(len(data.tests[t.source])) for t in suite.tasks)}, {student_desc}")
-    return Prepared(suite, device, teacher_path, tokenizer, splits, keep, base, tests, data.manifest)
+    prep = Prepared(suite, device, teacher_path, tokenizer, splits, keep, base, tests, data.manifest)
+    prep.tokenise()
+    return prep
 
 
 def reference_fingerprint(prep: Prepared) -> str:

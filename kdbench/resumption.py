@@ -1,7 +1,7 @@
 """Which run ``kdbench run --resume ID`` continues: checked, then claimed for this process before
 anything heavy (torch, the models) is imported, so a second resume of the same run is refused
 within a second or two, having written nothing (kdbench/lifecycle.py: one owner per run). The
-resumed run itself is kdbench/runner.py ``resume``."""
+resumed run itself is kdbench/recipe.py ``DistillRun.resume``."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 
 from kdbench.data.batching import encode
+from kdbench.engine.trainer import TrainHooks
 from kdbench.suites import TrainSpec
 
 try:
@@ -37,3 +38,23 @@ def tiny(tmp_path_factory):
 
 def fresh(tiny):
     return copy.deepcopy(tiny["student0"]).train()
+
+
+
+class Hooks(TrainHooks):
+    """The trainer's hooks made of plain functions, for tests that watch one of them."""
+
+    def __init__(self, log=None, validate=None, valid_every=0, on_step=None):
+        self.valid_every = valid_every
+        self._log, self._validate, self._on_step = log, validate, on_step
+
+    def on_log(self, step, point):
+        if self._log is not None:
+            self._log(step, point)
+
+    def validate(self, model):
+        return self._validate(model) if self._validate is not None else super().validate(model)
+
+    def on_step(self, state, optimizer):
+        if self._on_step is not None:
+            self._on_step(state, optimizer)

@@ -546,7 +546,7 @@ def test_an_objective_calling_sys_exit_while_training_is_recorded_failed(isolate
     import sqlite3
 
     import kdbench.engine.check
-    import kdbench.runner
+    import kdbench.recipe
 
     monkeypatch.setattr(kdbench.engine.check, "check_contract_early", lambda objective: None)
 
@@ -554,7 +554,7 @@ def test_an_objective_calling_sys_exit_while_training_is_recorded_failed(isolate
         def to_dict(self):
             return {"passed": True, "loss_fast": 0.0, "loss_dense": 0.0, "note": "skipped by the test"}
 
-    monkeypatch.setattr(kdbench.runner, "startup_check", lambda *a, **k: Passed())
+    monkeypatch.setattr(kdbench.recipe, "startup_check", lambda *a, **k: Passed())
     db = tmp_path / "runs.db"
     args = ["run", "--objective", "{plugins}/contract.py:exits",
             *tiny_run_flags("{teacher}", "{student}", "{data}/gsm_train24"), "--db", str(db)]

@@ -22,7 +22,7 @@ import torch
 from kdbench.engine.batches import PackedBatches, RankBatches
 from kdbench.engine.state import lr_at
 from kdbench.engine.teacher import LiveTeacher
-from kdbench.engine.trainer import train
+from kdbench.engine.trainer import LogHooks, train
 from kdbench.modeling import final_hidden, output_head
 from kdbench.registry import get_objective
 
@@ -67,7 +67,7 @@ def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, out: str) ->
             losses = []
             train(model=model, objective=get_objective("kl"), teacher=teacher, spec=SPEC_DP, device=CPU,
                   batches=RankBatches(PackedBatches(enc, BATCH, 0, pad_id), rank, WORLD), optimizer=sgd(lm),
-                  log=lambda s, p: losses.append(p["loss"]), progress=False)
+                  hooks=LogHooks(lambda s, p: losses.append(p["loss"])), progress=False)
             result[arm] = {"weights": {k: v.clone() for k, v in lm.state_dict().items()}, "losses": losses}
         try:
             final_hidden(DDP(load_causal_lm(paths["student"])), next(PackedBatches(enc, BATCH, 0, pad_id)))

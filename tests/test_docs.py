@@ -174,7 +174,7 @@ def test_python_block_runs(blk: Block, tmp_path):
     extra = {}
     if blk.doc == "docs/adding-an-objective.md":
         # The doc's world: its example objective, as given, at the path §4 names. §2 uses it by
-        # name after §1 put it in kdbench/objectives/; $KDBENCH_PLUGIN_PATH (§4) stands in for
+        # name after §1 put it in objectives/; $KDBENCH_PLUGIN_PATH (§4) stands in for
         # that here, so the shared source tree is never written to.
         extra["KDBENCH_PLUGIN_PATH"] = str(write_example_file(tmp_path).parent)
     script = tmp_path / "block.py"
@@ -245,7 +245,7 @@ def test_adding_an_objective_runs_through_kdbench_run(tiny_world, tmp_path):
 
 def test_sweeps_example_specification_is_valid(tmp_path):
     """The doc's YAML specification passes `validate` and expands (what `--dry-run` lists)."""
-    from kdbench.sweep import SweepSpec, expand
+    from kdbench.sweep_spec import SweepSpec, expand
 
     (yaml_block,) = [b for b in all_blocks("yaml") if b.doc == "docs/sweeps.md"]
     path = tmp_path / "sweep.yaml"

@@ -22,8 +22,10 @@ from kdbench.store import CurvePoint, Metric, Run, Sample, open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
+    from tests.fault_points import fault_env
     from tests.tiny_models import make_tiny_pair
 except ImportError:  # run from inside tests/
+    from fault_points import fault_env
     from tiny_models import make_tiny_pair
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -67,7 +69,7 @@ def result_of(db: Path) -> dict:
 
 def start_and_stop_at(world, db: Path, point: str, sig=signal.SIGKILL) -> int:
     """Start a real run, wait until it reaches the fault point, send ``sig``; return its exit code."""
-    env = {**ENV, "KDBENCH_FAULT_AT": point}
+    env = fault_env(ENV, point)
     proc = subprocess.Popen([sys.executable, "-m", "kdbench", *world["args"], "--db", str(db)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -199,7 +201,7 @@ def _copy_of_killed(killed_base, name: str) -> tuple[Path, int]:
     import shutil
     import sqlite3
 
-    from kdbench.runner import state_dir
+    from kdbench.recipe import state_dir
     from kdbench.store import open_engine
 
     base, run = killed_base
@@ -304,7 +306,7 @@ def test_a_process_that_lost_its_run_writes_nothing(world, killed_base):
 def test_a_resume_stopped_before_training_gives_the_run_back(world, killed_base, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM) while a resume loads its models: the run is as it was — recorded
     interrupted, owner and error unchanged — and another resume can take it."""
-    import kdbench.runner
+    import kdbench.recipe
     from kdbench.store import get_run, open_engine
 
     db, run_id = _copy_of_killed(killed_base, "released.db")
@@ -315,7 +317,7 @@ def test_a_resume_stopped_before_training_gives_the_run_back(world, killed_base,
     def stopped(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kdbench.runner, "_setup", stopped)
+    monkeypatch.setattr(kdbench.recipe.DistillRun, "setup", stopped)
     assert main(["run", "--resume", str(run_id), "--db", str(db), "--no-progress"]) == 130
     engine = open_engine(str(db), readonly=True)
     after = get_run(engine, run_id)

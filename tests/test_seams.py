@@ -26,9 +26,9 @@ from kdbench.registry import get_objective
 from kdbench.evaluation.sampling import decode
 
 try:
-    from tests.engine_helpers import SPEC, fresh, tiny  # noqa: F401  (tiny: a module fixture)
+    from tests.engine_helpers import SPEC, Hooks, fresh, tiny  # noqa: F401  (tiny: a module fixture)
 except ImportError:  # run from inside tests/
-    from engine_helpers import SPEC, fresh, tiny  # noqa: F401
+    from engine_helpers import SPEC, Hooks, fresh, tiny  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -77,11 +77,11 @@ def sampled(tiny, model) -> StudentSampled:
     return StudentSampled(model, tiny["enc"], 4, 0, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
 
 
-def _train(tiny, model, steps, batches, **kw):
+def _train(tiny, model, steps, batches, on_step=None, **kw):
     points = []
     res = train(model=model, objective=get_objective("rkl"), batches=batches, teacher=LiveTeacher(tiny["teacher"]),
                 spec=dataclasses.replace(SPEC, steps=steps), device=CPU,
-                log=lambda s, p: points.append((s, p["loss"])), progress=False, **kw)
+                hooks=Hooks(log=lambda s, p: points.append((s, p["loss"])), on_step=on_step), progress=False, **kw)
     return res, points
 
 

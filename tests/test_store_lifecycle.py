@@ -5,6 +5,7 @@ interrupted). Split from test_store_reliability.py; writer processes import only
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import os
 import re
 import signal
@@ -216,7 +217,7 @@ def _tiny_run(tiny_gsm8k, monkeypatch, capsys, **patches):
     torch.set_num_threads(1)
     for target, value in patches.items():
         module, attr = target.rsplit(".", 1)
-        monkeypatch.setattr(sys.modules[module], attr, value)
+        monkeypatch.setattr(importlib.import_module(module), attr, value)
     rc = main(tiny_gsm8k["args"])
     capsys.readouterr()
     engine = open_engine(str(tiny_gsm8k["db"]), readonly=True)
@@ -237,5 +238,5 @@ def test_ctrl_c_records_interrupted(tiny_gsm8k, monkeypatch, capsys):
     def stop(*a, **k):
         raise KeyboardInterrupt
 
-    rc, run = _tiny_run(tiny_gsm8k, monkeypatch, capsys, **{"kdbench.runner.train": stop})
+    rc, run = _tiny_run(tiny_gsm8k, monkeypatch, capsys, **{"kdbench.recipe.train": stop})
     assert rc == 130 and run.status == "interrupted"

@@ -22,12 +22,15 @@ from kdbench.cli import main
 from kdbench.errors import UserError
 from kdbench.store import Metric, Run, open_engine
 from kdbench.suites import get_suite
-from kdbench.sweep import SweepSpec, expand, sweep_id, threads_per_worker
+from kdbench.sweep import threads_per_worker
+from kdbench.sweep_spec import SweepSpec, expand, sweep_id
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
+    from tests.fault_points import fault_env
     from tests.tiny_models import make_tiny_pair
 except ImportError:  # run from inside tests/
+    from fault_points import fault_env
     from tiny_models import make_tiny_pair
 
 
@@ -209,7 +212,7 @@ def test_a_killed_sweep_started_again_resumes_the_interrupted_run(tiny):
     db = tiny["tmp"] / "killed.db"
     args = [sys.executable, "-m", "kdbench", "sweep", *tiny["flags"], "--db", str(db), "--objectives", "kl", "csd",
             "--seeds", "0"]
-    proc = subprocess.Popen(args, env={**tiny["env"], "KDBENCH_FAULT_AT": "training@2"}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, env=fault_env(tiny["env"], "training@2"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # the first run reaches step 2 (step 1 checkpointed), then waits

@@ -69,17 +69,17 @@ def test_cached_teacher_logits_equal_the_live_teachers(tiny, cache):
 
 
 def test_the_key_follows_every_input_and_a_stale_entry_is_never_read(tiny, cache):
-    from kdbench.runner import teacher_cache_inputs
+    spec = SimpleNamespace(bf16_autocast=False, max_prompt_tokens=48, max_tokens=64)
+    teacher = {"weights": "w0", "tokenizer": "t0"}
 
-    suite = SimpleNamespace(train=SimpleNamespace(bf16_autocast=False, max_prompt_tokens=48, max_tokens=64),
-                            system_prompt="")
-    prep = SimpleNamespace(suite=suite, device=torch.device("cpu"),
-                           teacher_identity=lambda: {"weights": "w0", "tokenizer": "t0"})
-    base = teacher_cache_inputs(prep, tiny["examples"])
+    def key_inputs(examples):
+        return teacher_cache.key_inputs(teacher, examples, spec, "", torch.device("cpu"))
+
+    base = key_inputs(tiny["examples"])
     changed = [
         {**base, "teacher": {"weights": "w1", "tokenizer": "t0"}},
         {**base, "teacher": {"weights": "w0", "tokenizer": "t1"}},
-        teacher_cache_inputs(prep, tiny["examples"][:-1]),  # the encoded data
+        key_inputs(tiny["examples"][:-1]),  # the encoded data
         {**base, "max_prompt_tokens": 47}, {**base, "max_tokens": 63}, {**base, "system_prompt": "Be brief."},
         {**base, "dtype": "bfloat16"}, {**base, "device": "cuda"},
     ]

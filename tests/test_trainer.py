@@ -13,13 +13,13 @@ import torch
 from kdbench.engine import state as S
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.teacher import LiveTeacher
-from kdbench.engine.trainer import TrainingDiverged, train
+from kdbench.engine.trainer import LogHooks, TrainingDiverged, train
 from kdbench.registry import get_objective, load_plugin_file
 
 try:
-    from tests.engine_helpers import SPEC, fresh, tiny  # noqa: F401  (tiny: a module fixture)
+    from tests.engine_helpers import SPEC, Hooks, fresh, tiny  # noqa: F401  (tiny: a module fixture)
 except ImportError:  # run from inside tests/
-    from engine_helpers import SPEC, fresh, tiny  # noqa: F401
+    from engine_helpers import SPEC, Hooks, fresh, tiny  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,13 +27,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # --------------------------------------------------------------------------- the loop and its state
 
 
-def _train(tiny, model, steps, state=None, batches=None, optimizer=None, objective="csd", **kw):
+def _train(tiny, model, steps, state=None, batches=None, optimizer=None, objective="csd", validate=None,
+           valid_every=0, on_step=None, **kw):
     spec = dataclasses.replace(SPEC, steps=steps)
     points = []
     batches = batches or PackedBatches(tiny["enc"], 4, 0)
+    hooks = Hooks(log=lambda s, p: points.append((s, p["loss"])), validate=validate, valid_every=valid_every,
+                  on_step=on_step)
     res = train(model=model, objective=get_objective(objective), batches=batches, teacher=LiveTeacher(tiny["teacher"]),
-                spec=spec, device=torch.device("cpu"), log=lambda s, p: points.append((s, p["loss"])), state=state,
-                optimizer=optimizer, progress=False, **kw)
+                spec=spec, device=torch.device("cpu"), hooks=hooks, state=state, optimizer=optimizer, progress=False,
+                **kw)
     return res, points
 
 
@@ -216,8 +219,9 @@ def test_activation_checkpointing_trains_bitwise_the_same(tiny, bf16):
         model, losses, during = fresh(tiny), [], []
         train(model=model, objective=get_objective("csd"), batches=PackedBatches(tiny["enc"], 4, 0),
               teacher=LiveTeacher(tiny["teacher"]), spec=spec, device=torch.device("cpu"),
-              log=lambda s, p: losses.append(p["loss"]), activation_checkpointing=ckpt, progress=False,
-              on_step=lambda st, opt: during.append(_checkpointing(model)))
+              hooks=Hooks(log=lambda s, p: losses.append(p["loss"]),
+                          on_step=lambda st, opt: during.append(_checkpointing(model))),
+              activation_checkpointing=ckpt, progress=False)
         assert during == [ckpt] * 3 and not _checkpointing(model)  # handed back as it came
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0]
@@ -234,7 +238,7 @@ def test_teacher_finetuning_runs_on_the_trainer_and_matches_a_plain_ce_loop(tiny
     model = fresh(tiny)
     losses = []
     train(model=model, objective=get_objective("ce"), batches=PackedBatches(tiny["enc"], 4, 0), teacher=None,
-          spec=spec, device=torch.device("cpu"), log=lambda s, p: losses.append(p["loss"]), progress=False)
+          spec=spec, device=torch.device("cpu"), hooks=LogHooks(lambda s, p: losses.append(p["loss"])), progress=False)
 
     torch.manual_seed(0)
     ref = fresh(tiny)

@@ -2,7 +2,7 @@
 
 A builder returns :class:`SuiteData` -- training and validation examples and, per data-source
 key (``TaskSpec.source``), the test examples -- plus a manifest saying where each part came
-from, which the runner stores with every result.
+from, which a run stores with every result.
 
 Paper suites read a **data root** (``--data-dir``, else ``$KDBENCH_DATA_DIR``) laid out like
 ``../shared/data`` (MiniLLM-processed instruction sets, GSM8K, DialogSum, Multi30k; see

@@ -63,6 +63,14 @@ class PackedBatches:
         self.index += 1
         return pack([e for _, e in picked], [i for i, _ in picked], self.pad_id)
 
+    def peek(self) -> Batch:
+        """The batch the next ``next()`` returns, without moving the cursor (the start-up check's batch)."""
+        saved = (self.epoch, self.index, self._order)
+        try:
+            return next(self)
+        finally:
+            self.epoch, self.index, self._order = saved
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "index": self.index, "batch_size": self.batch_size,
                 "n_examples": len(self.examples)}

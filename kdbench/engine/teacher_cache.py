@@ -42,7 +42,9 @@ import torch
 from kdbench import diskcache
 from kdbench.data.batching import Encoded, counted_span, pack
 from kdbench.diskcache import Published, cache_home, digest, lock, mark_used, publishing_dir
-from kdbench.engine.teacher import TeacherHead
+from kdbench.device import inference_dtype
+from kdbench.engine.batches import PackedBatches
+from kdbench.engine.teacher import CachedTeacher, TeacherHead
 from kdbench.modeling import final_hidden, head_logits_check, head_params
 
 CACHE_FORMAT = 2  # 2: each index row carries its example's tokens digest (format 1 entries are listed, not read)
@@ -74,6 +76,48 @@ def tokens_digest(e: Encoded) -> str:
 def cache_key(inputs: dict) -> str:
     """The entry key: the :func:`~kdbench.diskcache.digest` of ``inputs`` and the format version."""
     return digest({"format": CACHE_FORMAT, **inputs})
+
+
+def key_inputs(teacher_identity: dict, examples: Sequence[tuple[str, Encoded]], train_spec, system_prompt: str,
+               device: torch.device, *, role: str | None = None) -> dict:
+    """What an entry depends on (its key is their digest): the teacher's weights and tokenizer,
+    the encoded examples, the encoding limits and system prompt the examples were made with, the
+    device kind and the dtype the rows are stored in. ``role`` marks an entry that is not training
+    data (a task's test references: ``"test:<task>"``), so the two never share a key."""
+    dtype = str(inference_dtype(device, train_spec.bf16_autocast)).replace("torch.", "")
+    inputs = {"teacher": teacher_identity, "data": data_digest(examples),
+              "max_prompt_tokens": train_spec.max_prompt_tokens, "max_tokens": train_spec.max_tokens,
+              "system_prompt": system_prompt, "dtype": dtype, "device": device.type}
+    if role is not None:
+        inputs["role"] = role
+    return inputs
+
+
+def examples_for_run(examples: Sequence[tuple[str, Encoded]], train_spec, seed: int) -> list[tuple[str, Encoded]]:
+    """The entry policy for a training run: every example when the run covers at least half the
+    training set (one entry then serves every seed and objective of the suite), else only those
+    its batches touch (a quick ``--steps N`` run caches a few batches, not the suite)."""
+    if train_spec.steps * train_spec.batch_size >= len(examples) // 2:
+        return list(examples)
+    src = PackedBatches(examples, train_spec.batch_size, seed)
+    touched: set[str] = set()
+    for _ in range(train_spec.steps):
+        touched.update(next(src).example_ids)
+    return [(i, e) for i, e in examples if i in touched]
+
+
+def for_training(teacher, teacher_identity: dict, examples: Sequence[tuple[str, Encoded]], train_spec,
+                 system_prompt: str, device: torch.device, seed: int, *, progress: bool = True
+                 ) -> tuple[CachedTeacher, dict, float]:
+    """The cached teacher a training run with ``seed`` reads: its entry found or built (``teacher``,
+    a model or a function loading one, runs only when it must be built). Returns ``(source, what
+    the run records about it, seconds spent building)``."""
+    chosen = examples_for_run(examples, train_spec, seed)
+    inputs = key_inputs(teacher_identity, chosen, train_spec, system_prompt, device)
+    key = cache_key(inputs)
+    entry, built_s = get_or_build(key, inputs, teacher, chosen, device, progress=progress)
+    described = {"kind": "cache", "key": key, "rows": entry.meta["n_rows"], "examples": entry.meta["n_examples"]}
+    return CachedTeacher(entry, device), described, built_s
 
 
 @dataclass

@@ -10,11 +10,12 @@ One optimiser step::
     clip_grad_norm_(params, grad_clip)             # 6. clip (a non-finite norm stops the run)
     optimizer.step()                               # 7. AdamW (fused), learning rate from the step
 
-then logging every ``log_every`` steps and, every ``valid_every`` steps, the validation score
-that selects the checkpoint. Everything is fixed by the suite's ``TrainSpec``
+then the hooks (:class:`TrainHooks`): curve points every ``log_every`` steps, the validation
+score that selects the checkpoint every ``valid_every`` steps, and the caller's per-step work
+(checkpoints). Everything is fixed by the suite's ``TrainSpec``
 (kdbench/suites/spec.py); only the objective differs between runs. The parts are injected:
 the batch source (kdbench/engine/batches.py), the teacher source (kdbench/engine/teacher.py;
-None for objectives that need no teacher, e.g. ``ce``, also used to fine-tune teachers), the
+None for objectives that need no teacher, e.g. ``ce``, which is how teachers are fine-tuned), the
 train state (kdbench/engine/state.py; pass a restored one to continue a run) and the
 precision helpers (kdbench/device.py).
 """
@@ -35,7 +36,8 @@ from kdbench.modeling import final_hidden, output_head, set_activation_checkpoin
 
 #: Recompute the student's block activations in backward rather than keep them (bitwise the same
 #: gradients; kdbench/modeling.py). On the default run it is what brings the peak under
-#: 3 GB, for ~25% more training time, ~10% of the run (docs/performance.md "Session 8").
+#: 3 GB, for ~25% more training time, ~10% of the run (docs/performance.md, "the default run
+#: under 3 GB").
 #: ``KDBENCH_ACTIVATION_CHECKPOINTING=0`` trades the memory back for speed.
 ACTIVATION_CHECKPOINTING = os.environ.get("KDBENCH_ACTIVATION_CHECKPOINTING", "1") != "0"
 
@@ -56,9 +58,47 @@ class TrainResult:
     valid_scores: dict[int, float] = field(default_factory=dict)
 
 
+class TrainHooks:
+    """What the trainer calls back, one object: subclass it and override what you need (each
+    default does nothing, and a run without validation trains to its last step).
+
+    * ``on_log(step, point)`` every ``spec.log_every`` steps and at the last: the window's mean
+      ``loss`` and ``terms``, the ``lr``, ``tokens`` so far and ``elapsed_s`` of training;
+    * ``validate(model)`` every ``valid_every`` steps and at the last when ``valid_every`` > 0:
+      the score that selects the checkpoint (higher is better; ties keep the earlier step);
+      ``on_valid(step, score)`` hears each score as it is made;
+    * ``on_step(state, optimizer)`` after each step, with the train state and optimiser a
+      checkpoint saves (the run's checkpoints, its ownership checks, a graceful stop).
+    """
+
+    valid_every: int = 0
+
+    def on_log(self, step: int, point: dict) -> None:
+        pass
+
+    def validate(self, model: torch.nn.Module) -> float:
+        raise NotImplementedError("valid_every > 0 needs a validate(model) hook")
+
+    def on_valid(self, step: int, score: float) -> None:
+        pass
+
+    def on_step(self, state: TrainState, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+
+class LogHooks(TrainHooks):
+    """Hooks that only hear the curve points: the teacher fine-tune, tests and benchmarks."""
+
+    def __init__(self, log: Callable[[int, dict], None]):
+        self._log = log
+
+    def on_log(self, step: int, point: dict) -> None:
+        self._log(step, point)
+
+
 def make_optimizer(model: torch.nn.Module, spec, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, fused where torch has a kernel for the device
-    (one kernel for all parameters instead of a loop: ~15% of a CPU step in the landed loop)."""
+    (one kernel for all parameters instead of a per-parameter loop, which costs ~15% of a CPU step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
     try:
@@ -76,14 +116,10 @@ def train(
     teacher,                                   # a TeacherSource, or None when the objective needs none
     spec,                                      # TrainSpec: steps, lr, schedule, clipping, bf16, log_every
     device: torch.device,
-    log: Callable[[int, dict], None],          # curve points: step, {loss, terms, lr, tokens, elapsed_s}
-    validate: Callable[[torch.nn.Module], float] | None = None,  # higher is better
-    valid_every: int = 0,
-    log_valid: Callable[[int, float], None] | None = None,  # validation scores as they are made
+    hooks: TrainHooks | None = None,           # curve points, validation, per-step checkpoints (none: TrainHooks())
     state: TrainState | None = None,           # a restored state continues a run; its .best says where
                                                # the best-so-far weights live (default: in memory)
     optimizer: torch.optim.Optimizer | None = None,
-    on_step: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,  # after each step (checkpoints)
     chunk_size: int = 0,                       # counted positions per logits chunk (0: losses.HIDDEN_CHUNK_SIZE)
     activation_checkpointing: bool | None = None,  # None: ACTIVATION_CHECKPOINTING
     progress: bool = True,
@@ -92,6 +128,8 @@ def train(
 
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"objective {objective.setting} needs a teacher source")
+    hooks = hooks or TrainHooks()
+    valid_every = hooks.valid_every
     lm = unwrap(model)  # the causal LM itself: head, checkpointing, validation, best weights
     model.train()
     checkpointing = set_activation_checkpointing(
@@ -123,7 +161,7 @@ def train(
         if not torch.isfinite(norm):
             raise TrainingDiverged(f"gradient norm is {norm.item()} at step {step + 1}")
         opt.step()                                                              # 7. optimiser step
-        # Gradients are dropped now, not before the next backward: the next forward's
+        # Gradients are dropped right after the step, not before the next backward: the next forward's
         # activations (the step's memory peak) then never coexist with a model-sized gradient.
         opt.zero_grad(set_to_none=True)
 
@@ -138,30 +176,27 @@ def train(
         w["n"] += 1
         bar.set_postfix(loss=f"{out.loss.item():.4f}", tok_s=f"{state.tokens / max(state.train_time_s, 1e-9):.0f}")
         if done % spec.log_every == 0 or done == spec.steps:
-            log(done, {"loss": w["loss"] / w["n"], "terms": {k: v / w["n"] for k, v in w["terms"].items()},
+            hooks.on_log(done, {"loss": w["loss"] / w["n"], "terms": {k: v / w["n"] for k, v in w["terms"].items()},
                        "lr": lr, "tokens": state.tokens, "elapsed_s": state.train_time_s})
             state.window = {"loss": 0.0, "terms": {}, "n": 0}
 
-        if validate is not None and valid_every and (done % valid_every == 0 or done == spec.steps):
-            score = validate(lm)
+        if valid_every and (done % valid_every == 0 or done == spec.steps):
+            score = hooks.validate(lm)
             model.train()
             state.valid_scores[done] = score
-            if log_valid is not None:
-                log_valid(done, score)
+            hooks.on_valid(done, score)
             if score > state.best_score:  # ties keep the earlier step
                 state.best_score, state.best_step = score, done
                 if done != spec.steps:  # the last step's weights are the model itself
                     state.best.keep(lm)
-        if on_step is not None:
-            on_step(state, opt)
+        hooks.on_step(state, opt)
 
     bar.close()
     if checkpointing:  # evaluation and later training calls get the model as it came
         set_activation_checkpointing(lm, False)
     if state.best_step is not None and state.best_step != spec.steps:
         state.best.restore(lm)
-    rule = (f"best validation score every {valid_every} steps (ties: earliest)" if validate is not None and valid_every
-            else "last step")
+    rule = f"best validation score every {valid_every} steps (ties: earliest)" if valid_every else "last step"
     return TrainResult(
         steps=spec.steps, train_tokens=state.tokens, loss_tokens=state.counted, train_time_s=state.train_time_s,
         tokens_per_s=state.tokens / state.train_time_s if state.train_time_s > 0 else 0.0,

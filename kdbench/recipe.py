@@ -1,0 +1,377 @@
+"""One distillation run as a recipe: ``setup()`` → ``start()`` → ``train()`` → ``evaluate()`` →
+``record()``, or :meth:`DistillRun.resume` in place of ``start()`` for a run that stopped.
+
+* ``setup`` resolves the configuration (kdbench/config.py: every user mistake is refused here,
+  before any model is loaded), opens the store, builds what the suite's runs share
+  (kdbench/prepare.py: data, teacher, student recipe, tokenised splits), makes sure the
+  reference rows exist, chooses the teacher source (the teacher cache decides which examples it
+  holds) and runs the start-up check (kdbench/engine/check.py) -- all before the run's row is
+  written, so a refused run touches nothing. ``kdbench prepare`` is ``setup`` without a run.
+* ``start`` writes the run's row (this process its owner) and prints the resolved configuration
+  once; the same dict is stored with the run.
+* ``train`` runs the loop (kdbench/engine/trainer.py) with :class:`RunHooks`: curve points and
+  validation scores into the store, a checkpoint every ``CHECKPOINT_EVERY_S`` and on SIGTERM,
+  the ownership fence.
+* ``evaluate`` runs the suite's protocol on the selected weights (kdbench/references.py);
+  ``record`` writes metrics, samples and cost, and finishes the row.
+
+Once the row exists, any failure marks it ``failed`` with the reason; Ctrl-C, SIGTERM or a lost
+process leave it ``interrupted`` with its last checkpoint, and ``kdbench run --resume ID``
+continues it to the same result (bit for bit: tests/test_resume.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from kdbench import provenance
+from kdbench.config import RunConfig, open_store, resolve, run_key, stored_request
+from kdbench.device import peak_memory_mb, release_memory
+from kdbench.diskcache import cache_dir
+from kdbench.engine import state as train_state
+from kdbench.engine.batches import PackedBatches
+from kdbench.engine.check import startup_check
+from kdbench.engine.teacher import LiveTeacher
+from kdbench.engine.trainer import (ACTIVATION_CHECKPOINTING, TrainHooks, TrainingDiverged, TrainResult,
+                                    make_optimizer, train)
+from kdbench.errors import RunFailed
+from kdbench.evaluation.protocol import validation_score
+from kdbench.lifecycle import GRACEFUL, Heartbeat, this_host
+from kdbench.losses import HIDDEN_CHUNK_SIZE
+from kdbench.prepare import Prepared, prepare, reference_fingerprint
+from kdbench.references import ensure_reference_rows, evaluate_all
+from kdbench.store import ROLE_DISTILLED, OwnershipLost, RunWriter, utcnow
+from kdbench.suites import SuiteSpec
+
+#: Save the train state after this many seconds of training (and at its end, and on SIGTERM);
+#: ``$KDBENCH_CHECKPOINT_EVERY_S`` overrides it (0: after every step).
+CHECKPOINT_EVERY_S = 120.0
+
+
+# ---------------------------------------------------------------------------- where a run keeps files
+
+
+def run_folder(db_url, run_id: int, kind: str) -> Path:
+    """``$KDBENCH_CACHE/<kind>/<store key>-run<id>``: a run's files in the cache (never in the
+    repo), keyed by store as well as run id so that two stores never share a folder."""
+    key = hashlib.sha256(str(db_url).encode()).hexdigest()[:10]
+    return cache_dir() / kind / f"{key}-run{run_id}"
+
+
+def state_dir(db_url, run_id: int) -> Path:
+    """Where a run keeps its resumable train state and its best-so-far weights."""
+    return run_folder(db_url, run_id, "runs")
+
+
+def best_weights(db_url, run_id: int) -> train_state.BestWeights:
+    """The run's best-so-far weights, on disk beside its train state (not a second model in memory)."""
+    return train_state.BestWeights(state_dir(db_url, run_id) / "best.safetensors")
+
+
+def save_student(student, tokenizer, db_url, run_id: int) -> str:
+    """The distilled student as a transformers folder (``--save-student``)."""
+    out = run_folder(db_url, run_id, "students")
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+# ---------------------------------------------------------------------------- what a run records about itself
+
+
+def checkpointing(run_config: RunConfig) -> bool:
+    """Whether this run recomputes the student's block activations in backward: the trainer's
+    default (on; ``KDBENCH_ACTIVATION_CHECKPOINTING=0`` turns it off) unless the run asked to keep
+    them (``--keep-activations``). Either way the result is bitwise the same; only time and memory move."""
+    return ACTIVATION_CHECKPOINTING and not run_config.keep_activations
+
+
+def selection_rule(suite: SuiteSpec, n_valid: int) -> str:
+    task = suite.valid_task
+    decode = "greedy" if task.greedy else "sampled (seed 1)"
+    return (f"best validation {task.headline} ({task.name}, {decode}, {n_valid} prompts) every "
+            f"{suite.eval.valid_every} steps and at the last; ties: earliest")
+
+
+# ---------------------------------------------------------------------------- the trainer's hooks
+
+
+class RunHooks(TrainHooks):
+    """The loop's callbacks for a stored run: curve points and validation scores go to the
+    store as they are made; after each step the ownership fence, and a checkpoint when
+    ``CHECKPOINT_EVERY_S`` has passed, at the last step and on a graceful stop (SIGTERM), which
+    then ends the loop with :class:`KeyboardInterrupt` (the run is recorded as interrupted)."""
+
+    def __init__(self, run: "DistillRun"):
+        self.run = run
+        suite = run.prep.suite
+        self.valid_every = suite.eval.valid_every
+        self.steps = suite.train.steps
+        self.every = float(os.environ.get("KDBENCH_CHECKPOINT_EVERY_S", CHECKPOINT_EVERY_S))
+        self.last_save = time.perf_counter()
+
+    def on_log(self, step: int, point: dict) -> None:
+        self.run.writer.curve(step, point["loss"], terms=point["terms"], lr=point["lr"], tokens=point["tokens"],
+                              elapsed_s=point["elapsed_s"])
+
+    def validate(self, model: torch.nn.Module) -> float:
+        prep = self.run.prep
+        score = validation_score(model, prep.tokenizer, prep.valid_inputs(), prep.suite.eval, prep.device,
+                                 task=prep.suite.valid_task)
+        release_memory()  # generation's buffers are not training's: not kept resident under it
+        return score
+
+    def on_valid(self, step: int, score: float) -> None:
+        self.run.writer.curve(step, None, split="valid", terms={self.run.prep.suite.valid_task.headline: score})
+
+    def on_step(self, state: train_state.TrainState, optimizer: torch.optim.Optimizer) -> None:
+        run = self.run
+        if run.heartbeat.lost:
+            run.writer.check_owner()  # raises OwnershipLost: another process resumed this run
+        done = state.step == self.steps
+        if done or GRACEFUL.requested or time.perf_counter() - self.last_save >= self.every:
+            run.writer.check_owner()  # the train state, like the row, is written by the run's owner only
+            train_state.save(run.state_folder, state, run.student, optimizer, run.batches)
+            self.last_save = time.perf_counter()
+        if GRACEFUL.requested and not done:
+            raise KeyboardInterrupt  # checkpointed: `kdbench run --resume` continues from here
+
+
+# ---------------------------------------------------------------------------- the recipe
+
+
+class DistillRun:
+    """One run of one objective on one suite and seed. Each phase fills the attributes the next
+    reads; the suite's assets (``prep``) are built once in :meth:`setup` and only read afterwards."""
+
+    def __init__(self, run_config: RunConfig, argv: list[str] | None = None):
+        self.run_config = run_config
+        self.argv = argv
+        self.device = torch.device(run_config.device)
+        self.t0 = time.perf_counter()
+        self.cost: dict[str, float] = {}     # seconds per phase, peak memory (the run's ``cost`` artifact)
+        # setup()
+        self.objective = self.label = self.store = None
+        self.prep: Prepared | None = None
+        self.reference_runs: dict = {}       # role -> id of the suite's reference rows
+        self.teacher = None                  # the teacher source training reads; None when the objective needs none
+        self.teacher_desc: dict = {}
+        self.student: torch.nn.Module | None = None
+        self.batches: PackedBatches | None = None
+        self.config: dict = {}               # the resolved configuration, printed and stored once
+        # start() / resume()
+        self.writer: RunWriter | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.state: train_state.TrainState | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        # train() / evaluate()
+        self.result: TrainResult | None = None
+        self.evaluation = None
+
+    @property
+    def state_folder(self) -> Path:
+        return state_dir(self.store.url, self.writer.run_id) / "state"
+
+    # -- setup: everything before the run's row ----------------------------------------------
+    def setup(self, *, check: bool = True) -> "DistillRun":
+        """:meth:`prepare_suite`, then the teacher source, a fresh student, the batch source and
+        (``check``) the start-up check on the first batch."""
+        rc = self.run_config
+        self.prepare_suite()
+        prep = self.prep
+        self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = self._teacher_source(rc.teacher_source)
+        if self.teacher is None or self.teacher.kind == "cache":
+            prep.release_teacher()  # training needs no teacher model; evaluation loads it again
+        torch.manual_seed(rc.seed)
+        self.student = prep.new_student()
+        self.batches = PackedBatches(prep.train_examples(), prep.suite.train.batch_size, rc.seed,
+                                     prep.tokenizer.pad_token_id)
+        checked = None
+        if check:
+            t = time.perf_counter()
+            checked = startup_check(self.student, self.objective, self.batches.peek().to(self.device), self.teacher,
+                                    chunk_size=HIDDEN_CHUNK_SIZE).to_dict()
+            self.cost["startup_check_s"] = time.perf_counter() - t
+            release_memory()  # the check's dense logits path is not training's
+        self.config = {
+            "objective": self.objective.name, "params": self.objective.params, "setting": self.objective.setting,
+            "objective_version": getattr(self.objective.spec, "version", None),
+            "suite": prep.suite.to_dict(), "suite_version": self.label, "seed": rc.seed, "device": rc.device,
+            "torch_threads": torch.get_num_threads(), "activation_checkpointing": checkpointing(rc),
+            "teacher": prep.teacher_identity(),
+            "teacher_path": str(prep.teacher_path), "teacher_source": self.teacher_desc,
+            "data_order": self.batches.describe(), "startup_check": checked, "reference_runs": self.reference_runs,
+            "reference_fingerprint": reference_fingerprint(prep), "student_keep": prep.student_keep,
+            "data_sources": prep.data_manifest, "sweep_id": rc.sweep_id,
+            "request": stored_request(rc),  # what `kdbench run --resume` rebuilds the run's RunConfig from
+        }
+        return self
+
+    def prepare_suite(self) -> "DistillRun":
+        """What every run of the suite shares: the configuration resolved, the store opened, the
+        suite prepared (data, (fine-tuned) teacher, tokenised splits) and its reference rows."""
+        rc = self.run_config
+        self.objective, suite, self.label = resolve(rc)
+        self.store = open_store(rc)  # after everything was checked, before any model is loaded
+        t = time.perf_counter()
+        self.prep = prepare(suite, self.device, data_dir=rc.data_dir, progress=rc.progress)
+        self.cost["prepare_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.reference_runs = ensure_reference_rows(self.store, self.prep, self.label, self.argv)
+        self.cost["reference_rows_s"] = time.perf_counter() - t
+        return self
+
+    def _teacher_source(self, kind: str) -> tuple[object, dict, float]:
+        if not self.objective.needs_teacher:
+            return None, {"kind": "none"}, 0.0
+        if kind == "live":
+            return LiveTeacher(self.prep.teacher()), {"kind": "live"}, 0.0
+        return self.prep.training_teacher(self.run_config.seed, progress=self.run_config.progress)
+
+    # -- start / resume: the run's row and its owner -----------------------------------------
+    def start(self) -> "DistillRun":
+        """Write the run's row (this process its owner), print the resolved configuration."""
+        rc, check = self.run_config, self.config["startup_check"]
+        print("[kdbench] resolved configuration:\n" + json.dumps(self.config, indent=2, default=str))
+        self.writer = RunWriter.start(
+            self.store, role=ROLE_DISTILLED, suite=self.prep.suite.name, suite_version=self.label, seed=rc.seed,
+            config=self.config, provenance=provenance.collect(self.argv), objective=self.objective.name,
+            params=self.objective.params, setting=self.objective.setting,
+            config_hash=run_key(rc, self.objective, self.label), sweep_id=rc.sweep_id, host=this_host(),
+            pid=os.getpid(), heartbeat_at=utcnow())
+        self.writer.update(state_path=str(state_dir(self.store.url, self.writer.run_id)))
+        self.heartbeat = Heartbeat(self.store, self.writer.run_id, owned=self.writer.owner is not None).start()
+        self.state = train_state.TrainState(best=best_weights(self.store.url, self.writer.run_id))
+        verdict = (f"start-up check passed: loss {check['loss_fast']:.6g} == {check['loss_dense']:.6g}"
+                   if check["passed"] else f"start-up check: loss not finite ({check['loss_dense']}) on the first batch")
+        print(f"[kdbench] run {self.writer.run_id}: {self.objective.setting} for {self.prep.suite.train.steps} steps "
+              f"(teacher {self.teacher_desc['kind']}; {verdict})")
+        return self
+
+    @classmethod
+    def resume(cls, claim, argv: list[str] | None = None) -> "DistillRun":
+        """A claimed run (kdbench/resumption.py) set up again from its stored request and
+        restored to its last checkpoint. A failure here gives the run back as it was."""
+        run = cls(claim.run_config, argv)
+        try:
+            run.setup(check=False)
+            run.config = {**claim.run.config}
+            run.store, run.heartbeat = claim.engine, claim.heartbeat
+            run.optimizer = make_optimizer(run.student, run.prep.suite.train, run.device)
+            run.state, _ = train_state.load(claim.folder, run.student, run.optimizer, run.batches,
+                                            best_weights(claim.engine.url, claim.run.id))
+            run.writer = RunWriter(claim.engine, claim.run.id, claim.owner)
+            run.writer.truncate_curve(run.state.step)
+        except BaseException:
+            claim.release()
+            raise
+        print(f"[kdbench] run {claim.run.id}: resuming {run.objective.setting} at step {run.state.step} of "
+              f"{run.prep.suite.train.steps}")
+        return run
+
+    # -- the phases after the row: train, evaluate, record -----------------------------------
+    def train(self) -> TrainResult:
+        suite = self.prep.suite
+        t = time.perf_counter()
+        GRACEFUL.armed, GRACEFUL.requested = True, False
+        try:
+            self.result = train(model=self.student, objective=self.objective, batches=self.batches,
+                                teacher=self.teacher, spec=suite.train, device=self.device, hooks=RunHooks(self),
+                                state=self.state, optimizer=self.optimizer,
+                                activation_checkpointing=checkpointing(self.run_config),
+                                progress=self.run_config.progress)
+        finally:
+            GRACEFUL.armed = False
+        self.cost["train_s"] = self.result.train_time_s
+        self.cost["validation_s"] = max(0.0, time.perf_counter() - t - self.result.train_time_s)
+        # what only training needed goes before evaluation loads its models
+        self.teacher = self.state = self.optimizer = None
+        self.student.zero_grad(set_to_none=True)
+        release_memory()
+        return self.result
+
+    def evaluate(self):
+        suite, r = self.prep.suite, self.result
+        n_eval = sum(len(v) for v in self.prep.tests.values())
+        print(f"[kdbench] trained {r.steps} steps ({r.train_time_s:.0f}s of training, {r.tokens_per_s:.0f} tok/s; "
+              f"checkpoint: step {r.selected_step}); evaluating {len(suite.tasks)} task(s), {n_eval} prompts ...")
+        t = time.perf_counter()
+        self.student.requires_grad_(False)
+        self.evaluation = evaluate_all(self.student, self.prep)
+        self.cost["evaluation_s"] = time.perf_counter() - t
+        return self.evaluation
+
+    def record(self) -> int:
+        rc, suite, r = self.run_config, self.prep.suite, self.result
+        ckpt = save_student(self.student, self.prep.tokenizer, self.store.url, self.writer.run_id) \
+            if rc.save_student else None
+        self.cost["wall_s"] = time.perf_counter() - self.t0
+        self.cost["peak_memory_mb"] = peak_memory_mb(self.device) or 0.0
+        rule = (selection_rule(suite, len(self.prep.valid_inputs().examples)) if suite.eval.valid_every
+                else r.selection_rule)
+        self.writer.results(self.evaluation.metrics, self.evaluation.samples)
+        self.writer.artifact("cost", self.cost)
+        self.writer.finish(wall_time_s=self.cost["wall_s"], train_tokens_per_s=r.tokens_per_s,
+                           peak_memory_mb=self.cost["peak_memory_mb"], selection_rule=rule,
+                           selected_step=r.selected_step, checkpoint_path=ckpt)
+        shutil.rmtree(self.state_folder.parent, ignore_errors=True)  # finished: the train state is not needed
+        print("[kdbench] cost: " + ", ".join(f"{k} {v:.0f}" for k, v in self.cost.items()))
+        return self.writer.run_id
+
+    def finish(self) -> int:
+        """Train, evaluate and record a started or resumed run; returns its id. Every way out
+        leaves the row in a true state: finished, failed (with the reason) or interrupted."""
+        run_id = self.writer.run_id
+        try:
+            self.train()
+            self.evaluate()
+            return self.record()
+        except OwnershipLost as exc:
+            raise RunFailed(f"run {run_id}: {exc}") from None
+        except KeyboardInterrupt:
+            saved = (self.state_folder / "state.json").is_file()
+            self.writer.interrupt("interrupted by the user" + (f" (checkpointed; kdbench run --resume {run_id})"
+                                                               if saved else ""))
+            raise
+        except TrainingDiverged as exc:
+            self.writer.fail(f"diverged: {exc}")
+            raise RunFailed(f"run {run_id} failed: diverged: {exc} (recorded as failed)") from None
+        except Exception as exc:
+            self.writer.fail(f"{type(exc).__name__}: {exc}")
+            raise RunFailed(f"run {run_id} failed: {type(exc).__name__}: {exc} (recorded as failed)") from exc
+        finally:
+            self.heartbeat.stop()
+
+
+# ---------------------------------------------------------------------------- the commands' entry points
+
+
+def run(run_config: RunConfig, argv: list[str] | None = None) -> int:
+    """`kdbench run`: distil, evaluate and record one run; returns its run id."""
+    return DistillRun(run_config, argv).setup().start().finish()
+
+
+def resume(claim, argv: list[str] | None = None) -> int:
+    """`kdbench run --resume ID`: continue a claimed run to the result the uninterrupted run gives."""
+    return DistillRun.resume(claim, argv).finish()
+
+
+def prepare_only(run_config: RunConfig, argv: list[str] | None = None) -> dict:
+    """`kdbench prepare`: what every run of the suite shares, built now -- the (fine-tuned)
+    teacher, the reference rows and (``--teacher-source cache``) the teacher cache whatever the
+    objective -- so that parallel runs find them instead of racing to build them."""
+    r = DistillRun(run_config, argv).prepare_suite()
+    desc = {"kind": "live"}
+    if run_config.teacher_source == "cache":
+        _, desc, _ = r.prep.training_teacher(run_config.seed, progress=run_config.progress)
+    return {"suite": r.prep.suite.name, "version": r.label, "reference_runs": r.reference_runs,
+            "teacher_source": desc, "teacher": str(r.prep.teacher_path),
+            "reference_fingerprint": reference_fingerprint(r.prep)}
