@@ -18,7 +18,7 @@ from kdbench.evaluation.decoder import Decoder, decode_texts
 from kdbench.evaluation.protocol import reference_kl
 from kdbench.evaluation.scoring import score_decode
 from kdbench import metrics as M
-from kdbench.evaluation.sampling import decode_from
+from kdbench.evaluation.sampling import decode_from, draw_uniforms
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--db", required=True)
@@ -49,13 +49,13 @@ def T(name, f):
     print(f"{name}: {time.perf_counter() - t:.2f}s", flush=True)
     return r
 with torch.no_grad():
-    d = Decoder(st, inp.prompt_ids, spec, dev, pad_id=tok.pad_token_id)
-    T("student prefill", lambda: d.prefixes)
+    d = Decoder(st, inp.prompt_ids, spec, dev, pad_id=tok.pad_token_id, keys=inp.keys)
+    T("student prefill (every batch, one at a time)", lambda: [d.prefix(i) and None for i in range(len(d.chunks))])
     ids = T("student decode seed 0", lambda: d.generate(0, eos_id=tok.eos_token_id))
     print("gen tokens", sum(map(len, ids)))
     ids = T("student decode seed 0 again", lambda: d.generate(0, eos_id=tok.eos_token_id))
-    sc = Decoder(te, inp.prompt_ids, spec, dev, pad_id=tok.pad_token_id)
-    T("teacher prefill", lambda: sc.prefixes)
+    sc = Decoder(te, inp.prompt_ids, spec, dev, pad_id=tok.pad_token_id, keys=inp.keys)
+    T("teacher prefill (every batch, one at a time)", lambda: [sc.prefix(i) and None for i in range(len(sc.chunks))])
     T("teacher logprobs", lambda: sc.logprobs(ids))
     outs = T("decode texts", lambda: decode_texts(tok, ids))
     T("score_decode", lambda: score_decode(task, inp.examples, outs))
@@ -67,8 +67,8 @@ with torch.no_grad():
         st, refs or te, inp.references, dev, [e.id for e in inp.examples], student_decoder=d, teacher_decoder=sc))
     if args.profile:
         from torch.profiler import profile, ProfilerActivity
-        pre = d.prefixes[0]
+        pre = d.prefix(0)
         with profile(activities=[ProfilerActivity.CPU]) as p:
-            torch.manual_seed(0)
-            decode_from(st, pre.copy(), max_new_tokens=32, eos_id=tok.eos_token_id)
+            decode_from(st, pre.copy(), max_new_tokens=32, eos_id=tok.eos_token_id,
+                        uniforms=draw_uniforms(0, d.keys[0], 32))
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))

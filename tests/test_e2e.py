@@ -35,7 +35,7 @@ def test_run_writes_reference_rows_and_the_distilled_run(store):
     run = runs["distilled"]
     assert run.objective == "csd" and run.params["tau"] == 1.5
     assert run.setting == "csd(alpha=0.15,tau=1.5,w1=S,w2=S)" or run.setting.startswith("csd(")
-    assert run.suite == "micro" and run.suite_version == f"3+finetune_steps=2,steps={STEPS},eval_limit={PROMPTS}"
+    assert run.suite == "micro" and run.suite_version == f"4+finetune_steps=2,steps={STEPS},eval_limit={PROMPTS}"
     assert run.config["suite"]["train"]["steps"] == STEPS
     assert run.config["reference_runs"] == {"teacher": runs["teacher"].id, "student-init": runs["student-init"].id}
     assert run.provenance["packages"]["torch"] and run.provenance["host"]["cpu_count"]

@@ -1,6 +1,7 @@
-"""The teacher's prompt prefill on disk (kdbench/evaluation/prompt_cache.py): a loaded prefix is the
-computed one bit for bit (decodes, scores and whole evaluations equal), the key follows every
-input, an incomplete entry is never read, a cache it cannot store is used live,
+"""The teacher's prompt prefill on disk (kdbench/evaluation/prompt_cache.py), one file per batch of
+prompts: a loaded prefix is the computed one bit for bit (decodes, scores and whole evaluations
+equal), the key follows every input, an incomplete or older-format entry is never read, a cache
+it cannot store is used live,
 `kdbench cache list|clear` show and remove entries, and two processes asking for one entry at
 once compute it once (tiny random Llamas, real tokenizer)."""
 
@@ -55,12 +56,14 @@ def test_a_loaded_prefix_is_the_computed_one_bit_for_bit(setup, cache_home):
     live = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id)
     first = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry)
     assert not entry.path.exists()
-    computed = first.prefixes  # computes and publishes
+    first.prefix(1)  # the first request builds every batch's file and publishes the entry
     assert (entry.path / "meta.json").is_file()
+    assert sorted(f.name for f in entry.path.glob("*.pt")) == ["batch-00000.pt", "batch-00001.pt", "batch-00002.pt"]
     calls = []
     loaded_decoder = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry)
-    loaded_decoder._prefill = lambda: calls.append(1)  # must not run: the entry is published
-    loaded = loaded_decoder.prefixes
+    loaded_decoder._prefill = lambda i: calls.append(i)  # must not run: the entry is published
+    computed = [live.prefix(i) for i in range(len(live.chunks))]
+    loaded = [loaded_decoder.prefix(i) for i in range(len(loaded_decoder.chunks))]
     assert calls == [] and len(loaded) == len(computed) == 3
     for a, b in zip(computed, loaded):
         assert torch.equal(a.last_hidden, b.last_hidden) and torch.equal(a.mask, b.mask)
@@ -142,19 +145,54 @@ def test_an_incomplete_or_foreign_entry_is_never_read(setup, cache_home):
     teacher, _, tok, inputs = setup
     spec = EvalSpec(seeds=(1,), max_new_tokens=4, batch_size=2)
     entry = entry_for(inputs)
-    Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry).prefixes
+    Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry).prefix(0)
     meta = json.loads((entry.path / "meta.json").read_text())
     (entry.path / "meta.json").unlink()  # as if the writer died before publishing
-    assert prompt_cache._load(entry.path, CPU) is None
+    assert prompt_cache._load(entry.path, 0, CPU) is None
     (entry.path / "meta.json").write_text(json.dumps({**meta, "format": prompt_cache.FORMAT + 1}))
-    assert prompt_cache._load(entry.path, CPU) is None
-    # a decoder facing the broken entry computes the prefill and publishes a good one in its place
+    assert prompt_cache._load(entry.path, 0, CPU) is None
+    (entry.path / "meta.json").write_text(json.dumps(meta))
+    assert prompt_cache._load(entry.path, 3, CPU) is None  # a batch the entry does not have
+    (entry.path / "batch-00001.pt").unlink()
+    assert prompt_cache._load(entry.path, 1, CPU) is None and prompt_cache._load(entry.path, 0, CPU) is not None
+    (entry.path / "meta.json").write_text(json.dumps({**meta, "format": prompt_cache.FORMAT + 1}))
+    # a decoder facing the broken entry computes every batch and publishes a good entry in its place
     calls = []
     dec = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry)
     live = dec._prefill
-    dec._prefill = lambda: calls.append(1) or live()
-    dec.prefixes
-    assert calls == [1] and prompt_cache._load(entry.path, CPU) is not None
+    dec._prefill = lambda i: calls.append(i) or live(i)
+    dec.prefix(0)
+    assert calls == [0, 1, 2] and all(prompt_cache._load(entry.path, i, CPU) is not None for i in range(3))
+
+
+def test_an_older_format_entry_is_listed_but_never_read(setup, cache_home):
+    """Format 1 held a task's batches in one prefix.pt: such an entry stays visible to
+    `kdbench cache list` / `clear`, but no request reads it (its key differs, and a format-1
+    meta at the current key is refused): the entry is built anew."""
+    from kdbench.evaluation import prompt_cache
+    from kdbench.evaluation.decoder import Decoder
+    from kdbench.suites import EvalSpec
+
+    teacher, _, tok, inputs = setup
+    spec = EvalSpec(seeds=(1,), max_new_tokens=4, batch_size=2)
+    entry = entry_for(inputs)
+    old_key = "0123456789abcdef0123456789abcdef"
+    for key in (old_key, entry.key):  # an old entry under its own key, and one squatting the current key
+        folder = prompt_cache.cache_root() / key
+        folder.mkdir(parents=True)
+        torch.save({"0.last_hidden": torch.zeros(1, 4)}, folder / "prefix.pt")
+        (folder / "meta.json").write_text(json.dumps({"key": key, "format": 1, "inputs": entry.inputs,
+                                                      "batches": 3, "layers": 2}))
+    assert {e.key for e in prompt_cache.list_entries()} == {old_key, entry.key}
+    assert prompt_cache._load(entry.path, 0, CPU) is None
+    calls = []
+    dec = Decoder(teacher, inputs.prompt_ids, spec, CPU, pad_id=tok.pad_token_id, stored=entry)
+    live = dec._prefill
+    dec._prefill = lambda i: calls.append(i) or live(i)
+    dec.prefix(2)
+    assert calls == [0, 1, 2] and not (entry.path / "prefix.pt").exists()
+    assert json.loads((entry.path / "meta.json").read_text())["format"] == prompt_cache.FORMAT == 2
+    assert (prompt_cache.cache_root() / old_key / "prefix.pt").is_file()  # left alone: `cache clear` removes it
 
 
 def test_a_cache_that_cannot_be_stored_is_used_live(setup, cache_home):
@@ -166,7 +204,8 @@ def test_a_cache_that_cannot_be_stored_is_used_live(setup, cache_home):
 
     odd = [Prefix(type("Cache", (), {"layers": [SlidingLayer()]})(), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))]
     entry = entry_for(setup[3])
-    assert entry.prefixes(lambda: odd, CPU) is odd
+    assert entry.prefix(0, lambda i: odd[i], CPU, batches=1) is odd[0]
+    assert entry.prefix(0, lambda i: odd[i], CPU, batches=1) is odd[0]  # known live now: not tried again
     assert not entry.path.exists() and prompt_cache.list_entries() == []
 
 
@@ -177,7 +216,7 @@ def test_cache_list_and_clear_show_and_remove_prompt_entries(setup, cache_home, 
 
     teacher, _, tok, inputs = setup
     entry = entry_for(inputs)
-    Decoder(teacher, inputs.prompt_ids, EvalSpec(batch_size=2), CPU, pad_id=tok.pad_token_id, stored=entry).prefixes
+    Decoder(teacher, inputs.prompt_ids, EvalSpec(batch_size=2), CPU, pad_id=tok.pad_token_id, stored=entry).prefix(0)
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
     assert "teacher prompt cache in" in out and entry.key in out and "3 batches of prompts" in out
@@ -211,9 +250,10 @@ PREFILLER = textwrap.dedent("""
     ran = []
     live = decoder._prefill
     # a slow prefill, so that the other process (started with this one) asks while it runs
-    decoder._prefill = lambda: ran.append(1) or time.sleep(3) or live()
+    decoder._prefill = lambda i: ran.append(i) or (time.sleep(3) if i == 0 else None) or live(i)
     digest = hashlib.sha256()
-    for p in decoder.prefixes:
+    for i in range(len(decoder.chunks)):
+        p = decoder.prefix(i)
         for t in [p.last_hidden, p.mask, p.next_pos] + [x for l in p.cache.layers for x in (l.keys, l.values)]:
             digest.update(t.float().contiguous().numpy().tobytes())  # bf16 and bool exact in float32
     print("COMPUTED" if ran else "LOADED", digest.hexdigest())
@@ -242,15 +282,17 @@ def test_a_loaded_entry_is_stamped_last_used(setup, cache_home):
 
     teacher, _, tok, inputs = setup
     entry = entry_for(inputs)
-    computed = entry.prefixes(lambda: _prefill(teacher, inputs, tok), CPU, teacher.config)
-    assert computed and not (entry.path / USED).exists()  # computed and published, not read
-    entry.prefixes(lambda: pytest.fail("published: must load"), CPU, teacher.config)
+    built = [entry.prefix(i, lambda j: _prefill(teacher, inputs, tok, j), CPU, teacher.config, batches=3)
+             for i in range(3)]
+    assert all(built) and not (entry.path / USED).exists()  # built, published and read back by its builder
+    later = entry_for(inputs)  # a later run's request
+    later.prefix(0, lambda j: pytest.fail("published: must load"), CPU, teacher.config, batches=3)
     assert (entry.path / USED).exists()
 
 
-def _prefill(teacher, inputs, tok):
+def _prefill(teacher, inputs, tok, i):
     from kdbench.evaluation.decoder import Decoder
     from kdbench.suites import EvalSpec
 
     return Decoder(teacher, inputs.prompt_ids, EvalSpec(seeds=(1,), max_new_tokens=4, batch_size=2), CPU,
-                   pad_id=tok.pad_token_id)._prefill()
+                   pad_id=tok.pad_token_id)._prefill(i)

@@ -5,8 +5,9 @@ teacher) is a *batch source* beside the objective: :class:`StudentSampled` below
 against the seams alone — ``next()`` gives a packed :class:`~kdbench.data.batching.Batch`,
 ``state_dict()`` / ``load_state_dict()`` give its cursor. The tests train through the unchanged
 ``train()`` with a live teacher, resume such a run bit for bit through the unchanged train state
-(which saves torch's generator, so a resumed run draws the same responses), and check that the
-teacher cache, which holds the teacher's states of the suite's own sequences, refuses them.
+(the draws are keyed by the run's seed, the example and the draw's number, so a resumed run draws
+the same responses from its cursor alone), and check that the teacher cache, which holds the
+teacher's states of the suite's own sequences, refuses them.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ class StudentSampled:
     """On-policy batches: the prompts of ``examples`` in :class:`PackedBatches`' per-seed order,
     each answered by a response sampled from ``model`` when the batch is drawn (in eval mode:
     transformers' activation checkpointing turns the KV cache off in training mode). Sampling
-    draws from torch's global generator, which the train state saves and restores."""
+    is keyed (kdbench/evaluation/sampling.py ``decode``): seed ``seed``, key
+    ``"<example id>@draw<n>"``, so the cursor alone says what a resumed source draws."""
 
     def __init__(self, model, examples, batch_size: int, seed: int, *, eos_id: int, pad_id: int,
                  max_new_tokens: int = 8):
         prompts = [(ex_id, Encoded(e.ids[:e.n_prompt], e.n_prompt)) for ex_id, e in examples]
         self.order = PackedBatches(prompts, batch_size, seed, pad_id)  # the order and its cursor
         self.model, self.eos_id, self.pad_id, self.max_new_tokens = model, eos_id, pad_id, max_new_tokens
+        self.seed = seed
         self.drawn = 0
         self.responses: list[list[list[int]]] = []  # what each batch sampled (for the tests)
 
@@ -55,14 +58,14 @@ class StudentSampled:
         prompts = next(self.order)
         training = self.model.training
         self.model.eval()
+        self.drawn += 1
+        # fresh ids: these sequences are new, whatever the prompt's id was; they key the draws too
+        ids = [f"{ex_id}@draw{self.drawn}" for ex_id in prompts.example_ids]
         responses = decode(self.model, [e.ids for e in prompts.encoded], max_new_tokens=self.max_new_tokens,
-                           eos_id=self.eos_id, pad_id=self.pad_id)
+                           eos_id=self.eos_id, pad_id=self.pad_id, seed=self.seed, keys=ids)
         self.model.train(training)
         self.responses.append(responses)
-        self.drawn += 1
-        # fresh ids: these sequences are new, whatever the prompt's id was
-        return pack([Encoded(e.ids + r, e.n_prompt) for e, r in zip(prompts.encoded, responses)],
-                    [f"{ex_id}@draw{self.drawn}" for ex_id in prompts.example_ids], self.pad_id)
+        return pack([Encoded(e.ids + r, e.n_prompt) for e, r in zip(prompts.encoded, responses)], ids, self.pad_id)
 
     def state_dict(self) -> dict:
         return {**self.order.state_dict(), "drawn": self.drawn}
@@ -124,7 +127,7 @@ def test_an_on_policy_run_resumes_bit_for_bit(tiny, tmp_path):
             S.save(tmp_path / "state", st, first, o, part)
     _train(tiny, first, 2, part, optimizer=opt, on_step=on_step)
 
-    torch.manual_seed(123)  # whatever the process drew since: the state brings the generator back
+    torch.manual_seed(123)  # whatever the process drew since: the draws are keyed, the state brings the rest back
     second = fresh(tiny)
     resumed = sampled(tiny, second)
     opt2 = make_optimizer(second, SPEC, CPU)

@@ -35,7 +35,7 @@ def test_spine_imports_and_micro_shape_are_kept():
     assert (MICRO.tasks[1].kind, MICRO.tasks[1].source, MICRO.tasks[1].greedy) == ("exact", "closed_book", True)
     assert MICRO.eval.seeds == (10, 20, 30, 40, 50)  # the paper's five sampling seeds
     d = MICRO.to_dict()
-    assert d["teacher"] == MICRO.teacher and d["train"]["steps"] == MICRO.train.steps and d["version"] == "3"
+    assert d["teacher"] == MICRO.teacher and d["train"]["steps"] == MICRO.train.steps and d["version"] == "4"
 
 
 @pytest.mark.parametrize("name", sorted(SUITES))
@@ -83,16 +83,16 @@ def test_paper_protocol_values():
 
 @needs_data
 def test_version_labels():
-    assert label() == MICRO.version == "3"
-    assert label(steps=3, eval_limit=3) == "3+steps=3,eval_limit=3"
-    assert label(finetune_steps=2, steps=3) == "3+finetune_steps=2,steps=3"
-    assert label(suite="paper-instruct", data_dir=str(DATA)) == "1+data=standin"  # dolly/dev.jsonl stands in for train
-    assert label(suite="paper-instruct", pair="gpt2-xl-to-base", data_dir=str(DATA)) == "1+data=standin"
+    assert label() == MICRO.version == "4"
+    assert label(steps=3, eval_limit=3) == "4+steps=3,eval_limit=3"
+    assert label(finetune_steps=2, steps=3) == "4+finetune_steps=2,steps=3"
+    assert label(suite="paper-instruct", data_dir=str(DATA)) == "2+data=standin"  # dolly/dev.jsonl stands in for train
+    assert label(suite="paper-instruct", pair="gpt2-xl-to-base", data_dir=str(DATA)) == "2+data=standin"
     assert label(suite="paper-instruct", pair="gpt2-xl-to-medium", steps=5, data_dir=str(DATA)) == \
-        "1+pair=gpt2-xl-to-medium,steps=5,data=standin"
-    assert label(suite="paper-task-gsm8k", data_dir=str(DATA)) == "1"  # the real GSM8K files: comparable
-    assert label(suite="paper-task-gsm8k") == "1"  # the hub
-    assert label(suite="paper-task-gsm8k", student="google/gemma-2b", data_dir=str(DATA)) == "1+student=gemma-2b"
+        "2+pair=gpt2-xl-to-medium,steps=5,data=standin"
+    assert label(suite="paper-task-gsm8k", data_dir=str(DATA)) == "2"  # the real GSM8K files: comparable
+    assert label(suite="paper-task-gsm8k") == "2"  # the hub
+    assert label(suite="paper-task-gsm8k", student="google/gemma-2b", data_dir=str(DATA)) == "2+student=gemma-2b"
     suite, _ = resolve_suite(RunConfig(objective="kl", suite="paper-instruct", steps=7))
     assert suite.train.steps == 7 and suite.train.epochs is None
 
@@ -104,7 +104,7 @@ def test_data_root_from_the_environment(monkeypatch, tmp_path):
     (tmp_path / "gsm8k").mkdir()
     for f in ("train.jsonl", "test.jsonl"):
         (tmp_path / "gsm8k" / f).write_text("")
-    assert label(suite="paper-task-gsm8k") == "1"
+    assert label(suite="paper-task-gsm8k") == "2"
 
 
 @pytest.mark.parametrize("args, expected", [

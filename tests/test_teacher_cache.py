@@ -212,18 +212,24 @@ def test_a_reused_entry_is_stamped_last_used_and_listed_so(tiny, cache, capsys):
     assert f"last used {entry.last_used}" in out
 
 
-def test_keys_and_digests_are_the_ones_stored_entries_are_named_by():
+def test_keys_and_digests_are_the_ones_stored_entries_are_named_by(monkeypatch):
     """Entries on disk are found by their keys: the digests behind them (kdbench/diskcache.py
     ``digest``, the teacher cache's data digest) must not change a digit. The values are the
-    ones the caches computed before ``digest`` became the one helper."""
+    ones the caches computed before ``digest`` became the one helper (the prompt cache's under
+    its format 1, and the one its format 2 gives)."""
     from kdbench.data.batching import Encoded
     from kdbench.evaluation import prompt_cache
 
     teacher = {"weights": "w", "tokenizer": "t"}
     assert teacher_cache.cache_key({"teacher": teacher, "data": "d", "max_tokens": 192, "dtype": "float32"}) \
         == "5c1def72c9ecb45a4db40207"
+    assert prompt_cache.FORMAT == 2
     assert prompt_cache.entry_key({"teacher": teacher, "prompts": "p", "batch_size": 50, "threads": 2}) \
-        == "a8e2621b6856c07ca03de3a9"
+        == "aa1e73dd66adb9da5cfbd062"
+    with monkeypatch.context() as m:
+        m.setattr(prompt_cache, "FORMAT", 1)
+        assert prompt_cache.entry_key({"teacher": teacher, "prompts": "p", "batch_size": 50, "threads": 2}) \
+            == "a8e2621b6856c07ca03de3a9"
     assert diskcache.digest({"b": [1, 2.5, "é"], "a": None}) == "b129e8b869243fd11bf91cf8"
     assert teacher_cache.tokens_digest(Encoded([5, 6, 7, 8], 2)) == "e0b1235f5fa78937"
     assert prompt_cache.prompts_digest([[1, 2, 3], [4]]) \

@@ -1,7 +1,9 @@
 """Evaluation: decode, score, and the protocol that runs a model on a suite's tasks.
 
-* :mod:`~kdbench.evaluation.sampling`      prefill / decode with the KV cache, scoring continuations
-* :mod:`~kdbench.evaluation.decoder`       a model over one task's prompts: prefilled once, reused by every decode
+* :mod:`~kdbench.evaluation.sampling`      prefill / decode with the KV cache, keyed draws (the sampler an
+  on-policy trainer calls too), scoring continuations
+* :mod:`~kdbench.evaluation.decoder`       a model over one task's prompts, one batch at a time: each batch
+  prefilled once, used by every decode and score of it, then dropped
 * :mod:`~kdbench.evaluation.scoring`       per-task metrics of one decode (definitions in kdbench/metrics/)
 * :mod:`~kdbench.evaluation.protocol`      one model on one task: decodes, teacher scores, reference KL
   (:func:`~kdbench.evaluation.protocol.evaluate_model`); the checkpoint-selection score

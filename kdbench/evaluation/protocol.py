@@ -19,6 +19,13 @@ through its prompt cache, in groups of similar length, and the reference KL runs
 reference tokens through both prompt caches. The teacher's prompt cache is the same in every
 run of a suite: the first evaluation stores it, later ones load it
 (kdbench/evaluation/prompt_cache.py).
+
+Memory is one batch of prompts (``EvalSpec.batch_size``), not one task: :func:`evaluate_model`
+goes through a task chunk by chunk, and does with each chunk's prompt cache everything it is
+needed for (every decode, the model's reference states) before dropping it; then the teacher's
+prompt cache of the same chunk scores those decodes and the references, and is dropped in its
+turn. Samples are keyed by example id (kdbench/evaluation/sampling.py), so the batch size
+changes neither them nor, beyond float rounding, their scores: it is a performance knob.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from kdbench.evaluation.decoder import Decoder, decode_texts, generate_ids
 from kdbench.evaluation.sampling import HEAD_CHUNK
 from kdbench.evaluation.scoring import headline_score, score_decode
 from kdbench.modeling import final_hidden, head_params
+from kdbench.registry import get_objective
 from kdbench.suites import EvalSpec, TaskSpec
 
 SCORE_TOKENS = 2048   # tokens per packed forward of the reference KL when no prompt cache serves it
@@ -68,6 +76,11 @@ class TaskInputs:
                    for e in examples]
         refs = [encode(tokenizer, e.prompt, e.references[0], max_prompt_tokens, max_tokens, system) for e in examples]
         return cls(list(examples), prompts, refs)
+
+    @property
+    def keys(self) -> list[str]:
+        """Each prompt's sampling key: its example's id (kdbench/evaluation/sampling.py)."""
+        return [e.id for e in self.examples]
 
 
 # ---------------------------------------------------------------------------- scoring through the head
@@ -133,21 +146,41 @@ def reference_hidden(model_or_source, refs: Sequence[Encoded], device: torch.dev
 
 
 @torch.no_grad()
+def _reference_rows(model_or_source, refs: Sequence[Encoded], ref_ids: Sequence[str], device: torch.device,
+                    chunk=None) -> torch.Tensor:
+    """:func:`reference_hidden` of one batch of prompts: through ``chunk`` (a
+    :class:`~kdbench.evaluation.decoder.Chunk` of exactly these prompts) or packed sequences."""
+    if chunk is not None and isinstance(model_or_source, torch.nn.Module):
+        return torch.cat(chunk.hidden([e.ids[e.n_prompt:] for e in refs]))
+    return torch.cat(_rows_packed(model_or_source, refs, list(ref_ids), device))
+
+
+@torch.no_grad()
 def kl_from_hidden(h_s: torch.Tensor, head_s, h_t: torch.Tensor, head_t) -> tuple[float, float]:
     """Mean token-level KL(teacher‖student) and KL(student‖teacher) over the rows of ``h_s`` /
-    ``h_t`` (``[n, d]`` each, row-aligned), logits made through the heads' weights in float32 per
-    chunk (a head bias is not added). ``head_s`` / ``head_t``: a model, a teacher source or a
-    head (:func:`kdbench.modeling.head_params`)."""
-    ws, wt = head_params(head_s)[0].float(), head_params(head_t)[0].float()
+    ``h_t`` (``[n, d]`` each, row-aligned): the ``kl`` and ``rkl`` objectives' own per-position
+    values on logits made through each head (weight and bias) in float32, one chunk of rows at a
+    time. ``head_s`` / ``head_t``: a model, a teacher source or a head
+    (:func:`kdbench.modeling.head_params`)."""
+    fkl, rkl, n = kl_sums(h_s, head_s, h_t, head_t)
+    return fkl / max(n, 1), rkl / max(n, 1)
+
+
+@torch.no_grad()
+def kl_sums(h_s: torch.Tensor, head_s, h_t: torch.Tensor, head_t) -> tuple[float, float, int]:
+    """The sums behind :func:`kl_from_hidden` and their number of rows, so that the KL of a task
+    can be gathered one batch of prompts at a time. Each row's KL is the objective's (float32);
+    the rows are summed in float64, so the total does not drift with the number of rows."""
+    forward, reverse = get_objective("kl"), get_objective("rkl")
+    ws, bs = head_params(head_s, torch.float32)
+    wt, bt = head_params(head_t, torch.float32)
     fkl = rkl = 0.0
     for a in range(0, h_s.shape[0], HEAD_CHUNK):
-        ls = F.linear(h_s[a:a + HEAD_CHUNK].float(), ws).log_softmax(-1)
-        lt = F.linear(h_t[a:a + HEAD_CHUNK].float(), wt).log_softmax(-1)
-        diff = lt - ls
-        fkl += float((lt.exp() * diff).sum(dtype=torch.float64))
-        rkl += float((ls.exp() * -diff).sum(dtype=torch.float64))
-    n = h_s.shape[0]
-    return fkl / max(n, 1), rkl / max(n, 1)
+        s = F.linear(h_s[a:a + HEAD_CHUNK].float(), ws, bs)
+        t = F.linear(h_t[a:a + HEAD_CHUNK].float(), wt, bt)
+        fkl += float(forward.per_position(s, t)[0].sum(dtype=torch.float64))
+        rkl += float(reverse.per_position(s, t)[0].sum(dtype=torch.float64))
+    return fkl, rkl, h_s.shape[0]
 
 
 # ---------------------------------------------------------------------------- one model on one task
@@ -170,37 +203,67 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
     of the sampled decode that the greedy decode also reports get the suffix ``_sampled``, and
     so do the sampled decode's per-sample score names."""
     task = as_task(task)
-    examples = inputs.examples
+    examples, refs, keys = inputs.examples, inputs.references, inputs.keys
     new_tokens = task.max_new_tokens or spec.max_new_tokens
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     scores_self = is_teacher or model is teacher
-    decoder = Decoder(model, inputs.prompt_ids, spec, device, pad_id=pad, stored=teacher_prompts if scores_self else None)
-    seeds = list(task.seeds or spec.seeds) if task.sample else []
-
-    # 1. The model's decodes, as token ids: greedy (seed None) and / or one per sampling seed.
-    #    Each decode seeds the global generator itself, so the samples do not depend on when the
-    #    teacher scores them.
-    decodes = ([(None, True)] if task.greedy else []) + [(seed, False) for seed in seeds]
-    ids = [decoder.generate(seed, eos_id=eos, greedy=greedy, max_new_tokens=new_tokens) for seed, greedy in decodes]
-    # 2. The model's side of the reference KL while its prompts' cache exists; then the cache goes,
-    #    so it never coexists with the teacher's (on micro in float32: ~330 + ~410 MB).
-    h_model = None if is_teacher else reference_hidden(model, inputs.references, device,
-                                                       [e.id for e in examples], decoder=decoder)
-    if not scores_self:
-        decoder.release()
-    # 3. The teacher scores every decode through its own prompts' cache, then the metrics.
-    scorer = decoder if scores_self else Decoder(teacher, inputs.prompt_ids, spec, device, pad_id=pad,
+    decoder = Decoder(model, inputs.prompt_ids, spec, device, pad_id=pad, keys=keys,
+                      stored=teacher_prompts if scores_self else None)
+    scorer = decoder if scores_self else Decoder(teacher, inputs.prompt_ids, spec, device, pad_id=pad, keys=keys,
                                                  stored=teacher_prompts)
+    seeds = list(task.seeds or spec.seeds) if task.sample else []
+    decodes = ([(None, True)] if task.greedy else []) + [(seed, False) for seed in seeds]
+    # The references' states come through a decoder's prompt cache when its prompts are the
+    # references' prompts (only the response tokens are run), else from packed sequences.
+    ref_prompts = [e.ids[:e.n_prompt] for e in refs]
+    model_serves = decoder.serves(ref_prompts)
+    teacher_side = teacher_refs or teacher
+    teacher_serves = teacher_refs is None and scorer.serves(ref_prompts)
+
+    # Chunk by chunk (one batch of prompts), in prompt order:
+    # 1. the model's decodes of the chunk, as token ids: greedy (seed None) and / or one per
+    #    sampling seed, each draw keyed by (seed, example id, position), so a decode does not
+    #    depend on the chunks or decodes before it;
+    # 2. the model's side of the reference KL while its prompt cache exists; then that cache goes,
+    #    so it never coexists with the teacher's (on micro in float32: ~330 + ~410 MB);
+    # 3. the teacher scores the chunk's decodes and its side of the reference KL through its own
+    #    prompt cache of the chunk, which goes in its turn.
+    # The lists gathered are those a loop over the whole task gives, in the same order.
+    ids: list[list[list[int]]] = [[] for _ in decodes]
+    logprobs: list[list[float]] = [[] for _ in decodes]
+    fkl_sum = rkl_sum = 0.0
+    kl_rows = 0
+    for chunk in decoder.each():
+        a, b = chunk.start, chunk.end
+        decoded = [chunk.generate(seed, eos_id=eos, greedy=greedy, max_new_tokens=new_tokens)
+                   for seed, greedy in decodes]
+        h_model = None if is_teacher else _reference_rows(model, refs[a:b], keys[a:b], device,
+                                                          chunk if model_serves else None)
+        if scores_self:
+            scoring = chunk
+        else:
+            chunk.release()
+            scoring = scorer.chunk(chunk.index)
+        for k, d in enumerate(decoded):
+            ids[k] += d
+            logprobs[k] += scoring.logprobs(d)
+        if not is_teacher:
+            h_teacher = _reference_rows(teacher_side, refs[a:b], keys[a:b], device,
+                                        scoring if teacher_serves else None)
+            f, r, n = kl_sums(h_model, model, h_teacher, teacher_side)
+            fkl_sum, rkl_sum, kl_rows = fkl_sum + f, rkl_sum + r, kl_rows + n
+            del h_model, h_teacher
+        scoring.release()
+
     result = EvalResult()
     greedy_names: set[str] = set()
     by_prompt: dict[str, list[str]] = {e.id: [] for e in examples}
-    for (seed, greedy), decoded in zip(decodes, ids):
+    for (seed, greedy), decoded, lps in zip(decodes, ids, logprobs):
         outputs = decode_texts(tokenizer, decoded)
-        logprobs = scorer.logprobs(decoded)
         per, mets = score_decode(task, examples, outputs)
-        mets["teacher_logprob"] = statistics.fmean(logprobs)
+        mets["teacher_logprob"] = statistics.fmean(lps)
         suffix = "_sampled" if task.greedy and not greedy else ""  # sample scores named like their metrics
-        for e, o, s, lp in zip(examples, outputs, per, logprobs):
+        for e, o, s, lp in zip(examples, outputs, per, lps):
             scores = {k + suffix: v for k, v in {**s, "teacher_logprob": lp}.items() if not _nan(v)}
             result.samples.append({"task": task.name, "prompt_id": e.id, "seed": seed, "prompt": e.prompt,
                                    "output": o, "reference": list(e.references), "scores": scores})
@@ -216,13 +279,7 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
                            for m, v in mets.items() if not (greedy_names and m.startswith("accuracy_"))]
     if len(seeds) > 1:
         result.metrics.append((task.name, "self_bleu_across_seeds", M.self_bleu_per_prompt(by_prompt), None))
-    if is_teacher:
-        fkl = rkl = 0.0
-    else:
-        teacher_side = teacher_refs or teacher
-        h_teacher = reference_hidden(teacher_side, inputs.references, device, [e.id for e in examples],
-                                     decoder=scorer)
-        fkl, rkl = kl_from_hidden(h_model, model, h_teacher, teacher_side)
+    fkl, rkl = fkl_sum / max(kl_rows, 1), rkl_sum / max(kl_rows, 1)  # the teacher's own rows: 0
     result.metrics += [(task.name, "fkl_tok", fkl, None), (task.name, "rkl_tok", rkl, None)]
     # Undefined values (Self-BLEU of a single response, ...) are left out rather than stored as NaN.
     result.metrics = [m for m in result.metrics if not math.isnan(m[2])]
@@ -241,5 +298,5 @@ def validation_score(model, tokenizer, inputs: TaskInputs, spec: EvalSpec, devic
     task = as_task(task or "valid")
     ids = generate_ids(model, inputs.prompt_ids, spec, None if task.greedy else seed, device,
                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, greedy=task.greedy,
-                       max_new_tokens=task.max_new_tokens or spec.max_new_tokens)
+                       max_new_tokens=task.max_new_tokens or spec.max_new_tokens, keys=inputs.keys)
     return headline_score(task, inputs.examples, decode_texts(tokenizer, ids))

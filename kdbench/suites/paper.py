@@ -25,7 +25,7 @@ INSTRUCT_PAIRS = {
 
 PAPER_INSTRUCT = SuiteSpec(
     name="paper-instruct",
-    version="1",
+    version="2",  # 2: sampling keyed per prompt and position (docs/suites.md "Versions and labels")
     description=(
         "The paper's task-agnostic instruction following: teacher fine-tuned on databricks-dolly-15k, "
         "distilled on Dolly; ROUGE-L on Dolly test, Self-Instruct, Vicuna, S-NI and UnNI (MiniLLM's "
@@ -73,7 +73,8 @@ def _task_suite(name: str, description: str, task: TaskSpec, loader: str, length
                 max_new_tokens: int, licences: str) -> SuiteSpec:
     p, t = lengths
     return SuiteSpec(
-        name=name, version="1", description=description, pairs=GEMMA_PAIRS, default_pair="gemma-7b-it-to-2b-it",
+        # version 2: sampling keyed per prompt and position (docs/suites.md "Versions and labels")
+        name=name, version="2", description=description, pairs=GEMMA_PAIRS, default_pair="gemma-7b-it-to-2b-it",
         data={"loader": loader, "n_train": 1000, "prompt": "plain"},
         tasks=(task,),
         train=TrainSpec(max_prompt_tokens=p, max_tokens=t, **_TASK_TRAIN),

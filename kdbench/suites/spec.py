@@ -57,7 +57,7 @@ class EvalSpec:
     top_p: float = 1.0
     top_k: int = 0                   # 0 = no top-k truncation
     max_new_tokens: int = 48         # responses are cut at end-of-turn or here
-    batch_size: int = 50             # prompts decoded together
+    batch_size: int = 50             # prompts decoded together: memory and speed only (samples are keyed per prompt)
     valid_every: int = 0             # validation score every N steps for checkpoint choice (0: off, last step)
     n_valid: int = 40                # validation prompts for checkpoint selection
 
