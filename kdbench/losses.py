@@ -31,11 +31,13 @@ from kdbench.numerics import kl_rows, scaled_kl_to_mixture  # noqa: F401  (re-ex
 #: Positions per chunk in the logits path (``obj(student_logits, teacher_logits, mask)``).
 CHUNK_SIZE = 4096
 #: Positions per chunk in the hidden-state path (:func:`chunked_head_loss`): 256 rows of a
-#: 49,152-token vocabulary are 50 MB of float32 logits (TRL's chunked JSD uses 256 too).
+#: 49,152-token vocabulary are 50 MB of float32 logits (TRL's chunked JSD uses 256 too). The
+#: CPU's size and the default; kdbench/engine/tuning.py chooses per device.
 HIDDEN_CHUNK_SIZE = 256
 #: Bytes of one row block inside a chunk (:func:`blockwise_rows`): an objective's row function runs
 #: on ~1 MB of logits per call (5 rows of a 49,152-token vocabulary), so its [rows, V]
-#: intermediates stay in the CPU's caches instead of streaming 50 MB buffers through memory.
+#: intermediates stay in the CPU's caches instead of streaming 50 MB buffers through memory. The
+#: CPU's size and the default; kdbench/engine/tuning.py chooses per device.
 ROW_BLOCK_BYTES = 1 << 20
 #: Recompute each chunk in backward instead of keeping its float32 intermediates:
 #: True / False, or None = only when there is more than one chunk (big batches; small ones
@@ -149,7 +151,8 @@ def counted_rows(mask: Tensor | None, lead_shape: torch.Size, device) -> tuple[T
 
 
 def blockwise_rows(per_row_grad: Callable[..., "tuple[Tensor, dict[str, Tensor], Tensor | None]"], s: Tensor,
-                   t: Tensor | None, y: Tensor | None, block_rows: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+                   t: Tensor | None, y: Tensor | None, block_rows: int = 0, *,
+                   block_bytes: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """``(Σ loss, {term: Σ}, ∂Σloss/∂s [n, V])`` of a chunk, its row function run on blocks of rows.
 
     ``per_row_grad(s_b, t_b, y_b) -> ([b] values, {term: [b]}, ∂Σvalues/∂s_b [b, V] or None)``.
@@ -160,13 +163,14 @@ def blockwise_rows(per_row_grad: Callable[..., "tuple[Tensor, dict[str, Tensor],
     (the micro standard run reproduced its committed samples); at widths not a multiple of the vector
     length, the transcendental functions' vector and scalar tails fall on other elements and
     jsd / srkl gradients differ from the whole chunk's by ~1e-12. Blocks of ``block_rows`` rows (default:
-    :data:`ROW_BLOCK_BYTES` of float32 logits, at least 2): measured on 2 cores (AMX), one
+    ``block_bytes`` of float32 logits, at least 2 rows; ``block_bytes`` 0 is :data:`ROW_BLOCK_BYTES`, the
+    CPU's size; a GPU passes a chunk's bytes, one block per chunk: kdbench/engine/tuning.py). Measured on 2 cores (AMX), one
     256-row chunk of a 49,152 vocabulary, the row function forward + backward of kl took
     147 ms whole and 49 ms in 4-row blocks, csd (T,S) 203 and 59 ms, (S,S) 93 and 36 ms,
     against 263 ms for the chunk's four head matmuls.
     """
     n, v = s.shape
-    rows = max(2, int(block_rows) or ROW_BLOCK_BYTES // (v * 4))
+    rows = max(2, int(block_rows) or (int(block_bytes) or ROW_BLOCK_BYTES) // (v * 4))
     if n <= rows + 1:
         values, terms, g = per_row_grad(s, t, y)
         return values.sum(), {k: x.sum() for k, x in terms.items()}, torch.zeros_like(s) if g is None else g
@@ -189,10 +193,13 @@ def blockwise_rows(per_row_grad: Callable[..., "tuple[Tensor, dict[str, Tensor],
 
 
 def check_labels(labels: Tensor, vocab: int) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+    if not labels.numel():
+        return
+    lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host synchronisation, not two
+    if lo < 0 or hi >= vocab:
         raise ValueError(
             f"labels at counted positions must be token ids in [0, {vocab}); got range "
-            f"[{int(labels.min())}, {int(labels.max())}] (mask out ignored positions, e.g. -100)"
+            f"[{lo}, {hi}] (mask out ignored positions, e.g. -100)"
         )
 
 

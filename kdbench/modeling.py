@@ -15,19 +15,34 @@ causal LM, a head module, a teacher source, a bare weight); :func:`output_head` 
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from kdbench.data.batching import Batch
 
+#: How attention keeps a packed row's sequences apart (:func:`packed_attention`):
+#:
+#: * ``"dense"``: transformers' SDPA with the block-diagonal L × L mask it builds from the
+#:   restarting ``position_ids`` (a masked kernel over the whole row, and a host synchronisation to
+#:   detect the packing). The CPU's, and what every stored result was made with;
+#: * ``"per_sequence"``: SDPA once per sequence, causal, without a mask (:func:`per_sequence_attention`):
+#:   no L × L mask, and on CUDA the flash / memory-efficient kernels that a mask rules out.
+PACKED_ATTENTION = ("dense", "per_sequence")
+#: The name :func:`per_sequence_attention` is registered under in transformers' ``AttentionInterface``
+#: (and SDPA's mask function under in its ``AttentionMaskInterface``).
+PER_SEQUENCE_ATTENTION = "kdbench_per_sequence"
+
 
 def final_hidden(model, batch: Batch) -> Tensor:
     """``[N, d]`` final hidden states at ``batch.counted``. Packed sequences stay independent:
     ``position_ids`` restart per sequence and, with no attention mask and no cache,
-    transformers masks attention per sequence (flash-attention kernels use them as varlen
-    boundaries).
+    transformers masks attention per sequence. A model switched to per-sequence attention
+    (:func:`packed_attention`) is handed the row's sequence boundaries instead
+    (:func:`sequence_bounds`) and builds no mask.
 
     ``model`` is a causal LM, a :class:`StudentBody`, or a wrapper around one (DDP,
     ``accelerate``'s prepared module): the call then goes through the wrapper's forward."""
@@ -37,9 +52,117 @@ def final_hidden(model, batch: Batch) -> Tensor:
         raise TypeError(f"{type(model).__name__} wraps a {type(model.module).__name__}: wrap "
                         "kdbench.modeling.StudentBody(model) instead, so that the forward the wrapper "
                         "hooks (DDP's gradient all-reduce) is the one training calls")
-    out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    kwargs = {}
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == PER_SEQUENCE_ATTENTION:
+        kwargs["attention_mask"] = sequence_bounds(batch)
+    out = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
     h = out.last_hidden_state
     return h.reshape(-1, h.shape[-1]).index_select(0, batch.counted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sequence attention for packed rows
+# ---------------------------------------------------------------------------------------------
+
+
+def sequence_bounds(batch: Batch) -> Tensor:
+    """Where each sequence of the packed row starts, and the row's length: ``[0, l_1, l_1 + l_2,
+    …, L]`` as a ``[1, 1, 1, n + 1]`` int64 tensor on the CPU. It travels to
+    :func:`per_sequence_attention` in the ``attention_mask`` argument: transformers hands a 4-D
+    mask to the attention layers as it is, without building one of its own, and keeps it among
+    the block's inputs that activation checkpointing replays. From the batch's encoded lengths
+    (host values: reading them never waits for the device); a batch whose lengths do not add up
+    to its row falls back on its ``position_ids`` (a sequence starts at position 0)."""
+    length = batch.input_ids.shape[-1]
+    bounds = [0, *itertools.accumulate(len(e.ids) for e in batch.encoded)]
+    if bounds[-1] != length or batch.input_ids.shape[0] != 1:
+        starts = (batch.position_ids.reshape(-1) == 0).nonzero().reshape(-1).tolist()
+        bounds = sorted({0, *starts}) + [length]
+    return torch.tensor(bounds, dtype=torch.long).view(1, 1, 1, -1)
+
+
+def per_sequence_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """transformers' SDPA attention (``integrations/sdpa_attention.py``), run once per packed
+    sequence when ``attention_mask`` is :func:`sequence_bounds`'s integer tensor: each sequence
+    causal (``is_causal``), without a mask, so CUDA runs a flash or memory-efficient kernel on it
+    and nothing L × L is made. Any other call (a boolean or float mask: padding, a KV cache; or
+    none) is SDPA's own, unchanged, so a model left switched still decodes and evaluates exactly
+    as under ``"sdpa"``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or attention_mask.is_floating_point() or attention_mask.dtype == torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = attention_mask.reshape(-1).tolist()
+    length = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != length or bounds[0] != 0 or bounds[-1] != length:
+        raise ValueError(f"per-sequence attention takes one packed row without a cache; got queries "
+                         f"{tuple(query.shape)}, keys {tuple(key.shape)}, sequence bounds {bounds[:4]}…{bounds[-1:]}")
+    if len(bounds) == 2:
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+            for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=1), None  # [1, L, heads, head_dim], as SDPA returns it
+
+
+_REGISTERED = False
+
+
+def _register_per_sequence() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(PER_SEQUENCE_ATTENTION, per_sequence_attention)
+        AttentionMaskInterface.register(PER_SEQUENCE_ATTENTION, sdpa_mask)  # padded / cached forwards: SDPA's masks
+        _REGISTERED = True
+
+
+def supports_per_sequence(model) -> bool:
+    """Whether ``model`` (a causal LM) can run :func:`per_sequence_attention`: a transformers model
+    on SDPA that sets its attention through ``AttentionInterface``, every layer full causal
+    attention (a sliding window or chunked attention would need its own mask per sequence), and
+    no sub-models (multimodal masks)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", PER_SEQUENCE_ATTENTION):
+        return False
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        return False
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "sub_configs", None):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        if any(t != "full_attention" for t in layer_types):
+            return False
+    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return not getattr(config, "attention_chunk_size", None)
+
+
+@contextmanager
+def packed_attention(model, mode: str):
+    """Within the block, ``model`` (a causal LM or a wrapper around one) keeps its packed
+    sequences apart by ``mode`` (:data:`PACKED_ATTENTION`); yields the mode in effect:
+    ``"per_sequence"`` falls back on ``"dense"`` for a model that cannot run it
+    (:func:`supports_per_sequence`). The model's own attention implementation comes back on exit.
+    Hidden states and gradients equal the dense path's up to float rounding
+    (tests/test_packed_attention.py), so switching changes a run's numbers in their last bits only."""
+    if mode not in PACKED_ATTENTION:
+        raise ValueError(f"packed attention must be one of {PACKED_ATTENTION}, got {mode!r}")
+    lm = unwrap(model)
+    if mode == "dense" or not supports_per_sequence(lm):
+        yield "dense"
+        return
+    _register_per_sequence()
+    before = lm.config._attn_implementation
+    lm.set_attn_implementation(PER_SEQUENCE_ATTENTION)
+    try:
+        yield "per_sequence"
+    finally:
+        lm.set_attn_implementation(before)
 
 
 class StudentBody(torch.nn.Module):

@@ -17,6 +17,7 @@ objective (this) ← registry (names, discovery).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -114,11 +115,12 @@ class Objective:
         """True when the objective declares a closed-form gradient (``@objective(gradient=...)``)."""
         return self.spec.gradient is not None
 
-    def row_sums_grad(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def row_sums_grad(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None, *,
+                      block_bytes: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """``(Σ loss, {term: Σ}, ∂Σloss/∂s [N, V])`` of a chunk of rows, the training path's row
-        function for every objective: :meth:`per_position_grad` on blocks of rows
-        (:func:`kdbench.losses.blockwise_rows`)."""
-        return _losses.blockwise_rows(self.per_position_grad, s, t, labels)
+        function for every objective: :meth:`per_position_grad` on blocks of ``block_bytes`` of
+        logits (:func:`kdbench.losses.blockwise_rows`; 0: :data:`kdbench.losses.ROW_BLOCK_BYTES`)."""
+        return _losses.blockwise_rows(self.per_position_grad, s, t, labels, block_bytes=block_bytes)
 
     def per_position_grad(self, s: Tensor, t: Tensor | None, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """``([N] values, {term: [N]}, ∂Σvalues/∂s [N, V])``, no graph kept: from the declared closed
@@ -224,6 +226,7 @@ class Objective:
         *,
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        row_block_bytes: int = 0,
     ) -> ObjectiveOutput:
         """The objective from final hidden states through the output heads, chunk by chunk.
 
@@ -235,7 +238,10 @@ class Objective:
         Heads are what :func:`kdbench.modeling.head_params` takes (a weight ``[V, d]``, an
         ``nn.Linear``, a module with ``.weight``, a causal LM, a teacher source); a head padded
         beyond the tokenizer is cut to ``vocab_size`` rows (different widths without
-        ``vocab_size`` are an error).
+        ``vocab_size`` are an error). ``chunk_size`` counted rows make one chunk of logits (0 or
+        None: :data:`kdbench.losses.HIDDEN_CHUNK_SIZE`), and the row function runs on blocks of
+        ``row_block_bytes`` of a chunk's logits (0: :data:`kdbench.losses.ROW_BLOCK_BYTES`); the
+        trainer takes both from its device's tuning (kdbench/engine/tuning.py).
         """
         spec = self.spec
         if student_hidden.dim() < 1:
@@ -279,8 +285,9 @@ class Objective:
             lab = None if lab is None else lab.index_select(0, idx)
         if lab is not None:
             _losses.check_labels(lab, w_s.shape[0])
+        row_grad = self.row_sums_grad if not row_block_bytes else partial(self.row_sums_grad,
+                                                                          block_bytes=int(row_block_bytes))
         loss_sum, term_sums = _losses.chunked_head_loss(self.row_sums, sh, w_s, b_s, th, w_t, b_t, lab,
-                                                        chunk_size=chunk_size or 0,
-                                                        row_grad=self.row_sums_grad)
+                                                        chunk_size=chunk_size or 0, row_grad=row_grad)
         denom = max(n, 1)
         return ObjectiveOutput(loss_sum / denom, {k: (v / denom).detach() for k, v in term_sums.items()})

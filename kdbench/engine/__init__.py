@@ -6,6 +6,7 @@
 * :mod:`~kdbench.engine.check`         the start-up check: chunked path == dense reference
 * :mod:`~kdbench.engine.state`         the train state (the resume seam) and the schedule
 * :mod:`~kdbench.engine.trainer`       the loop, top to bottom
+* :mod:`~kdbench.engine.tuning`        the step's settings per device (chunks, checkpointing, attention)
 
 Each part's contract, and where on-policy sampling and scale-out plug in: docs/engine.md.
 Below the engine (it imports them, they never import it): the objective's math

@@ -7,7 +7,7 @@ One optimiser step::
     hidden  = final_hidden(model, batch)           # 3. student hidden states at counted positions only
     loss    = objective.from_hidden(hidden, ...)   # 4. objective from hidden states, logits per chunk
     loss.backward()                                # 5. backward
-    clip_grad_norm_(params, grad_clip)             # 6. clip (a non-finite norm stops the run)
+    clip_grad_norm_(params, grad_clip)             # 6. clip (a non-finite loss or norm stops the run here)
     optimizer.step()                               # 7. AdamW (fused), learning rate from the step
 
 then the hooks (:class:`TrainHooks`): curve points every ``log_every`` steps, the validation
@@ -16,13 +16,17 @@ score that selects the checkpoint every ``valid_every`` steps, and the caller's 
 (kdbench/suites/spec.py); only the objective differs between runs. The parts are injected:
 the batch source (kdbench/engine/batches.py), the teacher source (kdbench/engine/teacher.py;
 None for objectives that need no teacher, e.g. ``ce``, which is how teachers are fine-tuned), the
-train state (kdbench/engine/state.py; pass a restored one to continue a run) and the
-precision helpers (kdbench/device.py).
+train state (kdbench/engine/state.py; pass a restored one to continue a run), the
+precision helpers (kdbench/device.py) and the step's settings for the device
+(kdbench/engine/tuning.py: logits chunk and row block, activation checkpointing, packed
+attention). A step reads the device's values back once (loss, gradient norm, terms together).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,15 +35,8 @@ import torch
 
 from kdbench.device import autocast_context
 from kdbench.engine.state import TrainState, lr_at
-from kdbench.modeling import final_hidden, output_head, set_activation_checkpointing, unwrap
-
-
-#: Recompute the student's block activations in backward rather than keep them (bitwise the same
-#: gradients; kdbench/modeling.py). On the default run it is what brings the peak under
-#: 3 GB, for ~25% more training time, ~10% of the run (docs/performance.md, "the default run
-#: under 3 GB").
-#: ``KDBENCH_ACTIVATION_CHECKPOINTING=0`` trades the memory back for speed.
-ACTIVATION_CHECKPOINTING = os.environ.get("KDBENCH_ACTIVATION_CHECKPOINTING", "1") != "0"
+from kdbench.engine.tuning import ACTIVATION_CHECKPOINTING, StepTuning, step_tuning  # noqa: F401  (re-exported)
+from kdbench.modeling import final_hidden, output_head, packed_attention, set_activation_checkpointing, unwrap
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,6 +53,7 @@ class TrainResult:
     selected_step: int
     selection_rule: str
     valid_scores: dict[int, float] = field(default_factory=dict)
+    step_tuning: dict = field(default_factory=dict)   # the settings it trained with (StepTuning.to_dict())
 
 
 class TrainHooks:
@@ -120,8 +118,10 @@ def train(
     state: TrainState | None = None,           # a restored state continues a run; its .best says where
                                                # the best-so-far weights live (default: in memory)
     optimizer: torch.optim.Optimizer | None = None,
-    chunk_size: int = 0,                       # counted positions per logits chunk (0: losses.HIDDEN_CHUNK_SIZE)
-    activation_checkpointing: bool | None = None,  # None: ACTIVATION_CHECKPOINTING
+    tuning: StepTuning | None = None,          # the step's settings (None: step_tuning(device, ...) for this
+                                               # model and spec, kdbench/engine/tuning.py)
+    chunk_size: int = 0,                       # counted positions per logits chunk (0: the tuning's)
+    activation_checkpointing: bool | None = None,  # None: the tuning's
     progress: bool = True,
 ) -> TrainResult:
     from tqdm.auto import tqdm
@@ -131,9 +131,14 @@ def train(
     hooks = hooks or TrainHooks()
     valid_every = hooks.valid_every
     lm = unwrap(model)  # the causal LM itself: head, checkpointing, validation, best weights
+    if tuning is None:
+        tuning = step_tuning(device, model=lm, spec=spec, teacher=teacher,
+                             activation_checkpointing=activation_checkpointing)
+    elif activation_checkpointing is not None:
+        tuning = dataclasses.replace(tuning, activation_checkpointing=activation_checkpointing)
+    if chunk_size:
+        tuning = dataclasses.replace(tuning, chunk_size=chunk_size)
     model.train()
-    checkpointing = set_activation_checkpointing(
-        lm, ACTIVATION_CHECKPOINTING if activation_checkpointing is None else activation_checkpointing)
     params = [p for p in lm.parameters() if p.requires_grad]
     head = output_head(lm)
     opt = optimizer or make_optimizer(lm, spec, device)
@@ -142,58 +147,64 @@ def train(
     bar = tqdm(range(state.step, spec.steps), desc=f"train {objective.setting}", disable=not progress,
                dynamic_ncols=True, initial=state.step, total=spec.steps)
 
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = next(batches).to(device)                                        # 1. next batch
-        lr = lr_at(step, spec)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        t_hidden = teacher.hidden(batch) if objective.needs_teacher else None   # 2. teacher targets
-        with autocast_context(device, spec.bf16_autocast):
-            hidden = final_hidden(model, batch)                                # 3. student hidden states
-        out = objective.from_hidden(hidden, head, t_hidden,                    # 4. objective from hidden states
-                                    teacher.head if t_hidden is not None else None,
-                                    labels=batch.labels, chunk_size=chunk_size)
-        if not torch.isfinite(out.loss):
-            raise TrainingDiverged(f"loss is {out.loss.item()} at step {step + 1}")
-        out.loss.backward()                                                     # 5. backward
-        norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)           # 6. clip
-        if not torch.isfinite(norm):
-            raise TrainingDiverged(f"gradient norm is {norm.item()} at step {step + 1}")
-        opt.step()                                                              # 7. optimiser step
-        # Gradients are dropped right after the step, not before the next backward: the next forward's
-        # activations (the step's memory peak) then never coexist with a model-sized gradient.
-        opt.zero_grad(set_to_none=True)
+    # evaluation and later training calls get the models as they came, however the loop ends
+    with contextlib.ExitStack() as restore:
+        if set_activation_checkpointing(lm, tuning.activation_checkpointing):
+            restore.callback(set_activation_checkpointing, lm, False)
+        restore.enter_context(packed_attention(lm, tuning.packed_attention))
+        if isinstance(getattr(teacher, "model", None), torch.nn.Module):  # a live teacher runs packed rows too
+            restore.enter_context(packed_attention(teacher.model, tuning.packed_attention))
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = next(batches).to(device)                                        # 1. next batch
+            lr = lr_at(step, spec)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            t_hidden = teacher.hidden(batch) if objective.needs_teacher else None   # 2. teacher targets
+            with autocast_context(device, spec.bf16_autocast):
+                hidden = final_hidden(model, batch)                                # 3. student hidden states
+            out = objective.from_hidden(hidden, head, t_hidden,                    # 4. objective from hidden states
+                                        teacher.head if t_hidden is not None else None, labels=batch.labels,
+                                        chunk_size=tuning.chunk_size, row_block_bytes=tuning.row_block_bytes)
+            out.loss.backward()                                                     # 5. backward
+            norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)           # 6. clip
+            loss, norm, terms = _host_values(out.loss, norm, out.terms)
+            if not math.isfinite(loss):  # no step taken: the run stops at the step that diverged
+                raise TrainingDiverged(f"loss is {loss} at step {step + 1}")
+            if not math.isfinite(norm):
+                raise TrainingDiverged(f"gradient norm is {norm} at step {step + 1}")
+            opt.step()                                                              # 7. optimiser step
+            # Gradients are dropped right after the step, not before the next backward: the next forward's
+            # activations (the step's memory peak) then never coexist with a model-sized gradient.
+            opt.zero_grad(set_to_none=True)
 
-        state.step = done = step + 1
-        state.tokens += batch.n_tokens
-        state.counted += batch.n_counted
-        state.train_time_s += time.perf_counter() - t0
-        w = state.window
-        w["loss"] += out.loss.item()
-        for k, v in out.terms.items():
-            w["terms"][k] = w["terms"].get(k, 0.0) + float(v)
-        w["n"] += 1
-        bar.set_postfix(loss=f"{out.loss.item():.4f}", tok_s=f"{state.tokens / max(state.train_time_s, 1e-9):.0f}")
-        if done % spec.log_every == 0 or done == spec.steps:
-            hooks.on_log(done, {"loss": w["loss"] / w["n"], "terms": {k: v / w["n"] for k, v in w["terms"].items()},
-                       "lr": lr, "tokens": state.tokens, "elapsed_s": state.train_time_s})
-            state.window = {"loss": 0.0, "terms": {}, "n": 0}
+            state.step = done = step + 1
+            state.tokens += batch.n_tokens
+            state.counted += batch.n_counted
+            state.train_time_s += time.perf_counter() - t0
+            w = state.window
+            w["loss"] += loss
+            for k, v in terms.items():
+                w["terms"][k] = w["terms"].get(k, 0.0) + v
+            w["n"] += 1
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state.tokens / max(state.train_time_s, 1e-9):.0f}")
+            if done % spec.log_every == 0 or done == spec.steps:
+                hooks.on_log(done, {"loss": w["loss"] / w["n"], "terms": {k: v / w["n"] for k, v in w["terms"].items()},
+                                    "lr": lr, "tokens": state.tokens, "elapsed_s": state.train_time_s})
+                state.window = {"loss": 0.0, "terms": {}, "n": 0}
 
-        if valid_every and (done % valid_every == 0 or done == spec.steps):
-            score = hooks.validate(lm)
-            model.train()
-            state.valid_scores[done] = score
-            hooks.on_valid(done, score)
-            if score > state.best_score:  # ties keep the earlier step
-                state.best_score, state.best_step = score, done
-                if done != spec.steps:  # the last step's weights are the model itself
-                    state.best.keep(lm)
-        hooks.on_step(state, opt)
+            if valid_every and (done % valid_every == 0 or done == spec.steps):
+                score = hooks.validate(lm)
+                model.train()
+                state.valid_scores[done] = score
+                hooks.on_valid(done, score)
+                if score > state.best_score:  # ties keep the earlier step
+                    state.best_score, state.best_step = score, done
+                    if done != spec.steps:  # the last step's weights are the model itself
+                        state.best.keep(lm)
+            hooks.on_step(state, opt)
+        bar.close()
 
-    bar.close()
-    if checkpointing:  # evaluation and later training calls get the model as it came
-        set_activation_checkpointing(lm, False)
     if state.best_step is not None and state.best_step != spec.steps:
         state.best.restore(lm)
     rule = f"best validation score every {valid_every} steps (ties: earliest)" if valid_every else "last step"
@@ -201,5 +212,15 @@ def train(
         steps=spec.steps, train_tokens=state.tokens, loss_tokens=state.counted, train_time_s=state.train_time_s,
         tokens_per_s=state.tokens / state.train_time_s if state.train_time_s > 0 else 0.0,
         selected_step=state.best_step if state.valid_scores else spec.steps, selection_rule=rule,
-        valid_scores=dict(state.valid_scores),
+        valid_scores=dict(state.valid_scores), step_tuning=tuning.to_dict(),
     )
+
+
+def _host_values(loss: torch.Tensor, norm: torch.Tensor, terms: dict) -> tuple[float, float, dict[str, float]]:
+    """The step's loss, gradient norm and terms as Python floats, in ONE host synchronisation: on a
+    GPU every ``.item()`` waits for the device to drain its queue, and the finiteness checks, the
+    logging window and the progress bar all read these values. Each converts exactly (float32 and
+    float64 to float64), so the floats are bitwise those ``.item()`` / ``float()`` give one by one."""
+    values = torch.stack([torch.as_tensor(x).detach().to(device=loss.device, dtype=torch.float64).reshape(())
+                          for x in (loss, norm, *terms.values())]).tolist()
+    return values[0], values[1], dict(zip(terms, values[2:]))
