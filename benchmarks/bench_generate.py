@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from common import micro_setup, report  # noqa: F401  (sets sys.path)
+from common import add_device_option, bench_device, micro_setup, report  # noqa: F401  (sets sys.path)
 
 import torch  # noqa: E402
 
@@ -26,6 +26,7 @@ def bare_loop(model, tok, texts, spec, seed, batch):
     n = 0
     for start in range(0, len(texts), batch):
         enc = tok(texts[start:start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
         out = model.generate(**enc, do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
                              max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--model", choices=("student", "teacher"), default="student")
     ap.add_argument("--repeats", type=int, default=2)
+    add_device_option(ap)
     args = ap.parse_args()
 
     import dataclasses
@@ -51,7 +53,7 @@ def main() -> None:
     from kdbench.suites import MICRO
 
     default_threads()
-    device = torch.device("cpu")
+    device = bench_device(args.device)
     teacher, new_student, tok, _, _ = micro_setup(device)
     model = (teacher if args.model == "teacher" else new_student()).eval()
     spec = dataclasses.replace(MICRO.eval, batch_size=args.batch)

@@ -55,6 +55,34 @@ def machine() -> dict:
     return info
 
 
+def add_device_option(ap) -> None:
+    """``--device``, as `kdbench run` takes it (kdbench/device.py ``resolve_device``)."""
+    ap.add_argument("--device", default="auto",
+                    help="auto (default): cuda when a CUDA device is available, else cpu; or cpu, cuda, cuda:N")
+
+
+def bench_device(name: str) -> torch.device:
+    """The device ``--device`` names here, with a run's settings pinned on it (the current CUDA
+    device, IEEE float32 matmuls: kdbench/device.py ``pin_run_settings``); a device this machine
+    lacks ends the benchmark with the run's one-line message."""
+    from kdbench.device import pin_run_settings, resolve_device
+    from kdbench.errors import UserError
+
+    try:
+        device = resolve_device(name)
+    except UserError as exc:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {exc}") from None
+    pin_run_settings(device)
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously), so a clock read after
+    it times what was asked before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 V1_KEEP_EVERY = 2  # the benchmark student: blocks 0, 2, ..., 28, 29 of the base teacher (micro v1's)
 
 

@@ -20,7 +20,8 @@ import gc
 import sys
 import time
 
-from common import cached_teacher, machine, micro_setup  # noqa: F401  (sets sys.path, preloads the allocator)
+# common sets sys.path and preloads the allocator
+from common import add_device_option, bench_device, cached_teacher, machine, micro_setup, synchronize  # noqa: F401
 
 import torch  # noqa: E402
 
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12, help="steps per arm; the first 3 are not counted")
+    add_device_option(ap)
     args = ap.parse_args()
 
     from kdbench.device import autocast_context, default_threads
@@ -38,7 +40,7 @@ def main() -> None:
     from kdbench.suites import MICRO
 
     default_threads()
-    device = torch.device("cpu")
+    device = bench_device(args.device)
     teacher, new_student, tok, enc, _ = micro_setup(device)
     spec = dataclasses.replace(MICRO.train, steps=args.steps, warmup_steps=1)
     objective = get_objective("kl")
@@ -59,6 +61,7 @@ def main() -> None:
         times, losses, tokens = [], [], []
         for _ in range(args.steps):
             batch = next(batches).to(device)
+            synchronize(device)
             t0 = time.perf_counter()
             with autocast_context(device, spec.bf16_autocast):
                 hidden = final_hidden(model, batch)
@@ -67,6 +70,7 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
             losses.append(out.loss.item())
             tokens.append(batch.n_tokens)

@@ -19,7 +19,8 @@ import gc
 import sys
 import time
 
-from common import cached_teacher, machine, micro_setup  # noqa: F401  (sets sys.path, preloads the allocator)
+# common sets sys.path and preloads the allocator
+from common import add_device_option, bench_device, cached_teacher, machine, micro_setup, synchronize  # noqa: F401
 
 import torch  # noqa: E402
 
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per arm; the first 2 are not counted")
     ap.add_argument("--objective", default="kl")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one more step (activations kept)")
+    add_device_option(ap)
     args = ap.parse_args()
 
     from kdbench.device import autocast_context, default_threads
@@ -41,7 +43,7 @@ def main() -> None:
     from kdbench.suites import MICRO
 
     default_threads()
-    device = torch.device("cpu")
+    device = bench_device(args.device)
     teacher, new_student, tok, enc, _ = micro_setup(device)
     spec = dataclasses.replace(MICRO.train, steps=args.steps, warmup_steps=1)
     objective = get_objective(args.objective)
@@ -58,21 +60,26 @@ def main() -> None:
         batches = PackedBatches(enc, spec.batch_size, 0, tok.pad_token_id)
 
         def step(batch):
-            marks = [time.perf_counter()]
+            def mark():  # each phase's kernels finished (CUDA queues them) before the clock is read
+                synchronize(device)
+                marks.append(time.perf_counter())
+
+            marks: list[float] = []
+            mark()
             t_hidden = source.hidden(batch)
-            marks.append(time.perf_counter())
+            mark()
             with autocast_context(device, spec.bf16_autocast):
                 hidden = final_hidden(model, batch)
-            marks.append(time.perf_counter())
+            mark()
             out = objective.from_hidden(hidden, head, t_hidden, source.head, labels=batch.labels)
-            marks.append(time.perf_counter())
+            mark()
             out.loss.backward()
-            marks.append(time.perf_counter())
+            mark()
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-            marks.append(time.perf_counter())
+            mark()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            marks.append(time.perf_counter())
+            mark()
             return [b - a for a, b in zip(marks, marks[1:])]
 
         spent, tokens, counted = [0.0] * len(PHASES), 0, 0

@@ -42,6 +42,13 @@ the tied embedding's 113 MB gradient took 53 ms a step (``torch.profiler``; docs
 check, each validation, training), so what one phase freed is not resident under the next.
 Never purging (``-1``) is faster still but keeps the training memory resident under evaluation:
 peak 2,860 -> 3,400 MB on the standard run.
+
+**cuBLAS's workspace.** cuBLAS is deterministic only with one of two workspace configurations
+(:data:`CUBLAS_DETERMINISTIC`), read from ``CUBLAS_WORKSPACE_CONFIG`` when it makes its first
+handle; ``--deterministic`` needs it. The ``kdbench`` command sets it for such a run before torch
+is imported (:func:`deterministic_cublas`, kdbench/cli.py), so no cuBLAS call can come first; a
+value you set is kept, and refused by the run where it is not deterministic
+(kdbench/device.py ``check_deterministic``).
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": 
 #: their pages; phases end with a forced purge (device.release_memory). A positive value is
 #: needed: with -1 mimalloc never purges, even when asked to.
 PURGE_DELAY_MS = "10000"
+CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
+#: The workspace configurations under which cuBLAS is deterministic (NVIDIA's cuBLAS docs, "Results
+#: reproducibility"; torch checks for exactly these): 8 buffers of 4 MiB (kdbench's), or 8 of 16 KiB.
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
 
 
 def bound_kernel_caches() -> None:
@@ -67,6 +78,12 @@ def bound_kernel_caches() -> None:
     is imported. A value the user set is kept."""
     for name, value in KERNEL_CACHES.items():
         os.environ.setdefault(name, value)
+
+
+def deterministic_cublas() -> None:
+    """Configure cuBLAS's workspace for deterministic kernels (a value the user set is kept); call
+    before torch is imported, for a run with ``--deterministic``. Inert without CUDA."""
+    os.environ.setdefault(CUBLAS_ENV, CUBLAS_DETERMINISTIC[0])
 
 
 def kernel_caches() -> dict[str, str | None]:

@@ -139,6 +139,7 @@ def run_analysis(args) -> int:
     training batches (same data order as a run with this seed); store and print the matrices."""
     from kdbench import provenance
     from kdbench.config import RunConfig, resolve_suite
+    from kdbench.device import numerics, pin_run_settings, resolve_device, restoring_settings
     from kdbench.engine.batches import PackedBatches
     from kdbench.errors import UserError
     from kdbench.modeling import final_hidden, head_params
@@ -154,26 +155,29 @@ def run_analysis(args) -> int:
     if args.batches < 1:
         raise UserError("--batches must be at least 1")
     suite, label = resolve_suite(RunConfig(objective="kl", suite=args.suite, finetune_steps=args.finetune_steps))
+    device = resolve_device(getattr(args, "device", "auto"))  # before the store is opened (and perhaps created)
     engine = open_engine(args.db)
 
-    device = torch.device("cpu")
-    prep = prepare(suite, device)
-    student, teacher = prep.new_student(), prep.teacher()
-    it = PackedBatches(prep.train_examples(), suite.train.batch_size, args.seed, prep.tokenizer.pad_token_id)
-    ws, wt = head_params(student)[0], head_params(teacher)[0]
-    rows_s, rows_t, rows_l = [], [], []
-    with torch.no_grad():  # logits at counted positions only; each objective's gradient is taken w.r.t. these leaves
-        for _ in range(args.batches):
-            b = next(it)
-            rows_s.append(torch.nn.functional.linear(final_hidden(student, b).float(), ws.float()))
-            rows_t.append(torch.nn.functional.linear(final_hidden(teacher, b).float(), wt.float()))
-            rows_l.append(b.labels)
-    s, t, lab = torch.cat(rows_s)[None], torch.cat(rows_t)[None], torch.cat(rows_l)[None]
-    result = gradient_similarity(settings, s, t, torch.ones(s.shape[:2], dtype=torch.bool), lab)
+    with restoring_settings():
+        pin_run_settings(device)
+        prep = prepare(suite, device)
+        student, teacher = prep.new_student(), prep.teacher()
+        it = PackedBatches(prep.train_examples(), suite.train.batch_size, args.seed, prep.tokenizer.pad_token_id)
+        ws, wt = head_params(student)[0], head_params(teacher)[0]
+        rows_s, rows_t, rows_l = [], [], []
+        with torch.no_grad():  # logits at counted positions only; each objective's gradient is taken w.r.t. these
+            for _ in range(args.batches):
+                b = next(it).to(device)
+                rows_s.append(torch.nn.functional.linear(final_hidden(student, b).float(), ws.float()))
+                rows_t.append(torch.nn.functional.linear(final_hidden(teacher, b).float(), wt.float()))
+                rows_l.append(b.labels)
+        s, t, lab = torch.cat(rows_s)[None], torch.cat(rows_t)[None], torch.cat(rows_l)[None]
+        result = gradient_similarity(settings, s, t, torch.ones(s.shape[:2], dtype=torch.bool, device=s.device), lab)
+        kind = numerics(device, suite.train.bf16_autocast)
 
     writer = RunWriter.start(engine, role=ROLE_ANALYSIS, suite=suite.name, suite_version=label, seed=args.seed,
                              config={"settings": settings, "batches": args.batches, "suite": suite.to_dict(),
-                                     "model": "student-init"},
+                                     "model": "student-init", "device": str(device), **kind},
                              provenance=provenance.collect(), setting="analysis")
     writer.artifact("grad_similarity", result)
     writer.finish()

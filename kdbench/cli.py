@@ -37,6 +37,15 @@ def _run_config(args, command: str):
     return from_dict(values, f"--config-json {args.config_json}")
 
 
+def _before_torch(config) -> None:
+    """What a run's configuration asks of the process before torch is imported (so before CUDA
+    and cuBLAS start): ``--deterministic`` configures cuBLAS's workspace (kdbench/allocator.py)."""
+    if config.deterministic:
+        from kdbench.allocator import deterministic_cublas
+
+        deterministic_cublas()
+
+
 def cmd_run(args) -> int:
     if args.resume is not None:
         from kdbench.config import given_flags, options
@@ -51,6 +60,7 @@ def cmd_run(args) -> int:
 
         claim = claim_resume(args.resume, config.db, progress=config.progress)  # before torch is imported
         try:
+            _before_torch(claim.run_config)
             from kdbench.device import default_threads
             from kdbench.recipe import resume
 
@@ -61,6 +71,7 @@ def cmd_run(args) -> int:
         run_id = resume(claim, argv=sys.argv)
         return _print_run_table(config.db, run_id)
     config = _run_config(args, "run")
+    _before_torch(config)
     from kdbench.device import default_threads
     from kdbench.recipe import run
 
@@ -88,6 +99,7 @@ def cmd_prepare(args) -> int:
     config = _run_config(args, "prepare")
     if config.objective is None:  # what a suite's runs share does not depend on the objective
         config = dataclasses.replace(config, objective="kl")
+    _before_torch(config)
     from kdbench.device import default_threads
     from kdbench.recipe import prepare_only
 
@@ -360,6 +372,9 @@ def cmd_eval(args) -> int:
         raise UserError("--lm-eval needs at least one task name")
     if args.include_path and not Path(args.include_path).is_dir():
         raise UserError(f"--include-path {args.include_path}: no such folder")
+    from kdbench.device import resolve_device
+
+    resolve_device(args.device)  # a GPU that is not there is refused before anything is written
     from kdbench.lmeval import eval_run
 
     return eval_run(args)

@@ -17,7 +17,7 @@ import sys
 
 from kdbench.config import option_named, options
 from kdbench.errors import UserError
-from kdbench.run_option import COUNT_MAX, SEED_MAX, Option, _int_in, _nonempty
+from kdbench.run_option import COUNT_MAX, SEED_MAX, Option, _device, _int_in, _nonempty
 
 RUN_ID_MAX = 2**63 - 1      # SQLite INTEGER
 
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=_int_in("--seed", 0, SEED_MAX), default=0)
     a.add_argument("--finetune-steps", type=_int_in("--finetune-steps", 1, COUNT_MAX), default=None,
                    help="teacher fine-tuning steps for suites that fine-tune (default: the suite's; as for run)")
+    a.add_argument("--device", type=_device, default="auto",
+                   help="auto (default): cuda when available, else cpu; or cpu, cuda, cuda:N")
     a.add_argument("--db", type=_nonempty("--db"), default=None)
 
     e = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a distilled student and store the results")
@@ -178,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lm-eval", dest="lm_eval", required=True, metavar="TASKS", help="comma-separated lm-eval tasks")
     e.add_argument("--include-path", default=None, help="folder of extra lm-eval YAML tasks")
     e.add_argument("--limit", type=_int_in("--limit", 1, COUNT_MAX), default=None)
+    e.add_argument("--device", type=_device, default="auto",
+                   help="where lm-eval runs the student: auto (default): cuda when available, else cpu; or cpu, "
+                        "cuda, cuda:N")
     e.add_argument("--db", type=_nonempty("--db"), default=None)
 
     c = sub.add_parser("cache", help="list or clear the teacher caches on disk (hidden states; the evaluation prompts' prefill)")

@@ -91,8 +91,14 @@ class RunConfig:
         None, flag="--lr", type=_positive_float, sweep="tune", identity="label",
         help="peak learning rate instead of the suite's (default: the suite's; filed under version+lr=X)")
     device: str = option(
-        "cpu", flag="--device", type=_device_type,
-        help="cpu (default), cuda or cuda:N")
+        "auto", flag="--device", type=_device_type,
+        help="auto (default): cuda when a CUDA device is available (the current GPU), else cpu; or cpu, cuda, "
+             "cuda:N (a visible GPU). The run records the device it resolved to")
+    deterministic: bool = option(
+        False, flag="--deterministic",
+        help="deterministic algorithms only (torch.use_deterministic_algorithms; on CUDA cuBLAS's workspace "
+             ":4096:8): what makes a CUDA run repeat and resume bit for bit; refused in one line where it cannot be "
+             "honoured (default: off; CPU runs repeat bit for bit either way: docs/engine.md \"Determinism\")")
     teacher_source: str = option(
         "cache", flag="--teacher-source", choices=("cache", "live"),
         help="cache (default): the teacher's hidden states computed once per suite version and read from disk; "
@@ -291,7 +297,7 @@ def resolve_suite(req: RunConfig) -> tuple[SuiteSpec, str]:
 def resolve(config: RunConfig):
     """Everything a user can get wrong, checked before anything is opened or loaded: returns
     (objective, suite, label). Reads only: the store is :func:`open_store`'s."""
-    from kdbench.device import resolve_device
+    from kdbench.device import check_deterministic, resolve_device
     from kdbench.engine.check import check_contract_early
     from kdbench.diskcache import cache_home
     from kdbench.registry import get_objective
@@ -306,7 +312,7 @@ def resolve(config: RunConfig):
         raise UserError(str(exc)) from None
     check_contract_early(objective)  # a broken plug-in is refused before reference rows are written
     suite, label = resolve_suite(config)
-    resolve_device(config.device)
+    check_deterministic(resolve_device(config.device), config.deterministic)
     if config.teacher_source not in ("cache", "live"):
         raise UserError(f"unknown teacher source {config.teacher_source!r}; valid choices: cache, live")
     cache_home()  # a bad $KDBENCH_CACHE is refused before the store is opened (and perhaps created)
@@ -331,7 +337,12 @@ def run_key(config: RunConfig, objective, label: str) -> str:
     """The identity of an experiment: the resolved objective (name, version, parameters), the
     suite, the version label (every option with identity "label") and the options with identity
     "key" (the training seed; an option added later where it is not its default). Equal keys are
-    repeats; the device, the teacher source and the code version are provenance, not identity."""
+    repeats; the device, determinism, the teacher source and the code version are provenance, not
+    identity. The device stays out on purpose: a run on a GPU is the same experiment as on a CPU
+    (objective, suite, budget, seed); *where* it ran is its teacher group -- the reference
+    fingerprint holds the device kind and precision policy (kdbench/prepare.py) -- and a sweep's
+    skip of finished runs and the leaderboard's grouping key on both, so a GPU run is never
+    counted as its CPU twin. Keeping it out also keeps every committed run's key as it was."""
     ident = {"objective": objective.name, "objective_version": getattr(objective.spec, "version", 1),
              "params": objective.params, "suite": config.suite, "suite_version": label, "seed": int(config.seed)}
     for o in options(cls=type(config)):

@@ -11,9 +11,11 @@ format and the training data, so any change retrains and nothing stale is reused
 is written to a temporary sibling and renamed into place, so a killed fine-tune never leaves a
 half-written teacher behind.
 
-Reproducibility: on one machine kind the fine-tune is deterministic (fixed data order, seed,
-no dropout); across machine kinds float rounding differs, so the fine-tuned teacher's content
-fingerprint (``runs.config.reference_fingerprint``) keeps results of different fine-tunes apart.
+Reproducibility: on one CPU kind the fine-tune is deterministic (fixed data order, seed, no
+dropout; CPU kernels have no atomics); on a GPU only under ``--deterministic`` (docs/engine.md
+"Determinism"). Across machine kinds float rounding differs, so the fine-tuned teacher's content
+fingerprint and the device kind (``runs.config.reference_fingerprint``) keep results of
+different fine-tunes apart.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from kdbench.data.batching import encode
+from kdbench.device import device_kind
 from kdbench.diskcache import cache_dir, publishing_dir
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.trainer import LogHooks, train
@@ -42,10 +45,19 @@ def data_digest(examples) -> str:
     return h.hexdigest()[:16]
 
 
-def finetuned_path(base: Path, suite_name: str, spec, train, system_prompt: str | None = None, seed: int = 0) -> Path:
-    key = fingerprint(base, {"finetune": dataclasses.asdict(spec), "data": data_digest(train), "seed": seed,
-                             "system_prompt": system_prompt, "format": FINETUNE_FORMAT})
-    return cache_dir() / "teachers" / f"{suite_name}-{key}"
+def finetuned_path(base: Path, suite_name: str, spec, train, system_prompt: str | None = None, seed: int = 0,
+                   device: torch.device | None = None) -> Path:
+    """Where the fine-tune of (base, spec, data, seed, prompt format) is cached. On a GPU the
+    device kind (name, compute capability) is in the key too: a cache shared by CPU and GPU
+    machines (one home on a cluster) must not hand one's fine-tune to the other, whose floats
+    differ. On the CPU it is left out, so every CPU machine keeps the fine-tune it has cached
+    (4-13 min each) under the key it was made with; CPU kinds are told apart downstream, by the
+    fine-tuned teacher's content and the device kind in the reference fingerprint."""
+    extra = {"finetune": dataclasses.asdict(spec), "data": data_digest(train), "seed": seed,
+             "system_prompt": system_prompt, "format": FINETUNE_FORMAT}
+    if device is not None and device.type != "cpu":
+        extra["device"] = device_kind(device)
+    return cache_dir() / "teachers" / f"{suite_name}-{fingerprint(base, extra)}"
 
 
 def finetune_teacher(base: Path, suite_name: str, spec, train_examples, device: torch.device, *,
@@ -53,7 +65,7 @@ def finetune_teacher(base: Path, suite_name: str, spec, train_examples, device: 
     """The fine-tuned teacher folder for (base, spec, data); trains and caches it on first use."""
     from kdbench.registry import get_objective
 
-    out = finetuned_path(base, suite_name, spec, train_examples, system_prompt, seed)
+    out = finetuned_path(base, suite_name, spec, train_examples, system_prompt, seed, device)
     if (out / "config.json").is_file():
         print(f"[kdbench] fine-tuned teacher from cache: {out}")
         return out

@@ -1,7 +1,8 @@
 """Bridge to EleutherAI lm-evaluation-harness (``lm_eval`` 0.4.x), offline, on a local model folder.
 
 ``run_lm_eval`` runs ``lm_eval.simple_evaluate`` with the ``hf`` backend on a local Hugging Face
-model folder (``pretrained=<folder>,dtype=float32``, CPU by default) and returns a small,
+model folder (``pretrained=<folder>,dtype=float32``, on the device given: ``kdbench eval
+--device``, default ``auto``, is CUDA when available, else the CPU) and returns a small,
 JSON-serialisable summary (metric values + stderr per task, task versions, lm-eval version) that
 can be stored next to a run. kdbench's own YAML tasks live in ``kdbench/tasks`` (``TASKS_DIR``);
 pass that folder (or your own) as ``include_path`` -- lm-eval's default task index is then not
@@ -95,7 +96,8 @@ def run_lm_eval(
 ) -> dict:
     """Run lm-eval's ``simple_evaluate`` on a local HF model folder; return :func:`summarize_results`.
 
-    * ``model="hf"``, ``model_args=f"pretrained={model_dir},dtype={dtype}"``, ``device`` (cpu).
+    * ``model="hf"``, ``model_args=f"pretrained={model_dir},dtype={dtype}"``, ``device`` (a concrete
+      torch device string: ``cpu``, ``cuda:0``; default cpu).
     * ``include_path`` (a folder or a list of folders) given: ``TaskManager(include_path=...,
       include_defaults=False, metadata=task_metadata)`` -- only those YAML tasks are indexed
       (kdbench's own: :data:`TASKS_DIR`). ``None``: lm-eval's default task index (slow to build).
@@ -164,8 +166,14 @@ def eval_run(args) -> int:
     if not tasks:
         raise UserError("--lm-eval needs at least one task name")
     include = [str(TASKS_DIR)] + ([args.include_path] if args.include_path else [])
+    from kdbench.device import pin_float32_matmul, resolve_device, restoring_settings
+
+    device = resolve_device(getattr(args, "device", "auto"))
     try:
-        summary = run_lm_eval(run.checkpoint_path, tasks, include_path=include, limit=args.limit)
+        with restoring_settings():
+            pin_float32_matmul()  # float32 as the runs compute it (no TF32)
+            summary = run_lm_eval(run.checkpoint_path, tasks, include_path=include, limit=args.limit,
+                                  device=str(device))
     except KeyError as exc:  # lm-eval's unknown-task error
         raise UserError(f"unknown lm-eval task {exc}; kdbench's own tasks live in {TASKS_DIR}") from None
     writer = RunWriter(engine, run.id)

@@ -29,7 +29,7 @@ import torch
 
 from kdbench.data import sources
 from kdbench.data.batching import Encoded, encode
-from kdbench.device import inference_dtype, release_memory
+from kdbench.device import inference_dtype, numerics, release_memory
 from kdbench.engine import teacher_cache
 from kdbench.engine.teacher import CachedTeacher
 from kdbench.errors import UserError
@@ -222,11 +222,17 @@ def prepare(suite: SuiteSpec, device: torch.device, *, data_dir=None, progress: 
 
 
 def reference_fingerprint(prep: Prepared) -> str:
-    """Reference rows (teacher, undistilled student) are reused only for the same teacher
-    (by content: weights, config, tokenizer -- never its path), student construction, data and
-    protocol (the suite version and label are matched too)."""
+    """The teacher group: reference rows (teacher, undistilled student) are reused, a sweep skips
+    finished runs and the leaderboard pools rows only for the same teacher (by content: weights,
+    config, tokenizer -- never its path), student construction, data and protocol (the suite
+    version and label are matched too), computed on the same device kind with the same precision
+    policy (kdbench/device.py ``numerics``: CPU model and numerics flags or GPU and compute
+    capability; bf16 autocast, frozen dtype, float32 matmul precision). Every float of a run
+    depends on those, and sampled responses are drawn from those floats: a GPU's rows, or a bf16
+    CPU's beside a float32 CPU's, are not paired draws of one experiment, even from one teacher."""
     extra = {"student": prep.suite.student, "eval": dataclasses.asdict(prep.suite.eval), "data": prep.suite.data,
-             "system_prompt": prep.suite.system_prompt}
+             "system_prompt": prep.suite.system_prompt,
+             "numerics": numerics(prep.device, prep.suite.train.bf16_autocast)}
     if prep.suite.student["kind"] == "layer_subset" and prep.base_teacher_path is not None \
             and prep.base_teacher_path != prep.teacher_path and prep.suite.student.get("from") != "teacher":
         extra["student_base"] = model_digest(prep.base_teacher_path)

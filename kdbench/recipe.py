@@ -2,7 +2,9 @@
 ``record()``, or :meth:`DistillRun.resume` in place of ``start()`` for a run that stopped.
 
 * ``setup`` resolves the configuration (kdbench/config.py: every user mistake is refused here,
-  before any model is loaded), opens the store, builds what the suite's runs share
+  before any model is loaded; the device and ``--deterministic`` included), opens the store,
+  pins the run's process-wide settings (kdbench/device.py: the device, IEEE float32 matmuls,
+  deterministic algorithms or not), builds what the suite's runs share
   (kdbench/prepare.py: data, teacher, student recipe, tokenised splits), makes sure the
   reference rows exist, chooses the teacher source (the teacher cache decides which examples it
   holds) and runs the start-up check (kdbench/engine/check.py) -- all before the run's row is
@@ -13,7 +15,8 @@
   validation scores into the store, a checkpoint every ``CHECKPOINT_EVERY_S`` and on SIGTERM,
   the ownership fence.
 * ``evaluate`` runs the suite's protocol on the selected weights (kdbench/references.py);
-  ``record`` writes metrics, samples and cost, and finishes the row.
+  ``record`` writes metrics, samples and cost (seconds and peak memory per phase), and
+  finishes the row.
 
 Once the row exists, any failure marks it ``failed`` with the reason; Ctrl-C, SIGTERM or a lost
 process leave it ``interrupted`` with its last checkpoint, and ``kdbench run --resume ID``
@@ -22,18 +25,21 @@ continues it to the same result (bit for bit: tests/test_resume.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from kdbench import provenance
 from kdbench.config import RunConfig, open_store, resolve, run_key, stored_request
-from kdbench.device import peak_memory_mb, release_memory
+from kdbench.device import (PhaseMemory, device_kind, peak_memory_mb, pin_run_settings, precision_policy,
+                            refusing_nondeterministic_ops, release_memory, resolve_device, restoring_settings)
 from kdbench.diskcache import cache_dir
 from kdbench.engine import state as train_state
 from kdbench.engine.batches import PackedBatches
@@ -124,8 +130,9 @@ class RunHooks(TrainHooks):
 
     def validate(self, model: torch.nn.Module) -> float:
         prep = self.run.prep
-        score = validation_score(model, prep.tokenizer, prep.valid_inputs(), prep.suite.eval, prep.device,
-                                 task=prep.suite.valid_task)
+        with self.run.memory.phase("validation"):
+            score = validation_score(model, prep.tokenizer, prep.valid_inputs(), prep.suite.eval, prep.device,
+                                     task=prep.suite.valid_task)
         release_memory()  # generation's buffers are not training's: not kept resident under it
         return score
 
@@ -139,7 +146,7 @@ class RunHooks(TrainHooks):
         done = state.step == self.steps
         if done or GRACEFUL.requested or time.perf_counter() - self.last_save >= self.every:
             run.writer.check_owner()  # the train state, like the row, is written by the run's owner only
-            train_state.save(run.state_folder, state, run.student, optimizer, run.batches)
+            train_state.save(run.state_folder, state, run.student, optimizer, run.batches, device=run.device)
             self.last_save = time.perf_counter()
         if GRACEFUL.requested and not done:
             raise KeyboardInterrupt  # checkpointed: `kdbench run --resume` continues from here
@@ -155,9 +162,11 @@ class DistillRun:
     def __init__(self, run_config: RunConfig, argv: list[str] | None = None):
         self.run_config = run_config
         self.argv = argv
-        self.device = torch.device(run_config.device)
+        self.device: torch.device | None = None  # setup(): the concrete device --device names here
         self.t0 = time.perf_counter()
-        self.cost: dict[str, float] = {}     # seconds per phase, peak memory (the run's ``cost`` artifact)
+        self.cost: dict = {}                 # seconds and peak memory per phase (the run's ``cost`` artifact)
+        self.memory: PhaseMemory | None = None
+        self.determinism: dict = {}          # what a --deterministic run records of its settings
         # setup()
         self.objective = self.label = self.store = None
         self.prep: Prepared | None = None
@@ -187,7 +196,9 @@ class DistillRun:
         rc = self.run_config
         self.prepare_suite()
         prep = self.prep
-        self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = self._teacher_source(rc.teacher_source)
+        with self._setup_phase("teacher_cache", "building the teacher cache"):
+            self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = \
+                self._teacher_source(rc.teacher_source)
         if self.teacher is None or self.teacher.kind == "cache":
             prep.release_teacher()  # training needs no teacher model; evaluation loads it again
         torch.manual_seed(rc.seed)
@@ -197,14 +208,18 @@ class DistillRun:
         checked = None
         if check:
             t = time.perf_counter()
-            checked = startup_check(self.student, self.objective, self.batches.peek().to(self.device), self.teacher,
-                                    chunk_size=HIDDEN_CHUNK_SIZE).to_dict()
+            with self._setup_phase("startup_check", "the start-up check"):
+                checked = startup_check(self.student, self.objective, self.batches.peek().to(self.device),
+                                        self.teacher, chunk_size=HIDDEN_CHUNK_SIZE).to_dict()
             self.cost["startup_check_s"] = time.perf_counter() - t
             release_memory()  # the check's dense logits path is not training's
         self.config = {
             "objective": self.objective.name, "params": self.objective.params, "setting": self.objective.setting,
             "objective_version": getattr(self.objective.spec, "version", None),
-            "suite": prep.suite.to_dict(), "suite_version": self.label, "seed": rc.seed, "device": rc.device,
+            "suite": prep.suite.to_dict(), "suite_version": self.label, "seed": rc.seed,
+            "device": str(self.device), "device_kind": device_kind(self.device),
+            "precision": precision_policy(self.device, prep.suite.train.bf16_autocast),
+            "deterministic": rc.deterministic, **({"determinism": self.determinism} if self.determinism else {}),
             "torch_threads": torch.get_num_threads(), "activation_checkpointing": checkpointing(rc),
             "teacher": prep.teacher_identity(),
             "teacher_path": str(prep.teacher_path), "teacher_source": self.teacher_desc,
@@ -220,14 +235,26 @@ class DistillRun:
         suite prepared (data, (fine-tuned) teacher, tokenised splits) and its reference rows."""
         rc = self.run_config
         self.objective, suite, self.label = resolve(rc)
+        self.device = resolve_device(rc.device)  # checked by resolve(): concrete now (auto -> cuda:0 or cpu)
+        self.memory = PhaseMemory(self.device)
         self.store = open_store(rc)  # after everything was checked, before any model is loaded
+        self.determinism = pin_run_settings(self.device, rc.deterministic)
         t = time.perf_counter()
-        self.prep = prepare(suite, self.device, data_dir=rc.data_dir, progress=rc.progress)
+        with self._setup_phase("prepare", "preparing the suite (the teacher's fine-tune)"):
+            self.prep = prepare(suite, self.device, data_dir=rc.data_dir, progress=rc.progress)
         self.cost["prepare_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        self.reference_runs = ensure_reference_rows(self.store, self.prep, self.label, self.argv)
+        with self._setup_phase("reference_rows", "evaluating the reference rows"):
+            self.reference_runs = ensure_reference_rows(self.store, self.prep, self.label, self.argv)
         self.cost["reference_rows_s"] = time.perf_counter() - t
         return self
+
+    @contextmanager
+    def _setup_phase(self, name: str, what: str):
+        """A phase before the run's row: its peak memory measured (``cost["memory"][name]``), and
+        an op that ``--deterministic`` cannot run on this device refused in one line, exit 2."""
+        with self.memory.phase(name), refusing_nondeterministic_ops(self.device, what):
+            yield
 
     def _teacher_source(self, kind: str) -> tuple[object, dict, float]:
         if not self.objective.needs_teacher:
@@ -260,14 +287,16 @@ class DistillRun:
     def resume(cls, claim, argv: list[str] | None = None) -> "DistillRun":
         """A claimed run (kdbench/resumption.py) set up again from its stored request and
         restored to its last checkpoint. A failure here gives the run back as it was."""
-        run = cls(claim.run_config, argv)
+        # on the device it started on (its request may say auto, which could name another one here)
+        recorded = (claim.run.config or {}).get("device")
+        run = cls(dataclasses.replace(claim.run_config, device=recorded) if recorded else claim.run_config, argv)
         try:
             run.setup(check=False)
             run.config = {**claim.run.config}
             run.store, run.heartbeat = claim.engine, claim.heartbeat
             run.optimizer = make_optimizer(run.student, run.prep.suite.train, run.device)
             run.state, _ = train_state.load(claim.folder, run.student, run.optimizer, run.batches,
-                                            best_weights(claim.engine.url, claim.run.id))
+                                            best_weights(claim.engine.url, claim.run.id), device=run.device)
             run.writer = RunWriter(claim.engine, claim.run.id, claim.owner)
             run.writer.truncate_curve(run.state.step)
         except BaseException:
@@ -279,15 +308,24 @@ class DistillRun:
 
     # -- the phases after the row: train, evaluate, record -----------------------------------
     def train(self) -> TrainResult:
+        from kdbench.engine.tuning import StepTuning, step_tuning
+
         suite = self.prep.suite
+        tuning = self.config.get("step_tuning")  # a resumed run trains with the settings it started with
+        if tuning is None:  # chosen once, the student on its device; stored with the run (kdbench/engine/tuning.py)
+            tuning = step_tuning(self.device, model=self.student, spec=suite.train, teacher=self.teacher,
+                                 activation_checkpointing=False if self.run_config.keep_activations else None).to_dict()
+            self.config = {**self.config, "activation_checkpointing": tuning["activation_checkpointing"],
+                           "step_tuning": tuning}
+            self.writer.update(config=self.config)
         t = time.perf_counter()
         GRACEFUL.armed, GRACEFUL.requested = True, False
         try:
-            self.result = train(model=self.student, objective=self.objective, batches=self.batches,
-                                teacher=self.teacher, spec=suite.train, device=self.device, hooks=RunHooks(self),
-                                state=self.state, optimizer=self.optimizer,
-                                activation_checkpointing=checkpointing(self.run_config),
-                                progress=self.run_config.progress)
+            with self.memory.phase("train"):  # validation is its own phase (RunHooks.validate)
+                self.result = train(model=self.student, objective=self.objective, batches=self.batches,
+                                    teacher=self.teacher, spec=suite.train, device=self.device, hooks=RunHooks(self),
+                                    state=self.state, optimizer=self.optimizer, tuning=StepTuning.from_dict(tuning),
+                                    progress=self.run_config.progress)
         finally:
             GRACEFUL.armed = False
         self.cost["train_s"] = self.result.train_time_s
@@ -305,7 +343,8 @@ class DistillRun:
               f"checkpoint: step {r.selected_step}); evaluating {len(suite.tasks)} task(s), {n_eval} prompts ...")
         t = time.perf_counter()
         self.student.requires_grad_(False)
-        self.evaluation = evaluate_all(self.student, self.prep)
+        with self.memory.phase("evaluation"):
+            self.evaluation = evaluate_all(self.student, self.prep)
         self.cost["evaluation_s"] = time.perf_counter() - t
         return self.evaluation
 
@@ -314,7 +353,8 @@ class DistillRun:
         ckpt = save_student(self.student, self.prep.tokenizer, self.store.url, self.writer.run_id) \
             if rc.save_student else None
         self.cost["wall_s"] = time.perf_counter() - self.t0
-        self.cost["peak_memory_mb"] = peak_memory_mb(self.device) or 0.0
+        self.cost["peak_memory_mb"] = peak_memory_mb() or 0.0  # the process's, host RSS (runs.peak_memory_mb)
+        self.cost["memory"] = self.memory.to_dict()
         rule = (selection_rule(suite, len(self.prep.valid_inputs().examples)) if suite.eval.valid_every
                 else r.selection_rule)
         self.writer.results(self.evaluation.metrics, self.evaluation.samples)
@@ -323,7 +363,9 @@ class DistillRun:
                            peak_memory_mb=self.cost["peak_memory_mb"], selection_rule=rule,
                            selected_step=r.selected_step, checkpoint_path=ckpt)
         shutil.rmtree(self.state_folder.parent, ignore_errors=True)  # finished: the train state is not needed
-        print("[kdbench] cost: " + ", ".join(f"{k} {v:.0f}" for k, v in self.cost.items()))
+        print("[kdbench] cost: " + ", ".join(f"{k} {v:.0f}" for k, v in self.cost.items()
+                                             if isinstance(v, (int, float))))
+        print("[kdbench] peak memory per phase (MB): " + memory_line(self.cost["memory"]))
         return self.writer.run_id
 
     def finish(self) -> int:
@@ -354,24 +396,45 @@ class DistillRun:
 # ---------------------------------------------------------------------------- the commands' entry points
 
 
+def memory_line(memory: dict) -> str:
+    """``prepare 1834, ..., train 2510 (cuda 1200 allocated / 1400 reserved), ...`` from ``cost["memory"]``."""
+    parts = []
+    for name, peaks in memory.items():
+        if not isinstance(peaks, dict):
+            continue
+        text = f"{name} {peaks.get('host_rss_peak_mb', float('nan')):.0f}"
+        if "cuda_allocated_peak_mb" in peaks:
+            text += f" (cuda {peaks['cuda_allocated_peak_mb']:.0f} allocated / {peaks['cuda_reserved_peak_mb']:.0f} " \
+                    f"reserved)"
+        parts.append(text)
+    host = memory.get("host_rss", "per phase")
+    return ", ".join(parts) + ("" if host == "per phase" else f" (host: {host})")
+
+
 def run(run_config: RunConfig, argv: list[str] | None = None) -> int:
-    """`kdbench run`: distil, evaluate and record one run; returns its run id."""
-    return DistillRun(run_config, argv).setup().start().finish()
+    """`kdbench run`: distil, evaluate and record one run; returns its run id. The process's
+    device, precision and determinism settings are the run's while it runs, and as they were after."""
+    with restoring_settings():
+        return DistillRun(run_config, argv).setup().start().finish()
 
 
 def resume(claim, argv: list[str] | None = None) -> int:
     """`kdbench run --resume ID`: continue a claimed run to the result the uninterrupted run gives."""
-    return DistillRun.resume(claim, argv).finish()
+    with restoring_settings():
+        return DistillRun.resume(claim, argv).finish()
 
 
 def prepare_only(run_config: RunConfig, argv: list[str] | None = None) -> dict:
     """`kdbench prepare`: what every run of the suite shares, built now -- the (fine-tuned)
     teacher, the reference rows and (``--teacher-source cache``) the teacher cache whatever the
     objective -- so that parallel runs find them instead of racing to build them."""
-    r = DistillRun(run_config, argv).prepare_suite()
-    desc = {"kind": "live"}
-    if run_config.teacher_source == "cache":
-        _, desc, _ = r.prep.training_teacher(run_config.seed, progress=run_config.progress)
+    with restoring_settings():
+        r = DistillRun(run_config, argv).prepare_suite()
+        desc = {"kind": "live"}
+        if run_config.teacher_source == "cache":
+            with r._setup_phase("teacher_cache", "building the teacher cache"):
+                _, desc, _ = r.prep.training_teacher(run_config.seed, progress=run_config.progress)
+        fingerprint = reference_fingerprint(r.prep)
     return {"suite": r.prep.suite.name, "version": r.label, "reference_runs": r.reference_runs,
             "teacher_source": desc, "teacher": str(r.prep.teacher_path),
-            "reference_fingerprint": reference_fingerprint(r.prep)}
+            "reference_fingerprint": fingerprint}

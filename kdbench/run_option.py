@@ -75,8 +75,10 @@ def _positive_float(flag: str):
 
 
 def _device(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid choices: cpu, cuda, cuda:N")
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether this machine has it is
+    kdbench/device.py ``resolve_device``'s to check)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; valid choices: auto, cpu, cuda, cuda:N")
     return text.strip()
 
 

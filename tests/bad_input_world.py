@@ -132,6 +132,8 @@ def {name}(s, t):
 CONTRACT_PLUGIN = '''
 import sys
 
+import torch
+
 from kdbench.registry import objective
 
 
@@ -203,6 +205,12 @@ def returnsnone(s, t):
 @objective("raises", behaviour="balanced", paper="-")
 def raises(s, t):
     raise KeyError("vocab")
+
+
+@objective("nondet", behaviour="balanced", paper="-")
+def nondet(s, t):  # keeps its contract, through an op with no deterministic implementation (put_ on the CPU)
+    v = _sq(s, t)
+    return torch.zeros_like(v).put(torch.arange(v.numel()), v)
 
 
 def _short_gradient(s, t):

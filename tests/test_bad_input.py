@@ -39,6 +39,7 @@ class Case:
     subprocess: bool = False          # also run as a real process
     xfail: str | None = None          # "ENGINE: <the change needed>"
     never: tuple = ()                 # secrets that must not appear in anything the command prints
+    gpus: int | None = None           # CUDA devices this process sees (torch.cuda monkeypatched; None: as it is)
 
 
 def tiny(world_suite: str, data: str, *extra: str, student: str = "{student}") -> list:
@@ -122,6 +123,27 @@ CASES = [
     Case("pair-unknown", RUN + ["csd", "--pair", "nope", *G], "unknown pair for suite micro 'nope'"),
     Case("device-unknown", RUN + ["csd", "--device", "tpu", *G], "unknown device 'tpu'"),
     Case("device-malformed", RUN + ["csd", "--device", "cuda:x", *G], "unknown device 'cuda:x'"),
+    Case("device-auto-typo", RUN + ["csd", "--device", "autp", *G], "valid choices: auto, cpu, cuda, cuda:N"),
+    Case("device-cuda-absent", RUN + ["csd", "--device", "cuda", *G], "device 'cuda' requested but no CUDA device",
+         gpus=0, env={"CUDA_VISIBLE_DEVICES": ""}, subprocess=True),
+    Case("device-cuda-absent-new-store", RUN + ["csd", "--device", "cuda:0", "--db", "{stores}/new.db"],
+         "device 'cuda:0' requested but no CUDA device", gpus=0),
+    Case("device-cuda-index-beyond", RUN + ["csd", "--device", "cuda:7", *G],
+         "device 'cuda:7' requested but only 2 CUDA device(s) are visible (cuda:0 to cuda:1)", gpus=2),
+    Case("prepare-device-cuda-absent", ["prepare", "--device", "cuda", *G], "no CUDA device", gpus=0),
+    Case("sweep-device-cuda-beyond", ["sweep", "--objectives", "kl", "--device", "cuda:3", *G],
+         "device 'cuda:3' requested but only 1 CUDA device(s) are visible (cuda:0)", gpus=1),
+    Case("analyze-device-cuda-absent", ["analyze", "--device", "cuda", "--db", "{stores}/new.db"],
+         "no CUDA device", gpus=0),
+    Case("analyze-device-unknown", ["analyze", "--device", "gpu", *G], "unknown device 'gpu'"),
+    Case("eval-device-unknown", ["eval", "1", "--lm-eval", "x", "--device", "tpu", *G], "unknown device 'tpu'"),
+    # --deterministic where it cannot be honoured
+    Case("deterministic-cublas-config", RUN + ["csd", "--device", "cuda", "--deterministic", *G],
+         "--deterministic cannot be honoured with CUBLAS_WORKSPACE_CONFIG=':0:0'", gpus=1,
+         env={"CUBLAS_WORKSPACE_CONFIG": ":0:0"}),
+    Case("deterministic-nondeterministic-op", contract("nondet") + ["--deterministic"],
+         "--deterministic cannot be honoured on cpu: put_ has no deterministic implementation there (the start-up "
+         "check)"),
     Case("data-dir-on-embedded-suite", RUN + ["csd", "--data-dir", "{data}/ok", *G], "has embedded data"),
     Case("teacher-finetuned-alone", RUN + ["csd", "--teacher-finetuned", *G], "--teacher-finetuned needs --teacher"),
     Case("teacher-missing-folder", RUN + ["csd", "--teacher", "/nonexistent/teacher", *G], "no such model folder"),
@@ -441,7 +463,7 @@ def isolated(world, monkeypatch):
 
     monkeypatch.setattr(registry, "_state", registry._State())
     monkeypatch.setattr(plugins, "_modules", {})
-    for var in ("KDBENCH_DB", "KDBENCH_PLUGIN_PATH", "KDBENCH_DATA_DIR"):
+    for var in ("KDBENCH_DB", "KDBENCH_PLUGIN_PATH", "KDBENCH_DATA_DIR", "CUBLAS_WORKSPACE_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # a refused command starts nothing (`kdbench leaderboard` would exec streamlit over this process)
@@ -474,6 +496,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(case, isolated, capsys
     world = isolated
     for k, v in case.env.items():
         monkeypatch.setenv(k, fill(v, world))
+    if case.gpus is not None:  # the CUDA devices this process sees, whatever the machine has
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: case.gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: case.gpus)
     args = [fill(a, world) for a in case.args]
     before = snapshot(world)
     rc = main(args)
@@ -482,7 +509,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(case, isolated, capsys
     assert snapshot(world) == before
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.subprocess])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.subprocess and not c.gpus])
 def test_bad_input_in_a_real_process(case, world):
     env = {**ENV, **{k: fill(v, world) for k, v in case.env.items()}}
     before = snapshot(world)

@@ -24,7 +24,10 @@ counted rows and checks what it returns against the contract of docs/adding-an-o
 (a floating-point tensor ``[N]``, optional terms ``{name: [N]}``, a loss that depends on ``s``,
 inputs left as they were). A broken contract -- a plug-in with a wrong signature, a wrong
 shape or dtype, one that calls ``sys.exit`` -- is one line naming the objective, where its code
-is and the rule it broke (:class:`ObjectiveError`). A loss that is not finite is not a broken
+is and the rule it broke (:class:`ObjectiveError`). An op torch refuses under
+``--deterministic`` (no deterministic implementation on the device) is not a broken contract:
+it is passed on, and the run refuses ``--deterministic`` in one line (kdbench/device.py
+``refusing_nondeterministic_ops``). A loss that is not finite is not a broken
 contract: training stops at its first step and records the divergence.
 """
 
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.data.batching import Batch
+from kdbench.device import nondeterministic_op
 from kdbench.errors import UserError
 from kdbench.modeling import final_hidden, head_logits_check, output_head
 from kdbench.objective import ObjectiveContractError
@@ -145,6 +149,8 @@ def check_contract(objective, s: torch.Tensor, t: torch.Tensor | None, labels: t
     except ObjectiveContractError as exc:  # sys.exit inside it: its message says so
         raise ObjectiveError(str(exc)) from None
     except Exception as exc:
+        if nondeterministic_op(exc):  # not the objective's contract: --deterministic on this device (the run says)
+            raise
         raise _broke(objective, f"calling it as {call} raised {one_line(exc)}") from None
     if not depends:
         raise _broke(objective, "its loss does not depend on the student logits s (no gradient reaches them: "
@@ -164,6 +170,8 @@ def check_contract(objective, s: torch.Tensor, t: torch.Tensor | None, labels: t
         except ObjectiveContractError as exc:
             raise ObjectiveError(str(exc)) from None
         except Exception as exc:
+            if nondeterministic_op(exc):
+                raise
             raise _broke(objective, f"calling its gradient as {call.replace('fn(', 'gradient(')} raised "
                                     f"{one_line(exc)}") from None
         if not isinstance(out, tuple) or len(out) != 3:
@@ -232,7 +240,8 @@ def startup_check(model, objective, batch: Batch, teacher, chunk_size: int) -> C
         except ObjectiveContractError as exc:  # from its code on more rows than the contract was checked on
             raise ObjectiveError(str(exc)) from None
         except Exception as exc:
-            if objective.spec.builtin:  # ours: a bug, with its traceback
+            # ours: a bug, with its traceback; an op --deterministic refuses: the run words that
+            if objective.spec.builtin or nondeterministic_op(exc):
                 raise
             raise ObjectiveError(f"objective {objective.name!r} ({objective.origin}) failed in the start-up check "
                                  f"(its loss on the first batch): {one_line(exc)}") from None

@@ -1,9 +1,10 @@
 """The train state: everything a run needs to continue exactly where it stopped.
 
 ``TrainState`` holds the counters, the best-so-far (checkpoint selection) and the logging
-window; together with the model weights, the optimiser state, the RNG states and the batch
-source's cursor it is what :func:`save` writes and :func:`load` restores. Tensors go to
-safetensors files, everything else to JSON — no pickle, so a state folder from elsewhere
+window; together with the model weights, the optimiser state, the RNG states (the CPU
+generator and the run device's CUDA generator) and the batch source's cursor it is what
+:func:`save` writes and :func:`load` restores. Tensors go to safetensors files, everything
+else to JSON — no pickle, so a state folder from elsewhere
 cannot run code. The folder is written as a temporary sibling and renamed into place, so a
 run killed while saving leaves the previous state intact.
 
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from kdbench.device import cuda_index
 
 STATE_FORMAT = 2  # 2: best weights in their own file (best.safetensors); 1 kept them in tensors.safetensors
 READS = (1, 2)    # formats load() restores (a run interrupted under the previous kdbench still resumes)
@@ -182,18 +185,43 @@ class TrainState:
         return cls(**meta, best=best if best is not None else BestWeights())
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def _run_device(model: torch.nn.Module, device) -> torch.device:
+    """The device a run trains on: ``device`` when given, else where the model's weights are."""
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a run draws from: the CPU's and, on CUDA, the run device's only. Every
+    visible GPU's by index (what format 2 wrote before) would tie a checkpoint to the number of
+    GPUs the process saw, and carries nothing the run used."""
     out = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
     return out
 
 
+def _restore_cuda_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    """The run device's CUDA generator as it was saved. A checkpoint written by an earlier kdbench
+    holds every visible GPU's state by index (``rng.cuda.<i>``): the run device's index is taken.
+    A CPU run has no CUDA generator to restore; a checkpoint without CUDA state (made on the CPU)
+    leaves the generator as the run seeded it."""
+    if device.type != "cuda":
+        return
+    state = rng.get("rng.cuda")
+    if state is None:
+        state = rng.get(f"rng.cuda.{cuda_index(device)}")
+    if state is not None:
+        torch.cuda.set_rng_state(state, device)
+
+
 def save(folder: Path, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         batches, extra: dict | None = None) -> Path:
+         batches, extra: dict | None = None, *, device: torch.device | str | None = None) -> Path:
     """Write the full train state to ``folder`` (atomically replacing an older one), streamed
-    tensor by tensor from the model and the optimiser (no copy of either is made)."""
+    tensor by tensor from the model and the optimiser (no copy of either is made). ``device``:
+    the run's (default: where the model's weights are), whose CUDA generator is saved."""
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         tensors[f"model.{name}"] = t
@@ -202,7 +230,7 @@ def save(folder: Path, state: TrainState, model: torch.nn.Module, optimizer: tor
         for k, v in pstate.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"optim.{idx}.{k}"] = v
-    tensors.update(_rng_state())
+    tensors.update(_rng_state(_run_device(model, device)))
     meta = {"format": STATE_FORMAT, "train": state.meta(), "batches": batches.state_dict(),
             "optim_groups": opt["param_groups"],
             "optim_scalars": {str(i): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
@@ -227,9 +255,10 @@ def save(folder: Path, state: TrainState, model: torch.nn.Module, optimizer: tor
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
-         best: BestWeights | None = None) -> tuple[TrainState, dict]:
+         best: BestWeights | None = None, *, device: torch.device | str | None = None) -> tuple[TrainState, dict]:
     """Restore what :func:`save` wrote (model weights copied in place, one tensor at a time);
-    returns the train state (its best weights taken into ``best`` when given) and the saved JSON."""
+    returns the train state (its best weights taken into ``best`` when given) and the saved JSON.
+    ``device``: the run's (default: where the model's weights are), whose CUDA generator is restored."""
     from safetensors import safe_open
 
     if not (folder / "state.json").is_file() and folder.with_name(folder.name + ".old").is_dir():
@@ -266,9 +295,7 @@ def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     elif old_best:
         best.adopt_tensors(old_best)
     torch.set_rng_state(rng["rng.torch"])
-    cuda = sorted((k for k in rng if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in cuda])
+    _restore_cuda_rng(rng, _run_device(model, device))
     _set_py_random_state(meta["python_random"])
     batches.load_state_dict(meta["batches"])
     return TrainState.from_meta(meta["train"], best), meta
