@@ -1,4 +1,4 @@
-"""Test-wide settings: offline, seeded, two threads (what CI has)."""
+"""Test-wide settings: offline, seeded; one torch thread per pytest-xdist worker."""
 
 import os
 import sys
@@ -19,8 +19,17 @@ if str(ROOT) not in sys.path:
 os.environ["KDBENCH_CACHE"] = os.environ.get("KDBENCH_TEST_CACHE", str(ROOT / ".kdbench-cache" / "tests"))
 
 
+# The test command runs one pytest-xdist worker per core: each worker (and every process it
+# starts, through the environment) gets one thread, or two workers on two cores would each
+# spread over both and slow each other down far more than 2x (thread oversubscription).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
