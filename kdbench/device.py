@@ -123,6 +123,15 @@ def device_kind(device: torch.device) -> dict:
             "flags": [f for f in NUMERICS_FLAGS if f in flags]}
 
 
+def cache_device(device: torch.device) -> str | dict:
+    """What a disk cache's key says of the device its floats were computed on: the device type on
+    the CPU (so every CPU machine keeps the entries it has, under the keys they were made with;
+    CPU kinds are told apart by the teacher's content and the reference fingerprint), the whole
+    :func:`device_kind` on a GPU (a cache home shared by an A100 and an H100, one home on a
+    cluster, must not hand one's teacher states to the other: their roundings differ)."""
+    return device.type if device.type == "cpu" else device_kind(device)
+
+
 def _fp32(backend) -> str:
     """``ieee`` or ``tf32``: how a torch backend runs float32 (its ``fp32_precision`` where torch
     has that setting, else the legacy ``allow_tf32`` flag)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kdbench.data.batching import encode
-from kdbench.device import device_kind
+from kdbench.device import cache_device
 from kdbench.diskcache import cache_dir, publishing_dir
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.trainer import LogHooks, train
@@ -56,7 +56,7 @@ def finetuned_path(base: Path, suite_name: str, spec, train, system_prompt: str 
     extra = {"finetune": dataclasses.asdict(spec), "data": data_digest(train), "seed": seed,
              "system_prompt": system_prompt, "format": FINETUNE_FORMAT}
     if device is not None and device.type != "cpu":
-        extra["device"] = device_kind(device)
+        extra["device"] = cache_device(device)
     return cache_dir() / "teachers" / f"{suite_name}-{fingerprint(base, extra)}"
 
 

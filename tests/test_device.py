@@ -275,6 +275,30 @@ def test_the_finetune_key_adds_the_device_kind_only_off_the_cpu(monkeypatch, tin
     assert len({before, h100, t4}) == 3
 
 
+def test_the_teacher_and_prompt_cache_keys_add_the_device_kind_only_off_the_cpu(monkeypatch):
+    from kdbench import suites
+    from kdbench.data.batching import Encoded
+    from kdbench.engine import teacher_cache
+    from kdbench.evaluation import prompt_cache
+
+    identity, examples = {"weights": "w", "tokenizer": "t"}, [("e0", Encoded([1, 2, 3], 2))]
+
+    def keys(device):
+        t = teacher_cache.cache_key(teacher_cache.key_inputs(identity, examples, suites.MICRO.train, "", device))
+        p = prompt_cache.entry_key(prompt_cache.key_inputs(identity, [[1, 2]], 2, device, torch.float32))
+        return t, p
+
+    monkeypatch.setattr(D, "_cpuinfo", lambda: AMX)
+    monkeypatch.setattr(D, "native_bf16", lambda device: False)  # one dtype on every arm
+    cpu = keys(torch.device("cpu"))
+    assert teacher_cache.key_inputs(identity, examples, suites.MICRO.train, "", torch.device("cpu"))["device"] == "cpu"
+    monkeypatch.setattr(D, "_cpuinfo", lambda: AVX2)
+    assert keys(torch.device("cpu")) == cpu  # every CPU machine keeps the entries it has
+    FakeCuda(monkeypatch, gpus=2)
+    h100, t4 = keys(torch.device("cuda", 0)), keys(torch.device("cuda", 1))
+    assert len({cpu[0], h100[0], t4[0]}) == 3 and len({cpu[1], h100[1], t4[1]}) == 3
+
+
 def test_the_run_key_stays_device_free():
     from kdbench import config as C
     from kdbench.registry import get_objective

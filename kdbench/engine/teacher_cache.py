@@ -42,7 +42,7 @@ import torch
 from kdbench import diskcache
 from kdbench.data.batching import Encoded, counted_span, pack
 from kdbench.diskcache import Published, cache_home, digest, lock, mark_used, publishing_dir
-from kdbench.device import inference_dtype
+from kdbench.device import cache_device, inference_dtype
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.teacher import CachedTeacher, TeacherHead
 from kdbench.modeling import final_hidden, head_logits_check, head_params
@@ -87,7 +87,7 @@ def key_inputs(teacher_identity: dict, examples: Sequence[tuple[str, Encoded]], 
     dtype = str(inference_dtype(device, train_spec.bf16_autocast)).replace("torch.", "")
     inputs = {"teacher": teacher_identity, "data": data_digest(examples),
               "max_prompt_tokens": train_spec.max_prompt_tokens, "max_tokens": train_spec.max_tokens,
-              "system_prompt": system_prompt, "dtype": dtype, "device": device.type}
+              "system_prompt": system_prompt, "dtype": dtype, "device": cache_device(device)}
     if role is not None:
         inputs["role"] = role
     return inputs

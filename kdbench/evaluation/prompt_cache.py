@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import torch
 
 from kdbench import diskcache
+from kdbench.device import cache_device
 from kdbench.diskcache import Published, cache_home, digest, lock, mark_used, publishing_dir
 from kdbench.evaluation.sampling import Prefix
 
@@ -61,11 +62,12 @@ def prompts_digest(prompt_ids: Sequence[Sequence[int]]) -> str:
 
 
 def key_inputs(teacher_identity: dict, prompt_ids, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """What a teacher's prefill of these prompts depends on (the key is their digest)."""
+    """What a teacher's prefill of these prompts depends on (the key is their digest); the device
+    as :func:`kdbench.device.cache_device` says it (its kind on a GPU)."""
     import transformers
 
     return {"teacher": teacher_identity, "prompts": prompts_digest(prompt_ids), "batch_size": batch_size,
-            "device": device.type, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "device": cache_device(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
