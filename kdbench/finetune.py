@@ -11,8 +11,9 @@ format and the training data, so any change retrains and nothing stale is reused
 is written to a temporary sibling and renamed into place, so a killed fine-tune never leaves a
 half-written teacher behind.
 
-Reproducibility: on one CPU kind the fine-tune is deterministic (fixed data order, seed, no
-dropout; CPU kernels have no atomics); on a GPU only under ``--deterministic`` (docs/engine.md
+Reproducibility: on one CPU kind the fine-tune is deterministic (fixed data order and seed;
+CPU kernels have no atomics; micro's Llama-shaped teacher has no dropout, and a GPT-2 teacher's
+0.1 draws from the seeded generator); on a GPU only under ``--deterministic`` (docs/engine.md
 "Determinism"). Across machine kinds float rounding differs, so the fine-tuned teacher's content
 fingerprint and the device kind (``runs.config.reference_fingerprint``) keep results of
 different fine-tunes apart.

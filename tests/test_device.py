@@ -297,6 +297,12 @@ def test_the_teacher_and_prompt_cache_keys_add_the_device_kind_only_off_the_cpu(
     FakeCuda(monkeypatch, gpus=2)
     h100, t4 = keys(torch.device("cuda", 0)), keys(torch.device("cuda", 1))
     assert len({cpu[0], h100[0], t4[0]}) == 3 and len({cpu[1], h100[1], t4[1]}) == 3
+    threads = torch.get_num_threads()
+    try:  # the CPU's prefill rounds by thread count, a GPU's does not (torchrun sets OMP_NUM_THREADS=1)
+        torch.set_num_threads(threads + 1)
+        assert keys(torch.device("cuda", 0)) == h100 and keys(torch.device("cpu"))[1] != cpu[1]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_run_key_stays_device_free():

@@ -66,9 +66,12 @@ def key_inputs(teacher_identity: dict, prompt_ids, batch_size: int, device: torc
     as :func:`kdbench.device.cache_device` says it (its kind on a GPU)."""
     import transformers
 
-    return {"teacher": teacher_identity, "prompts": prompts_digest(prompt_ids), "batch_size": batch_size,
-            "device": cache_device(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    inputs = {"teacher": teacher_identity, "prompts": prompts_digest(prompt_ids), "batch_size": batch_size,
+              "device": cache_device(device), "dtype": str(dtype).replace("torch.", ""),
+              "torch": torch.__version__, "transformers": transformers.__version__}
+    if device.type == "cpu":  # the CPU's reductions split by thread count; a GPU's do not (torchrun's OMP=1 too)
+        inputs["threads"] = torch.get_num_threads()
+    return inputs
 
 
 def entry_key(inputs: dict) -> str:
