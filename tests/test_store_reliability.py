@@ -6,6 +6,7 @@ Writer processes import only ``kdbench.store`` (no torch), one thread each."""
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import subprocess
@@ -23,9 +24,11 @@ from kdbench import store as S
 from kdbench.store import SCHEMA_VERSION, Metric, Sample, StoreError, get_run, open_engine
 
 try:
-    from tests.store_helpers import ENV, ROOT, checkpoint, cli, count, digest, new_store, one_error_line, start_run
+    from tests.store_helpers import (ENV, ROOT, checkpoint, cli, count, digest, new_store, one_error_line, start_run,
+                                     store_location)
 except ImportError:  # tests/ itself on sys.path
-    from store_helpers import ENV, ROOT, checkpoint, cli, count, digest, new_store, one_error_line, start_run
+    from store_helpers import (ENV, ROOT, checkpoint, cli, count, digest, new_store, one_error_line, start_run,
+                               store_location)
 
 SCHEMA_1_DUMP = ROOT / "tests" / "data" / "runs-schema1.sql"  # the runs.db kdbench v1 committed (micro v1 rows)
 
@@ -83,6 +86,45 @@ def test_8_simultaneous_first_openers_of_every_spelling(tmp_path):
     spawn_writers(tmp_path, spellings, 1, start_at=time.time() + 1.5)
     assert count(db, "SELECT count(*) FROM runs") == [(8,)]
     assert count(db, "SELECT count(*) FROM kdbench_meta") == [(1,)]
+
+
+@pytest.fixture
+def server_store(tmp_path) -> str:
+    """A new, empty database on the PostgreSQL server of ``KDBENCH_TEST_STORE_URL`` (.ci/run starts
+    one: scripts/postgres.sh), dropped when the tests end."""
+    if not os.environ.get("KDBENCH_TEST_STORE_URL"):
+        pytest.skip("no PostgreSQL server (KDBENCH_TEST_STORE_URL; .ci/run starts one); the SQLite case runs")
+    return store_location(tmp_path)
+
+
+def server_count(url: str, sql: str):
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            return [tuple(r) for r in c.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def test_8_writers_x_300_runs_on_a_new_postgresql_store(tmp_path, server_store):
+    """The team store: eight processes that each open a new PostgreSQL database (the first opens
+    race to create the schema) and write 300 runs; no row is lost or doubled."""
+    t0 = time.perf_counter()
+    spawn_writers(tmp_path, [server_store] * 8, 300)
+    print(f"\n8 writers x 300 runs on a new PostgreSQL store: {time.perf_counter() - t0:.1f} s wall")
+    assert server_count(server_store, "SELECT count(*), count(DISTINCT seed) FROM runs") == [(2400, 2400)]
+    assert server_count(server_store, "SELECT status, count(*) FROM runs GROUP BY status") == [("finished", 2400)]
+    assert server_count(server_store, "SELECT count(*) FROM metrics") == [(7200,)]
+    assert server_count(server_store, "SELECT value FROM kdbench_meta WHERE key = 'schema_version'") == \
+        [(str(SCHEMA_VERSION),)]
+
+
+def test_8_simultaneous_first_openers_of_a_new_postgresql_store(tmp_path, server_store):
+    spawn_writers(tmp_path, [server_store] * 8, 1, start_at=time.time() + 1.5)
+    assert server_count(server_store, "SELECT count(*) FROM runs") == [(8,)]
+    assert server_count(server_store, "SELECT count(*) FROM kdbench_meta") == [(1,)]
 
 
 @pytest.mark.parametrize("spelling", ["{p}", "sqlite:///{p}", "sqlite+pysqlite:///{p}", "sqlite:///{p}?timeout=20",

@@ -70,6 +70,22 @@ def damaged_store(display: str, missing: dict) -> StoreError:
                       f"restore a backup (docs/store.md)")
 
 
+#: The PostgreSQL advisory lock the openers of one database take around creating or migrating
+#: its schema (any 64-bit number no other program on the database uses: "kdbench" in ASCII).
+SCHEMA_LOCK_KEY = int.from_bytes(b"kdbench", "big")
+
+
+def take_schema_lock(conn) -> None:
+    """Make the openers of one store take turns at its schema. SQLite's ``BEGIN IMMEDIATE``
+    already does. PostgreSQL's DDL is transactional but not serialised: two first openers of a
+    new database both see no tables, both ``CREATE TABLE``, and the second fails on the catalog's
+    unique index (``pg_type_typname_nsp_index``) instead of waiting (a sweep's workers, a team's
+    first runs). A transaction-scoped advisory lock makes the second wait for the first's commit,
+    then find the schema made. Other servers: as they come (not tested)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+
+
 def has_schema(engine: Engine) -> bool:
     return inspect(engine).has_table("runs")
 
@@ -95,6 +111,7 @@ def prepare_schema(engine: Engine, loc: Location, *, readonly: bool) -> None:
 
     def attempt():
         with writing(engine).connect() as conn:  # SQLite: BEGIN IMMEDIATE at the first statement
+            take_schema_lock(conn)
             state = read_schema_state(conn, display)
             if state.version is None:
                 Base.metadata.create_all(conn)
