@@ -4,7 +4,8 @@ interrupted ones resumed, worker processes with their logs, progress and the sum
 
 The jobs, one ``kdbench run`` each, run in ``--workers N`` processes that split the machine's
 cores between them (threads per worker set explicitly: on 2 cores a second 2-thread torch
-process slows a running one ~10×). Before any worker starts, ``kdbench prepare`` builds what the
+process slows a running one ~10×); on a machine with GPUs each worker owns one
+(``CUDA_VISIBLE_DEVICES``: :func:`worker_gpus`). Before any worker starts, ``kdbench prepare`` builds what the
 jobs share once per suite — the (fine-tuned) teacher, the teacher cache, the reference rows — so
 workers never race to build them. A job whose configuration hash (``runs.config_hash``) already
 has a finished run is skipped; one whose run was interrupted with a checkpoint is resumed
@@ -79,6 +80,28 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def worker_gpus(device: str, workers: int) -> list[str] | None:
+    """The GPU each worker slot owns (``CUDA_VISIBLE_DEVICES`` of the jobs it runs), or None where
+    the jobs do not choose their GPU this way: on the CPU, and for an explicit ``cuda:N`` (every
+    job on that GPU, as asked). With ``auto`` or ``cuda`` on a machine with GPUs, worker ``i``
+    gets the ``i``-th visible GPU (an existing ``CUDA_VISIBLE_DEVICES`` is honoured: its entries,
+    numbers or UUIDs, are handed out), so two runs never share one GPU's memory and clock; more
+    workers than GPUs is refused in one line."""
+    import torch
+
+    from kdbench.device import resolve_device
+
+    if resolve_device(device).type != "cuda" or device.startswith("cuda:"):
+        return None
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = ([g.strip() for g in given.split(",") if g.strip()] if given is not None
+               else [str(i) for i in range(torch.cuda.device_count())])
+    if workers > len(visible):
+        raise UserError(f"--workers {workers} with {len(visible)} visible GPU(s): a sweep gives each worker a GPU of "
+                        f"its own; use --workers {len(visible)} or fewer, or --device cpu")
+    return visible[:workers]
+
+
 def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
     from kdbench.store import display_name, open_engine
 
@@ -101,6 +124,7 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
     # every job runs on this machine: a GPU it lacks is refused before anything is written (a
     # dry run's lines may be meant for another machine, so it is not checked there)
     resolve_device((spec.run or {}).get("device", "auto"))
+    gpus = worker_gpus((spec.run or {}).get("device", "auto"), spec.workers)
     engine = open_engine(spec.db)
     logs = _log_dir(sid)
     threads = threads_per_worker(spec.workers)
@@ -130,8 +154,8 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
         else:
             todo.append((j, st[1] if st and st[0] == "interrupted" and st[2] else None))
     out(f"[sweep {sid}] {len(jobs)} runs: {len(skipped)} already finished, {len(todo)} to run "
-        f"({sum(1 for _, r in todo if r)} to resume) on {spec.workers} worker(s) × {threads} thread(s); "
-        f"store {display_name(engine)}")
+        f"({sum(1 for _, r in todo if r)} to resume) on {spec.workers} worker(s) × {threads} thread(s)"
+        f"{'' if gpus is None else ', one GPU each (' + ', '.join(gpus) + ')'}; store {display_name(engine)}")
     if not todo:
         return 0
     if not prepared:
@@ -141,9 +165,11 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
     durations: list[float] = []
     queue = list(todo)
     running: dict = {}
+    free_gpus = list(gpus or [])  # a finished job's GPU goes back to the next one
     while queue or running:
         while queue and len(running) < spec.workers:
             job, resume_id = queue.pop(0)
+            gpu = free_gpus.pop(0) if gpus else None
             if resume_id is None:  # the job's configuration, whole, as JSON (never re-serialised to flags)
                 argv = ["kdbench", "run", "--config-json", str(_write_config(logs / f"{job.key}.json",
                                                                              job.run_config(sid, db_flag)))]
@@ -153,14 +179,18 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
             log = logs / f"{job.key}.log"
             fh = open(log, "a")
             proc = subprocess.Popen([sys.executable, "-m", "kdbench", *argv[1:]], stdout=fh,
-                                    stderr=subprocess.STDOUT, env=env)
-            running[proc] = (job, time.perf_counter(), fh, log)
+                                    stderr=subprocess.STDOUT,
+                                    env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu})
+            running[proc] = (job, time.perf_counter(), fh, log, gpu)
             out(f"[sweep {sid}] start  {job.setting} seed {job.seed} on {job.suite} v{job.label}"
+                f"{'' if gpu is None else ' on GPU ' + gpu}"
                 f"{' (resume run ' + str(resume_id) + ')' if resume_id else ''}")
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:
-            job, started, fh, log = running.pop(proc)
+            job, started, fh, log, gpu = running.pop(proc)
             fh.close()
+            if gpu is not None:
+                free_gpus.append(gpu)
             durations.append(time.perf_counter() - started)
             done += 1
             if proc.returncode != 0:

@@ -112,6 +112,68 @@ def test_a_spec_is_checked_whole_before_anything_runs(tmp_path, monkeypatch):
     assert not (tmp_path / "runs.db").exists()
 
 
+class FakeJob:
+    """A ``kdbench run`` process that finishes after two polls; remembers the GPU it was given."""
+
+    def __init__(self, log, argv, env):
+        self.gpu, self.polls, self.returncode = env.get("CUDA_VISIBLE_DEVICES"), 0, None
+        log.append(self)
+
+    def poll(self):
+        self.polls += 1
+        if self.polls >= 2:
+            self.returncode = 0
+        return self.returncode
+
+
+def gpus_visible(monkeypatch, n: int):
+    """A machine with ``n`` GPUs, as far as the sweep asks (no CUDA here)."""
+    import torch
+
+    import kdbench.device
+
+    monkeypatch.setattr(kdbench.device, "resolve_device",
+                        lambda name: torch.device("cpu") if n == 0 or name == "cpu" else torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+def test_each_worker_owns_a_gpu_and_a_finished_jobs_gpu_goes_to_the_next(tmp_path, monkeypatch):
+    import kdbench.sweep
+    from kdbench.sweep import worker_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus_visible(monkeypatch, 3)
+    assert worker_gpus("auto", 2) == ["0", "1"] and worker_gpus("cuda", 3) == ["0", "1", "2"]
+    assert worker_gpus("cuda:1", 2) is None  # every job on the GPU asked for
+    with pytest.raises(UserError, match="--workers 4 with 3 visible GPU"):
+        worker_gpus("auto", 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa, GPU-bb")  # a scheduler's choice is kept
+    assert worker_gpus("auto", 2) == ["GPU-aa", "GPU-bb"]
+    with pytest.raises(UserError, match="with 2 visible GPU"):
+        worker_gpus("auto", 3)
+    gpus_visible(monkeypatch, 0)
+    assert worker_gpus("auto", 4) is None
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    gpus_visible(monkeypatch, 2)
+    started: list[FakeJob] = []
+    live: list[FakeJob] = []
+
+    def popen(argv, stdout, stderr, env):
+        job = FakeJob(started, argv, env)
+        assert job.gpu not in {j.gpu for j in live if j.returncode is None}, "two running jobs on one GPU"
+        live.append(job)
+        return job
+
+    monkeypatch.setattr(kdbench.sweep.subprocess, "Popen", popen)
+    monkeypatch.setattr(kdbench.sweep, "_prepare_suites", lambda *a, **k: {})
+    lines: list[str] = []
+    spec = SweepSpec(objectives=["kl", "rkl"], seeds=[0, 1, 2], workers=2, db=str(tmp_path / "runs.db"))
+    assert kdbench.sweep.run_sweep(spec, out=lines.append) == 0
+    assert len(started) == 6 and {j.gpu for j in started} == {"0", "1"}
+    assert "one GPU each (0, 1)" in lines[0] and sum(" on GPU " in ln for ln in lines) == 6
+
+
 # ---------------------------------------------------------------------------- real sweeps on a tiny suite
 
 
