@@ -151,10 +151,13 @@ def cmd_sweep(args) -> int:
 
 def cmd_list(_args) -> int:
     from kdbench.catalogue import format_catalogue
+    from kdbench.engine.samplers import format_samplers
     from kdbench.registry import list_objectives
     from kdbench.suites import format_suites
 
     print(format_catalogue(list_objectives()))
+    print("\nSamplers (--sampler: where training responses come from; any objective that uses a teacher):")
+    print(format_samplers())
     print("\nSuites (version, tasks [kind: headline, decoding], teacher -> student pairs):")
     print(format_suites())
     return 0

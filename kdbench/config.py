@@ -54,6 +54,11 @@ class RunConfig:
     params: dict = option(
         default_factory=dict, flag="--param", metavar="KEY=VALUE", sweep="vary", identity="objective",
         help="objective parameter (repeatable; default: the objective's)")
+    sampler: str = option(
+        "off", flag="--sampler", metavar="NAME", identity="key",
+        help="where training responses come from (see `kdbench list`): off (default: the dataset's), imitkd (the "
+             "student's samples), gkd(lmbda=0.5) (the student's with probability lmbda per step); on-policy "
+             "samplers score the student's samples with the live teacher")
     suite: str = option(
         "micro", flag="--suite", sweep="vary", identity="key",
         help="benchmark suite (default: micro, the embedded CPU suite; see `kdbench list` and docs/suites.md)")
@@ -299,6 +304,7 @@ def resolve(config: RunConfig):
     (objective, suite, label). Reads only: the store is :func:`open_store`'s."""
     from kdbench.device import check_deterministic, resolve_device
     from kdbench.engine.check import check_contract_early
+    from kdbench.engine.samplers import get_sampler
     from kdbench.diskcache import cache_home
     from kdbench.registry import get_objective
 
@@ -311,6 +317,10 @@ def resolve(config: RunConfig):
     except ValueError as exc:
         raise UserError(str(exc)) from None
     check_contract_early(objective)  # a broken plug-in is refused before reference rows are written
+    sampler = get_sampler(config.sampler)
+    if sampler.on_policy and not objective.needs_teacher:
+        raise UserError(f"sampler {sampler.setting} trains on the student's samples scored by the teacher; objective "
+                        f"{objective.setting} uses no teacher (use --sampler off)")
     suite, label = resolve_suite(config)
     check_deterministic(resolve_device(config.device), config.deterministic)
     if config.teacher_source not in ("cache", "live"):
@@ -347,6 +357,10 @@ def run_key(config: RunConfig, objective, label: str) -> str:
              "params": objective.params, "suite": config.suite, "suite_version": label, "seed": int(config.seed)}
     for o in options(cls=type(config)):
         value = getattr(config, o.name)
+        if o.name == "sampler":  # by its canonical setting: "gkd" and "gkd(lmbda=0.5)" are one experiment
+            from kdbench.engine.samplers import get_sampler
+
+            value = get_sampler(value).setting
         if o.identity == "key" and o.name not in _BASE_IDENTITY and value != o.default:
             ident[o.name] = value
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -44,6 +44,7 @@ from kdbench.diskcache import cache_dir
 from kdbench.engine import state as train_state
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.check import startup_check
+from kdbench.engine.samplers import SampledBatches, get_sampler
 from kdbench.engine.teacher import LiveTeacher
 from kdbench.engine.trainer import (ACTIVATION_CHECKPOINTING, TrainHooks, TrainingDiverged, TrainResult,
                                     make_optimizer, train)
@@ -174,7 +175,8 @@ class DistillRun:
         self.teacher = None                  # the teacher source training reads; None when the objective needs none
         self.teacher_desc: dict = {}
         self.student: torch.nn.Module | None = None
-        self.batches: PackedBatches | None = None
+        self.sampler = None                  # where training responses come from (kdbench/engine/samplers.py)
+        self.batches: PackedBatches | SampledBatches | None = None
         self.config: dict = {}               # the resolved configuration, printed and stored once
         # start() / resume()
         self.writer: RunWriter | None = None
@@ -196,15 +198,23 @@ class DistillRun:
         rc = self.run_config
         self.prepare_suite()
         prep = self.prep
+        self.sampler = get_sampler(rc.sampler)
+        # the student's samples are new sequences: only a live teacher can score them
+        source = "live" if self.sampler.on_policy else rc.teacher_source
         with self._setup_phase("teacher_cache", "building the teacher cache"):
-            self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = \
-                self._teacher_source(rc.teacher_source)
+            self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = self._teacher_source(source)
         if self.teacher is None or self.teacher.kind == "cache":
             prep.release_teacher()  # training needs no teacher model; evaluation loads it again
         torch.manual_seed(rc.seed)
         self.student = prep.new_student()
-        self.batches = PackedBatches(prep.train_examples(), prep.suite.train.batch_size, rc.seed,
-                                     prep.tokenizer.pad_token_id)
+        suite = prep.suite
+        self.batches = PackedBatches(prep.train_examples(), suite.train.batch_size, rc.seed, prep.tokenizer.pad_token_id)
+        if self.sampler.on_policy:
+            self.batches = SampledBatches(
+                self.batches, self.sampler, self.student, seed=rc.seed, eos_id=prep.tokenizer.eos_token_id,
+                pad_id=prep.tokenizer.pad_token_id, max_new_tokens=suite.eval.max_new_tokens,
+                max_tokens=suite.train.max_tokens, temperature=suite.eval.temperature, top_k=suite.eval.top_k,
+                top_p=suite.eval.top_p, device=self.device, bf16=suite.train.bf16_autocast)
         checked = None
         if check:
             t = time.perf_counter()
@@ -214,7 +224,8 @@ class DistillRun:
             self.cost["startup_check_s"] = time.perf_counter() - t
             release_memory()  # the check's dense logits path is not training's
         self.config = {
-            "objective": self.objective.name, "params": self.objective.params, "setting": self.objective.setting,
+            "objective": self.objective.name, "params": self.objective.params, "setting": self.setting,
+            "sampler": self._sampler_record(),
             "objective_version": getattr(self.objective.spec, "version", None),
             "suite": prep.suite.to_dict(), "suite_version": self.label, "seed": rc.seed,
             "device": str(self.device), "device_kind": device_kind(self.device),
@@ -229,6 +240,26 @@ class DistillRun:
             "request": stored_request(rc),  # what `kdbench run --resume` rebuilds the run's RunConfig from
         }
         return self
+
+    @property
+    def setting(self) -> str:
+        """The leaderboard row this run belongs to: the objective's setting, and the sampler's
+        where it is not ``off`` (``kl+imitkd``: a row of its own beside ``kl``, paired with it)."""
+        on_policy = self.sampler is not None and self.sampler.on_policy
+        return self.objective.setting + (f"+{self.sampler.setting}" if on_policy else "")
+
+    def _sampler_record(self) -> dict:
+        """What the run records of its sampler (``config["sampler"]``)."""
+        from kdbench.engine.samplers import SAMPLERS
+
+        record = {"setting": self.sampler.setting, "name": self.sampler.name, "params": self.sampler.params}
+        if self.sampler.on_policy:
+            ev = self.prep.suite.eval
+            record.update(paper=SAMPLERS[self.sampler.name].paper, student_probability=self.sampler.student_probability,
+                          sampling={"temperature": ev.temperature, "top_k": ev.top_k, "top_p": ev.top_p,
+                                    "max_new_tokens": ev.max_new_tokens, "max_tokens": self.prep.suite.train.max_tokens,
+                                    "draws": "keyed by (seed, <example id>@step<n>, position); coin by (seed, step)"})
+        return record
 
     def prepare_suite(self) -> "DistillRun":
         """What every run of the suite shares: the configuration resolved, the store opened, the
@@ -271,7 +302,7 @@ class DistillRun:
         self.writer = RunWriter.start(
             self.store, role=ROLE_DISTILLED, suite=self.prep.suite.name, suite_version=self.label, seed=rc.seed,
             config=self.config, provenance=provenance.collect(self.argv), objective=self.objective.name,
-            params=self.objective.params, setting=self.objective.setting,
+            params=self.objective.params, setting=self.setting,
             config_hash=run_key(rc, self.objective, self.label), sweep_id=rc.sweep_id, host=this_host(),
             pid=os.getpid(), heartbeat_at=utcnow())
         self.writer.update(state_path=str(state_dir(self.store.url, self.writer.run_id)))
@@ -279,7 +310,7 @@ class DistillRun:
         self.state = train_state.TrainState(best=best_weights(self.store.url, self.writer.run_id))
         verdict = (f"start-up check passed: loss {check['loss_fast']:.6g} == {check['loss_dense']:.6g}"
                    if check["passed"] else f"start-up check: loss not finite ({check['loss_dense']}) on the first batch")
-        print(f"[kdbench] run {self.writer.run_id}: {self.objective.setting} for {self.prep.suite.train.steps} steps "
+        print(f"[kdbench] run {self.writer.run_id}: {self.setting} for {self.prep.suite.train.steps} steps "
               f"(teacher {self.teacher_desc['kind']}; {verdict})")
         return self
 
@@ -302,7 +333,7 @@ class DistillRun:
         except BaseException:
             claim.release()
             raise
-        print(f"[kdbench] run {claim.run.id}: resuming {run.objective.setting} at step {run.state.step} of "
+        print(f"[kdbench] run {claim.run.id}: resuming {run.setting} at step {run.state.step} of "
               f"{run.prep.suite.train.steps}")
         return run
 
@@ -329,6 +360,8 @@ class DistillRun:
         finally:
             GRACEFUL.armed = False
         self.cost["train_s"] = self.result.train_time_s
+        if isinstance(self.batches, SampledBatches):  # generation is inside train_s; said apart here
+            self.cost.update(self.batches.cost())
         self.cost["validation_s"] = max(0.0, time.perf_counter() - t - self.result.train_time_s)
         # what only training needed goes before evaluation loads its models
         self.teacher = self.state = self.optimizer = None

@@ -152,6 +152,12 @@ CASES = [
     Case("no-command", [], "the following arguments are required: command"),
     Case("unknown-command", ["frobnicate"], "invalid choice: 'frobnicate'"),
     Case("run-without-objective", ["run", *G], "--objective"),
+    # ---- samplers (kdbench/engine/samplers.py)
+    Case("sampler-unknown", RUN + ["kl", "--sampler", "gdk", *G], "unknown sampler 'gdk' (did you mean 'gkd'?)"),
+    Case("sampler-lambda-above-1", RUN + ["kl", "--sampler", "gkd(lmbda=1.5)", *G], "lmbda must be in [0, 1]"),
+    Case("sampler-lambda-negative", RUN + ["kl", "--sampler", "gkd(lmbda=-1)", *G], "lmbda must be in [0, 1]"),
+    Case("sampler-param-of-another", RUN + ["kl", "--sampler", "imitkd(lmbda=0.5)", *G], "(it is gkd's)"),
+    Case("sampler-without-teacher", RUN + ["ce", "--sampler", "imitkd", *G], "objective ce uses no teacher"),
     Case("unknown-flag", RUN + ["csd", "--bogus", *G], "unrecognized arguments: --bogus"),
     Case("db-empty-string", ["show", "1", "--db", ""], "--db must not be empty"),
     Case("show-id-word", ["show", "abc", *G], "run_id must be an integer"),
