@@ -144,6 +144,34 @@ def test_leaderboard_selectors(ids):
     assert not at.exception
 
 
+def test_on_policy_rows_can_be_shown_by_sampler(store_path, tmp_path, monkeypatch):
+    """Runs made with --sampler are rows of their own (``kl+imitkd``); a "Sampler" choice shows
+    one sampler's rows (references kept), and appears only where such rows exist."""
+    from sqlalchemy import update
+
+    from kdbench.store import Run, open_engine
+
+    monkeypatch.setenv("KDBENCH_DB", str(store_path[0]))  # the module's store: no on-policy rows
+    assert "lb_sampler" not in [s.key for s in start().selectbox]
+    path = store_location(tmp_path)
+    build_fixture_store(path)
+    engine = open_engine(str(path))
+    with engine.begin() as c:
+        c.execute(update(Run).where(Run.setting == KL).values(setting=KL + "+imitkd"))
+    engine.dispose()
+    monkeypatch.setenv("KDBENCH_DB", str(path))
+    at = start()
+    assert at.selectbox(key="lb_sampler").options == ["all", "off", "imitkd"]
+    assert KL + "+imitkd" in set(table(at, "Setting", "Rank").Setting)
+    at.selectbox(key="lb_sampler").select("imitkd").run()
+    shown = set(table(at, "Setting", "Rank").Setting)
+    assert KL + "+imitkd" in shown and CSD_SS not in shown and {"teacher", "student-init"} <= shown
+    at.selectbox(key="lb_sampler").select("off").run()
+    shown = set(table(at, "Setting", "Rank").Setting)
+    assert KL + "+imitkd" not in shown and CSD_SS in shown
+    assert not at.exception
+
+
 def test_standard_and_quick_versions(tmp_path, monkeypatch):
     path = tmp_path / "versions.db"
     ids = build_versions_store(path)

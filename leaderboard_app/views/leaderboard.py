@@ -107,6 +107,7 @@ def render(ctx: common.Ctx) -> None:
                   if v != version]
         st.info(f"No distilled run of {suite} v{version} has finished yet: only the reference rows are shown."
                 + (f" Other versions with results: {', '.join(others)}." if others else ""))
+    lb = _sampler_filter(lb)
     table = display_table(lb)
     st.dataframe(_styled(table), hide_index=True, width="stretch", key="lb_table", placeholder="–",
                  column_config={"Setting": st.column_config.TextColumn(pinned=True)})
@@ -145,6 +146,28 @@ def render(ctx: common.Ctx) -> None:
     if counts.get("running"):
         st.caption(f"{counts['running']} run(s) of this suite still running (not counted).")
     common.show_failed(ctx, suite, version)
+
+
+def sampler_of(setting: str) -> str:
+    """The sampler of a leaderboard row: a run with ``--sampler`` other than ``off`` is filed as
+    ``<objective setting>+<sampler setting>`` (kdbench/recipe.py ``DistillRun.setting``)."""
+    return setting.split("+", 1)[1] if "+" in setting else "off"
+
+
+def _sampler_filter(lb: pd.DataFrame) -> pd.DataFrame:
+    """Where the version holds on-policy runs, a "Sampler" choice: every row, or the distilled rows
+    of one sampler (references always shown). Ranks and intervals stay those of the whole table."""
+    distilled = lb.role == "distilled"
+    samplers = sorted({sampler_of(s) for s in lb.setting[distilled]} - {"off"})
+    if not samplers:
+        return lb
+    pick = st.selectbox("Sampler", ["all", "off", *samplers], key="lb_sampler",
+                        help="where the training responses came from (kdbench run --sampler)")
+    if pick == "all":
+        return lb
+    out = lb[~distilled | (lb.setting.map(sampler_of) == pick)]
+    out.attrs = lb.attrs
+    return out
 
 
 def _class_notes(lb: pd.DataFrame) -> None:
