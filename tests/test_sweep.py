@@ -48,6 +48,16 @@ def test_expansion_applies_grids_where_they_belong():
     assert sweep_id(jobs) == sweep_id(list(reversed(jobs)))  # the same sweep, whatever the order
 
 
+def test_a_sweep_passes_its_sampler_to_every_job():
+    jobs = expand(SweepSpec(objectives=["kl", "csd_ss"], seeds=[0, 1], run={"sampler": "gkd(lmbda=0.5)"}))
+    assert {j.setting for j in jobs} == {"kl+gkd(lmbda=0.5)", "csd(tau=1.0,w1=S,w2=S)+gkd(lmbda=0.5)"}
+    assert all(j.run_config(None, None).sampler == "gkd(lmbda=0.5)" for j in jobs)
+    off = expand(SweepSpec(objectives=["kl", "csd_ss"], seeds=[0, 1]))
+    assert not {j.key for j in jobs} & {j.key for j in off}  # other experiments than the off-policy ones
+    with pytest.raises(UserError, match="unknown sampler"):
+        expand(SweepSpec(objectives=["kl"], seeds=[0], run={"sampler": "imitdk"}))
+
+
 def test_dry_run_prints_one_kdbench_run_line_per_run(capsys):
     assert main(["sweep", "--objectives", "kl", "rkl", "csd_ss", "--seeds", "0", "1", "2", "--dry-run",
                  "--steps", "5", "--db", "x.db", "--keep-activations"]) == 0
