@@ -105,14 +105,21 @@ def micro_v3(monkeypatch):
     monkeypatch.setitem(suites.SUITES, "micro", dataclasses.replace(suites.MICRO, version="3"))
 
 
-def test_run_keys_are_byte_identical_to_the_committed_runs(micro_v3):
+def test_run_keys_are_byte_identical_to_the_committed_runs(monkeypatch):
+    """Every committed run's key, rebuilt from its stored request under its own suite version (v3's
+    and v4's runs; v4's on-policy runs carry their sampler), as a resume does."""
+    import kdbench.suites as suites
+
     rows = committed_runs()
-    assert len(rows) >= 30
-    for rid, stored_hash, version, request in rows:  # rebuilt from each run's stored request, as a resume does
+    assert len(rows) >= 30 and {v for _, _, v, _ in rows} >= {"3", "4"}
+    assert any(req.get("sampler", "off") != "off" for _, _, _, req in rows)
+    for rid, stored_hash, version, request in rows:
+        monkeypatch.setitem(suites.SUITES, "micro", dataclasses.replace(suites.MICRO, version=version))
         config = C.from_dict(request, f"run {rid}")
         assert C.resolve_suite(config)[1] == version
         assert key_of(config) == stored_hash, rid
-    # a few written out, as a user gives them
+    # a few written out, as a user gives them (under v3)
+    monkeypatch.setitem(suites.SUITES, "micro", dataclasses.replace(suites.MICRO, version="3"))
     assert key_of(C.RunConfig(objective="csd_ss", seed=0)) == "170fbc793d8159a8007a41e299ddf899"
     assert key_of(C.RunConfig(objective="ce", seed=1, save_student=False)) == "00ea25500043740ccd315121400877f2"
     assert key_of(C.RunConfig(objective="csd", params={"w1": "T", "w2": "S", "tau": "1.5"}, seed=2,
@@ -124,6 +131,17 @@ def test_the_committed_sweep_is_still_skipped_by_hash(micro_v3):
                      workers=2, run={"no_save": True})
     jobs = expand(spec)
     assert len(jobs) == 18 and {j.key for j in jobs} <= {h for _, h, _, _ in committed_runs()}
+
+
+def test_the_committed_v4_sweeps_are_skipped_by_hash():
+    """micro v4 (the suite as it is): the README's off-policy sweep and its two on-policy sweeps."""
+    committed = {h for _, h, v, _ in committed_runs() if v == "4"}
+    for spec in (SweepSpec(objectives=["ce", "kl", "rkl", "csd_ss", "csd(w1=T,w2=S,tau=1.5)", "tvd"], seeds=[0, 1, 2],
+                           run={"no_save": True}),
+                 SweepSpec(objectives=["kl", "csd_ss"], seeds=[0, 1, 2], run={"no_save": True, "sampler": "imitkd"}),
+                 SweepSpec(objectives=["jsd"], seeds=[0, 1, 2], run={"no_save": True, "sampler": "gkd(lmbda=0.5)"})):
+        jobs = expand(spec)
+        assert {j.key for j in jobs} <= committed, spec.objectives
 
 
 # ---------------------------------------------------------------------------- hand-off, stored requests
