@@ -43,6 +43,13 @@ from kdbench.run_option import (COMMANDS, IDENTITY_ROLES, SEED_MAX, SWEEP_ROLES,
 from kdbench.suites import PairSpec, SuiteSpec, get_suite
 
 
+def _sampler_setting(text: str) -> str:
+    """A sampler's canonical setting (``gkd`` -> ``gkd(lmbda=0.5)``): how the run key holds it."""
+    from kdbench.engine.samplers import get_sampler
+
+    return get_sampler(text).setting
+
+
 @dataclass
 class RunConfig:
     """Every option of a run. Field order is the order of ``kdbench run --help``."""
@@ -55,7 +62,7 @@ class RunConfig:
         default_factory=dict, flag="--param", metavar="KEY=VALUE", sweep="vary", identity="objective",
         help="objective parameter (repeatable; default: the objective's)")
     sampler: str = option(
-        "off", flag="--sampler", metavar="NAME", identity="key",
+        "off", flag="--sampler", metavar="NAME", identity="key", canonical=_sampler_setting,
         help="where training responses come from (see `kdbench list`): off (default: the dataset's), imitkd (the "
              "student's samples), gkd(lmbda=0.5) (the student's with probability lmbda per step); on-policy "
              "samplers score the student's samples with the live teacher")
@@ -357,10 +364,8 @@ def run_key(config: RunConfig, objective, label: str) -> str:
              "params": objective.params, "suite": config.suite, "suite_version": label, "seed": int(config.seed)}
     for o in options(cls=type(config)):
         value = getattr(config, o.name)
-        if o.name == "sampler":  # by its canonical setting: "gkd" and "gkd(lmbda=0.5)" are one experiment
-            from kdbench.engine.samplers import get_sampler
-
-            value = get_sampler(value).setting
+        if o.canonical is not None:
+            value = o.canonical(value)
         if o.identity == "key" and o.name not in _BASE_IDENTITY and value != o.default:
             ident[o.name] = value
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]

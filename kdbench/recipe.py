@@ -44,7 +44,7 @@ from kdbench.diskcache import cache_dir
 from kdbench.engine import state as train_state
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.check import startup_check
-from kdbench.engine.samplers import SampledBatches, get_sampler
+from kdbench.engine.samplers import SAMPLERS, SampledBatches, get_sampler
 from kdbench.engine.teacher import LiveTeacher
 from kdbench.engine.trainer import (ACTIVATION_CHECKPOINTING, TrainHooks, TrainingDiverged, TrainResult,
                                     make_optimizer, train)
@@ -243,15 +243,11 @@ class DistillRun:
 
     @property
     def setting(self) -> str:
-        """The leaderboard row this run belongs to: the objective's setting, and the sampler's
-        where it is not ``off`` (``kl+imitkd``: a row of its own beside ``kl``, paired with it)."""
-        on_policy = self.sampler is not None and self.sampler.on_policy
-        return self.objective.setting + (f"+{self.sampler.setting}" if on_policy else "")
+        """The leaderboard row this run belongs to (:meth:`Sampler.row`: ``kl`` or ``kl+imitkd``)."""
+        return self.sampler.row(self.objective.setting) if self.sampler is not None else self.objective.setting
 
     def _sampler_record(self) -> dict:
         """What the run records of its sampler (``config["sampler"]``)."""
-        from kdbench.engine.samplers import SAMPLERS
-
         record = {"setting": self.sampler.setting, "name": self.sampler.name, "params": self.sampler.params}
         if self.sampler.on_policy:
             ev = self.prep.suite.eval

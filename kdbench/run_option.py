@@ -141,6 +141,8 @@ class Option:
     identity: str | None = None                # IDENTITY_ROLES
     resume: bool = False                       # `--resume` takes it: it belongs to the command, not the
     #                                            run (so it is not stored in the run's request either)
+    canonical: Callable[[Any], Any] | None = None  # the value as the run key holds it, where two spellings
+    #                                            are one experiment (--sampler gkd == gkd(lmbda=0.5))
     # Filled in by options() from the field:
     name: str = ""
     default: Any = None

@@ -119,11 +119,8 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
         for j in jobs:
             out(shlex.join(j.argv(sid, db_flag)))
         return 0
-    from kdbench.device import resolve_device
-
-    # every job runs on this machine: a GPU it lacks is refused before anything is written (a
-    # dry run's lines may be meant for another machine, so it is not checked there)
-    resolve_device((spec.run or {}).get("device", "auto"))
+    # every job runs on this machine: a GPU it lacks (or fewer GPUs than workers) is refused
+    # before anything is written (a dry run's lines may be meant for another machine: not checked)
     gpus = worker_gpus((spec.run or {}).get("device", "auto"), spec.workers)
     engine = open_engine(spec.db)
     logs = _log_dir(sid)

@@ -301,7 +301,6 @@ def expand(spec: SweepSpec) -> list[Job]:
     from kdbench.engine.samplers import get_sampler
 
     sampler = get_sampler(shared.sampler)  # a mistake is refused here, before anything runs
-    suffix = f"+{sampler.setting}" if sampler.on_policy else ""  # the row a job's run lands in
     jobs: list[Job] = []
     for suite_name in checked["suites"]:
         for name, base in bases.items():
@@ -318,7 +317,7 @@ def expand(spec: SweepSpec) -> list[Job]:
                                                      **train)
                         _, label = resolve_suite(config)
                         jobs.append(Job(suite_name, name, grid, train, seed, run_key(config, obj, label),
-                                        obj.setting + suffix, label, config))
+                                        sampler.row(obj.setting), label, config))
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
         raise UserError("the sweep names the same run twice (an alias and its setting?); remove the duplicate")

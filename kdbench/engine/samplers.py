@@ -102,10 +102,20 @@ class Sampler:
     def on_policy(self) -> bool:
         return self.name != "off"
 
+    def row(self, objective_setting: str) -> str:
+        """The leaderboard row (``runs.setting``) of a run of this objective setting under this
+        sampler: the objective's alone for ``off``, else ``<objective>+<sampler>`` (``kl+imitkd``),
+        a row of its own, paired with the off-policy one on the same prompts."""
+        return objective_setting + (f"+{self.setting}" if self.on_policy else "")
+
     @property
     def student_probability(self) -> float:
         """The chance that a step's responses are the student's."""
-        return {"off": 0.0, "imitkd": 1.0}.get(self.name, self.params.get("lmbda", 0.0))
+        if self.name == "off":
+            return 0.0
+        if self.name == "imitkd":
+            return 1.0
+        return self.params["lmbda"]  # gkd
 
     def students_turn(self, seed: int, step: int) -> bool:
         """Whether step ``step`` (0-based) trains on the student's samples: a coin keyed by (seed,
