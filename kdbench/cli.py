@@ -299,7 +299,7 @@ def cmd_cache(args) -> int:
     removes the entries named by KEY (each KEY names exactly one: a whole key or a prefix of at
     least 4 characters that no other key shares), or every entry with --all, never by default."""
     from kdbench.diskcache import cache_home
-    from kdbench.engine import teacher_cache
+    from kdbench.engine import seqkd, teacher_cache
     from kdbench.evaluation import prompt_cache
 
     if args.cache_command == "clear" and args.keys and args.all:
@@ -308,7 +308,7 @@ def cmd_cache(args) -> int:
         raise UserError("cache clear needs the KEY of each entry to remove (see `kdbench cache list`), "
                         "or --all for every entry")
     try:
-        entries, prompts = teacher_cache.list_entries(), prompt_cache.list_entries()
+        entries, prompts, sets = teacher_cache.list_entries(), prompt_cache.list_entries(), seqkd.list_entries()
     except OSError as exc:
         raise UserError(f"cannot read the teacher caches in {cache_home()}: {exc.strerror or exc}") from None
     if args.cache_command == "list":
@@ -325,13 +325,17 @@ def cmd_cache(args) -> int:
         _cache_listing("teacher prompt cache", prompt_cache.cache_root(), prompts,
                        lambda e: f"{_meta(e, 'batches')} batches of prompts, {_meta(e, 'inputs', 'dtype')}, "
                                  f"{_meta(e, 'inputs', 'threads')} thread(s)")
-        total = sum(e.size_bytes for e in [*entries, *prompts])
+        _cache_listing("seqkd teacher responses", seqkd.cache_root(), sets,
+                       lambda e: f"{_meta(e, 'examples')} responses, "
+                                 f"{'greedy' if _meta(e, 'inputs', 'decoding', 'greedy') else 'sampled'}")
+        total = sum(e.size_bytes for e in [*entries, *prompts, *sets])
         print(f"  total {total / 2**20:.1f} MB")
         return 0
     if args.all:
-        removed = teacher_cache.clear(everything=True) + prompt_cache.clear(everything=True)
+        removed = (teacher_cache.clear(everything=True) + prompt_cache.clear(everything=True)
+                   + seqkd.clear(everything=True))
     else:
-        known = [e.key for e in [*entries, *prompts]]
+        known = [e.key for e in [*entries, *prompts, *sets]]
         chosen: list[str] = []
         for k in dict.fromkeys(args.keys):  # every KEY is resolved before anything is removed
             hits = sorted({key for key in known if key == k} or {key for key in known if key.startswith(k)})
@@ -341,7 +345,7 @@ def cmd_cache(args) -> int:
                 raise UserError(f"KEY {k!r} matches {len(hits)} entries ({', '.join(hits)}): give more of the key "
                                 f"of the one to remove")
             chosen += hits
-        removed = teacher_cache.clear(chosen) + prompt_cache.clear(chosen)
+        removed = teacher_cache.clear(chosen) + prompt_cache.clear(chosen) + seqkd.clear(chosen)
     for key, size in removed:
         print(f"removed {key} ({size / 2**20:.1f} MB)")
     print(f"[kdbench] freed {sum(s for _, s in removed) / 2**20:.1f} MB")

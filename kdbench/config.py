@@ -325,9 +325,11 @@ def resolve(config: RunConfig):
         raise UserError(str(exc)) from None
     check_contract_early(objective)  # a broken plug-in is refused before reference rows are written
     sampler = get_sampler(config.sampler)
-    if sampler.on_policy and not objective.needs_teacher:
-        raise UserError(f"sampler {sampler.setting} trains on the student's samples scored by the teacher; objective "
-                        f"{objective.setting} uses no teacher (use --sampler off)")
+    if sampler.name != "off" and not objective.needs_teacher:
+        what = ("trains on the teacher's generated responses, scored by the teacher" if sampler.name == "seqkd"
+                else "trains on the student's samples scored by the teacher")
+        raise UserError(f"sampler {sampler.setting} {what}; objective {objective.setting} uses no teacher "
+                        f"(use --sampler off, or an objective that uses the teacher)")
     suite, label = resolve_suite(config)
     check_deterministic(resolve_device(config.device), config.deterministic)
     if config.teacher_source not in ("cache", "live"):

@@ -30,7 +30,7 @@ import torch
 from kdbench.data import sources
 from kdbench.data.batching import Encoded, encode
 from kdbench.device import inference_dtype, numerics, release_memory
-from kdbench.engine import teacher_cache
+from kdbench.engine import seqkd, teacher_cache
 from kdbench.engine.teacher import CachedTeacher
 from kdbench.errors import UserError
 from kdbench.evaluation import prompt_cache
@@ -96,12 +96,38 @@ class Prepared:
             raise UserError(f"suite {self.suite.name}: {len(train)} training examples are fewer than one batch of "
                             f"{t.batch_size}")
         valid = sorted(self.splits["valid"], key=lambda e: e.id)[: self.suite.eval.n_valid]
-        self._inputs = {"train": train, "valid": self._task_inputs(valid),
+        # the validation examples with their first reference, encoded as training encodes: the
+        # validation loss (the distillm sampler's signal); one the limits cannot hold is left out
+        valid_train = []
+        for e in valid:
+            try:
+                valid_train.append((e.id, encode(self.tokenizer, e.prompt, e.references[0], t.max_prompt_tokens,
+                                                 t.max_tokens, self.suite.system_prompt, e.id)))
+            except ValueError:
+                pass
+        self._inputs = {"train": train, "valid": self._task_inputs(valid), "valid_train": valid_train,
                         **{f"test:{name}": self._task_inputs(examples) for name, examples in self.tests.items()}}
 
     def train_examples(self) -> list[tuple[str, Encoded]]:
         """``(example id, Encoded)`` for every training example (its first reference)."""
         return self._inputs["train"]
+
+    def valid_examples(self) -> list[tuple[str, Encoded]]:
+        """``(example id, Encoded)`` for the validation prompts with their first reference (the
+        validation loss's examples; :meth:`valid_inputs` are the validation score's prompts)."""
+        return self._inputs["valid_train"]
+
+    def seqkd_examples(self, *, greedy: bool, progress: bool = True) -> tuple[list[tuple[str, Encoded]], dict, float]:
+        """The training examples with the teacher's responses instead of the references, generated
+        once per suite version and teacher group (kdbench/engine/seqkd.py). Returns ``(examples,
+        what the run records about them, seconds spent generating)``."""
+        ev, train = self.suite.eval, self.suite.train
+        return seqkd.materialise(
+            self.teacher, self.teacher_identity(), self.train_examples(), greedy=greedy,
+            sampling={"temperature": ev.temperature, "top_k": ev.top_k, "top_p": ev.top_p},
+            max_new_tokens=ev.max_new_tokens, max_tokens=train.max_tokens, eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id, batch_size=ev.batch_size, device=self.device,
+            bf16=train.bf16_autocast, progress=progress)
 
     def task_inputs(self, task: str) -> TaskInputs:
         return self._inputs[f"test:{task}"]
@@ -136,11 +162,13 @@ class Prepared:
                                          inference_dtype(self.device, self.suite.train.bf16_autocast))
         return prompt_cache.PromptCache(prompt_cache.entry_key(inputs), inputs)
 
-    def training_teacher(self, seed: int, *, progress: bool = True):
-        """The cached teacher a training run with ``seed`` reads (which examples it holds, and its
-        key, are the teacher cache's to decide: kdbench/engine/teacher_cache.py ``for_training``).
-        Returns ``(source, what the run records about it, seconds spent building)``."""
-        return teacher_cache.for_training(self.teacher, self.teacher_identity(), self.train_examples(),
+    def training_teacher(self, seed: int, examples=None, *, progress: bool = True):
+        """The cached teacher a training run with ``seed`` reads on ``examples`` (default: the
+        training examples; a ``seqkd`` run's are the teacher's responses). Which examples it
+        holds, and its key, are the teacher cache's to decide (kdbench/engine/teacher_cache.py
+        ``for_training``). Returns ``(source, what the run records about it, seconds spent building)``."""
+        examples = self.train_examples() if examples is None else examples
+        return teacher_cache.for_training(self.teacher, self.teacher_identity(), examples,
                                           self.suite.train, self.suite.system_prompt, self.device, seed,
                                           progress=progress)
 

@@ -101,6 +101,12 @@ def checkpointing(run_config: RunConfig) -> bool:
     return ACTIVATION_CHECKPOINTING and not run_config.keep_activations
 
 
+def distillm_every(suite: SuiteSpec) -> int:
+    """Steps between the ``distillm`` sampler's looks at the validation loss: the suite's
+    validation interval (DistiLLM validates once an epoch), else a tenth of the budget."""
+    return suite.eval.valid_every or max(1, suite.train.steps // 10)
+
+
 def selection_rule(suite: SuiteSpec, n_valid: int) -> str:
     task = suite.valid_task
     decode = "greedy" if task.greedy else "sampled (seed 1)"
@@ -176,6 +182,7 @@ class DistillRun:
         self.teacher_desc: dict = {}
         self.student: torch.nn.Module | None = None
         self.sampler = None                  # where training responses come from (kdbench/engine/samplers.py)
+        self.sampler_desc: dict = {}         # seqkd: the teacher-generated set it trains on
         self.batches: PackedBatches | SampledBatches | None = None
         self.config: dict = {}               # the resolved configuration, printed and stored once
         # start() / resume()
@@ -199,22 +206,28 @@ class DistillRun:
         self.prepare_suite()
         prep = self.prep
         self.sampler = get_sampler(rc.sampler)
+        suite = prep.suite
+        examples = prep.train_examples()
+        if self.sampler.name == "seqkd":  # the teacher's responses in place of the references, then as off
+            with self._setup_phase("seqkd", "generating the teacher's responses (seqkd)"):
+                examples, self.sampler_desc, self.cost["seqkd_build_s"] = prep.seqkd_examples(
+                    greedy=bool(self.sampler.params["greedy"]), progress=rc.progress)
         # the student's samples are new sequences: only a live teacher can score them
         source = "live" if self.sampler.on_policy else rc.teacher_source
         with self._setup_phase("teacher_cache", "building the teacher cache"):
-            self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = self._teacher_source(source)
+            self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = self._teacher_source(source, examples)
         if self.teacher is None or self.teacher.kind == "cache":
             prep.release_teacher()  # training needs no teacher model; evaluation loads it again
         torch.manual_seed(rc.seed)
         self.student = prep.new_student()
-        suite = prep.suite
-        self.batches = PackedBatches(prep.train_examples(), suite.train.batch_size, rc.seed, prep.tokenizer.pad_token_id)
+        self.batches = PackedBatches(examples, suite.train.batch_size, rc.seed, prep.tokenizer.pad_token_id)
         if self.sampler.on_policy:
             self.batches = SampledBatches(
                 self.batches, self.sampler, self.student, seed=rc.seed, eos_id=prep.tokenizer.eos_token_id,
                 pad_id=prep.tokenizer.pad_token_id, max_new_tokens=suite.eval.max_new_tokens,
                 max_tokens=suite.train.max_tokens, temperature=suite.eval.temperature, top_k=suite.eval.top_k,
-                top_p=suite.eval.top_p, device=self.device, bf16=suite.train.bf16_autocast)
+                top_p=suite.eval.top_p, device=self.device, bf16=suite.train.bf16_autocast, steps=suite.train.steps,
+                valid_every=distillm_every(suite), valid_examples=prep.valid_examples())
         checked = None
         if check:
             t = time.perf_counter()
@@ -249,12 +262,23 @@ class DistillRun:
     def _sampler_record(self) -> dict:
         """What the run records of its sampler (``config["sampler"]``)."""
         record = {"setting": self.sampler.setting, "name": self.sampler.name, "params": self.sampler.params}
-        if self.sampler.on_policy:
-            ev = self.prep.suite.eval
-            record.update(paper=SAMPLERS[self.sampler.name].paper, student_probability=self.sampler.student_probability,
-                          sampling={"temperature": ev.temperature, "top_k": ev.top_k, "top_p": ev.top_p,
-                                    "max_new_tokens": ev.max_new_tokens, "max_tokens": self.prep.suite.train.max_tokens,
-                                    "draws": "keyed by (seed, <example id>@step<n>, position); coin by (seed, step)"})
+        if self.sampler.name == "off":
+            return record
+        ev, suite = self.prep.suite.eval, self.prep.suite
+        record["paper"] = SAMPLERS[self.sampler.name].paper
+        if self.sampler.name == "seqkd":
+            record["teacher_responses"] = self.sampler_desc
+            return record
+        record.update(student_probability=self.sampler.student_probability,
+                      sampling={"temperature": ev.temperature, "top_k": ev.top_k, "top_p": ev.top_p,
+                                "max_new_tokens": ev.max_new_tokens, "max_tokens": suite.train.max_tokens,
+                                "draws": "keyed by (seed, <example id>@step<n>, position); coin by (seed, step)"})
+        if self.sampler.name == "distillm":
+            record["schedule"] = {"validation_loss": f"student cross-entropy per counted token on the "
+                                  f"{len(self.prep.valid_examples())} validation examples' references",
+                                  "every": distillm_every(suite), "steps": suite.train.steps,
+                                  "replay_ratio": "decreasing: fresh samples with probability p * (1 - step / steps)",
+                                  "replay": "draws keyed by (seed, step), without replacement; eviction first in, first out"}
         return record
 
     def prepare_suite(self) -> "DistillRun":
@@ -283,12 +307,12 @@ class DistillRun:
         with self.memory.phase(name), refusing_nondeterministic_ops(self.device, what):
             yield
 
-    def _teacher_source(self, kind: str) -> tuple[object, dict, float]:
+    def _teacher_source(self, kind: str, examples) -> tuple[object, dict, float]:
         if not self.objective.needs_teacher:
             return None, {"kind": "none"}, 0.0
         if kind == "live":
             return LiveTeacher(self.prep.teacher()), {"kind": "live"}, 0.0
-        return self.prep.training_teacher(self.run_config.seed, progress=self.run_config.progress)
+        return self.prep.training_teacher(self.run_config.seed, examples, progress=self.run_config.progress)
 
     # -- start / resume: the run's row and its owner -----------------------------------------
     def start(self) -> "DistillRun":

@@ -158,6 +158,11 @@ CASES = [
     Case("sampler-lambda-negative", RUN + ["kl", "--sampler", "gkd(lmbda=-1)", *G], "lmbda must be in [0, 1]"),
     Case("sampler-param-of-another", RUN + ["kl", "--sampler", "imitkd(lmbda=0.5)", *G], "(it is gkd's)"),
     Case("sampler-without-teacher", RUN + ["ce", "--sampler", "imitkd", *G], "objective ce uses no teacher"),
+    Case("seqkd-without-teacher", RUN + ["ce", "--sampler", "seqkd", *G],
+         "sampler seqkd(greedy=1) trains on the teacher's generated responses, scored by the teacher; objective ce "
+         "uses no teacher"),
+    Case("sampler-param-not-whole", RUN + ["kl", "--sampler", "distillm(capacity=2.5)", *G],
+         "capacity must be a whole number, got 2.5"),
     Case("unknown-flag", RUN + ["csd", "--bogus", *G], "unrecognized arguments: --bogus"),
     Case("db-empty-string", ["show", "1", "--db", ""], "--db must not be empty"),
     Case("show-id-word", ["show", "abc", *G], "run_id must be an integer"),

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from kdbench.cli import main
 from kdbench.engine.samplers import SAMPLERS, get_sampler
 from kdbench.errors import UserError
+from kdbench.prepare import Prepared
 from kdbench.store import Artifact, CurvePoint, Metric, Run, Sample, open_engine
 
 try:
@@ -35,7 +36,12 @@ def test_settings_are_canonical_and_defaults_filled():
     assert get_sampler("imitkd").setting == "imitkd" and get_sampler("imitkd").student_probability == 1.0
     assert get_sampler("gkd").setting == "gkd(lmbda=0.5)" == get_sampler(" gkd( lmbda = 0.50 ) ").setting
     assert get_sampler("gkd(lmbda=0)").student_probability == 0.0
-    assert set(SAMPLERS) == {"off", "imitkd", "gkd"}
+    assert set(SAMPLERS) == {"off", "seqkd", "imitkd", "gkd", "distillm"}
+    assert get_sampler("seqkd").setting == "seqkd(greedy=1)" and not get_sampler("seqkd").on_policy
+    assert get_sampler("seqkd").student_probability == 0.0
+    d = get_sampler("distillm(capacity=64, p0=0.2)")
+    assert d.setting == "distillm(capacity=64,delta=0.1,eps=0.1,p0=0.2)" and d.on_policy
+    assert d.params["capacity"] == 64 and isinstance(d.params["capacity"], int) and d.student_probability is None
 
 
 @pytest.mark.parametrize("text, message", [
@@ -47,6 +53,11 @@ def test_settings_are_canonical_and_defaults_filled():
     ("imitkd(lmbda=0.5)", "sampler imitkd has no parameter 'lmbda' (it is gkd's); imitkd takes no parameters"),
     ("gkd(beta=0.5)", "sampler gkd has no parameter 'beta'; gkd takes lmbda"),
     ("gkd(lmbda)", "expected key=value"),
+    ("seqkd(greedy=0.5)", "sampler seqkd: greedy must be a whole number, got 0.5"),
+    ("seqkd(lmbda=1)", "sampler seqkd has no parameter 'lmbda' (it is gkd's); seqkd takes greedy"),
+    ("distillm(capacity=0)", "capacity must be in [1, 1e+07], got 0"),
+    ("distillm(p0=2)", "p0 must be in [0, 1], got 2"),
+    ("distillm(eps=-1)", "eps must be in [0, 1e+09]"),
 ])
 def test_a_mistaken_sampler_is_one_line(text, message):
     with pytest.raises(UserError) as err:
@@ -76,7 +87,26 @@ RUNS = {  # name -> (objective, sampler or None for the default, extra flags)
     "imitkd": ("kl", "imitkd", []),
     "gkd1": ("kl", "gkd(lmbda=1)", []),
     "csd_imitkd": ("csd", "imitkd", []),
+    "csd_gkd": ("csd", "gkd(lmbda=0.5)", []),
+    # seqkd: off-policy on the teacher's responses; the first with the teacher live, as the run on
+    # the materialised set below (so the two differ in nothing but how the set reached training)
+    "seqkd": ("kl", "seqkd", ["--teacher-source", "live"]),
+    "off_on_seqkd_set": ("kl", None, ["--teacher-source", "live"]),
+    "csd_seqkd": ("csd", "seqkd(greedy=0)", []),  # sampled, through the teacher cache
+    # distillm from p = 1 with a buffer of one batch: step 0 samples, then replays (3 steps)
+    "distillm": ("kl", "distillm(p0=1,capacity=8)", []),
+    "csd_distillm": ("csd", "distillm(p0=1,capacity=8)", []),
 }
+
+
+_TRAIN_EXAMPLES = Prepared.train_examples
+
+
+def _the_seqkd_set(prep):
+    """The greedy seqkd set of ``prep``'s training examples (read from the cache the seqkd run filled)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Prepared, "train_examples", _TRAIN_EXAMPLES)
+        return prep.seqkd_examples(greedy=True, progress=False)[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +125,17 @@ def runs(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setitem(suites.SUITES, small.name, small)
     mp.setenv("OMP_NUM_THREADS", "1")
+    mp.setenv("KDBENCH_CACHE", str(tmp / "cache"))  # its own: the seqkd sets are generated here, once
     threads = torch.get_num_threads()
     codes = {}
     try:
         torch.set_num_threads(1)
         for name, (objective, sampler, extra) in RUNS.items():
-            codes[name] = main(["run", "--objective", objective, *base, *extra,
-                                *(["--sampler", sampler] if sampler else [])])
+            with pytest.MonkeyPatch.context() as run_mp:
+                if name == "off_on_seqkd_set":  # an off run whose training examples ARE the seqkd set
+                    run_mp.setattr(Prepared, "train_examples", _the_seqkd_set)
+                codes[name] = main(["run", "--objective", objective, *base, *extra,
+                                    *(["--sampler", sampler] if sampler else [])])
     finally:
         torch.set_num_threads(threads)
         mp.undo()
@@ -121,7 +155,8 @@ def runs(tmp_path_factory):
             out[name] = types.SimpleNamespace(run=r, curve=curve, metrics=metrics, samples=samples, cost=cost)
         s.expunge_all()
     engine.dispose()
-    return {"codes": codes, "runs": out}
+    seqkd_sets = sorted(p.name for p in (tmp / "cache" / "seqkd").iterdir() if (p / "meta.json").is_file())
+    return {"codes": codes, "runs": out, "seqkd_sets": seqkd_sets, "cache": tmp / "cache"}
 
 
 def test_every_sampler_run_finishes(runs):
@@ -160,7 +195,45 @@ def test_a_run_records_its_sampler_in_its_row_identity_and_config(runs):
     assert rec["sampling"]["max_new_tokens"] == tiny_gsm8k_suite().eval.max_new_tokens
     assert r["imitkd"].config["teacher_source"]["kind"] == "live"  # the cache cannot score new sequences
     assert r["imitkd"].config["data_order"]["sampler"] == "imitkd"
-    assert len({x.config_hash for x in r.values()}) == len(r)  # each its own experiment
+    own = {name: x for name, x in r.items() if name != "off_on_seqkd_set"}  # that one is `off`'s key by design
+    assert len({x.config_hash for x in own.values()}) == len(own)  # each its own experiment
+
+
+def test_seqkd_is_off_on_the_materialised_teacher_set_bit_for_bit(runs):
+    seqkd, on_set, off = (runs["runs"][k] for k in ("seqkd", "off_on_seqkd_set", "off"))
+    assert seqkd.curve == on_set.curve and seqkd.metrics == on_set.metrics and seqkd.samples == on_set.samples
+    assert seqkd.curve != off.curve  # the teacher's responses are not the references
+    rec = seqkd.run.config["sampler"]
+    assert rec["setting"] == "seqkd(greedy=1)" and "SeqKD" in rec["paper"] and seqkd.run.setting == "kl+seqkd(greedy=1)"
+    set_ = rec["teacher_responses"]
+    assert set_["kind"] == "seqkd" and set_["decoding"] == {"greedy": True} and set_["ids"] == "<example id>@seqkd"
+    assert set_["examples"] > 0 and set_["generated_tokens"] >= set_["examples"]
+    assert 0 <= set_["cut_responses"] <= set_["examples"]
+    sampled = runs["runs"]["csd_seqkd"].run.config["sampler"]["teacher_responses"]
+    assert sampled["decoding"]["greedy"] is False and sampled["decoding"]["seed"] == 0 and sampled["key"] != set_["key"]
+    # off-policy: the teacher cache serves the seqkd set (the first seqkd run asked for a live teacher)
+    assert runs["runs"]["csd_seqkd"].run.config["teacher_source"]["kind"] == "cache"
+    assert "seqkd_build_s" in seqkd.cost and "sampler_student_steps" not in seqkd.cost
+
+
+def test_seqkd_generates_its_set_once(runs):
+    # the first seqkd run generated and published the greedy set, the sampled run its own; the
+    # run on the materialised set read the greedy one back: two sets, no more
+    assert runs["runs"]["seqkd"].cost["seqkd_build_s"] > 0 and runs["runs"]["csd_seqkd"].cost["seqkd_build_s"] > 0
+    keys = {runs["runs"][k].run.config["sampler"]["teacher_responses"]["key"] for k in ("seqkd", "csd_seqkd")}
+    assert runs["seqkd_sets"] == sorted(keys)
+
+
+def test_distillm_samples_then_replays_and_records_its_schedule(runs):
+    for name in ("distillm", "csd_distillm"):
+        c, r = runs["runs"][name].cost, runs["runs"][name].run
+        # p = 1 and a buffer of one batch (8): step 1 samples; step 3's fresh share is 0, so it replays
+        assert c["sampler_student_steps"] >= 1 and c["sampler_replay_steps"] >= 1
+        assert c["sampler_student_steps"] + c["sampler_replay_steps"] == 3
+        assert c["sampler_final_p"] == 1.0 and c["sampler_buffer_size"] == 8 and c["sampler_validation_s"] > 0
+        rec = r.config["sampler"]
+        assert rec["student_probability"] is None and rec["schedule"]["replay_ratio"].startswith("decreasing")
+        assert r.setting.endswith("+distillm(capacity=8,delta=0.1,eps=0.1,p0=1)")
 
 
 def test_the_run_key_reads_the_sampler_by_its_canonical_setting():
@@ -172,3 +245,14 @@ def test_the_run_key_reads_the_sampler_by_its_canonical_setting():
     assert key("gkd") == key("gkd(lmbda=0.5)") != key("gkd(lmbda=0.6)")
     assert key("off") == run_key(RunConfig(objective="kl"), kl, "4")  # off leaves every existing key as it was
     assert len({key("off"), key("imitkd"), key("gkd")}) == 3
+
+
+def test_the_seqkd_sets_are_listed_and_cleared_with_the_caches(runs, capsys, monkeypatch):
+    monkeypatch.setenv("KDBENCH_CACHE", str(runs["cache"]))
+    greedy, sampled = (runs["runs"][k].run.config["sampler"]["teacher_responses"]["key"] for k in ("seqkd", "csd_seqkd"))
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "seqkd teacher responses in" in out and "2 entries" in out
+    assert f"{greedy}" in out and "responses, greedy" in out and "responses, sampled" in out
+    assert main(["cache", "clear", sampled]) == 0
+    assert [p.name for p in (runs["cache"] / "seqkd").iterdir() if (p / "meta.json").is_file()] == [greedy]

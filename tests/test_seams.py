@@ -35,12 +35,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
 
 
-def sampled(tiny, model) -> SampledBatches:
-    """imitkd on the tiny pair: every step's 4 prompts answered by ``model``, up to 8 new tokens."""
+#: distillm from p = 1 with a buffer of one batch: step 0 samples the student, later steps sample
+#: anew or replay (step 3 always replays: its fresh share is 0), the loss looked at every 2 steps
+DISTILLM = "distillm(p0=1,capacity=4)"
+
+
+def sampled(tiny, model, sampler: str = "imitkd") -> SampledBatches:
+    """``sampler`` on the tiny pair: a step's 4 prompts answered by ``model``, up to 8 new tokens."""
     tok = tiny["tok"]
-    return SampledBatches(PackedBatches(tiny["enc"], 4, 0, tok.pad_token_id), get_sampler("imitkd"), model, seed=0,
+    return SampledBatches(PackedBatches(tiny["enc"], 4, 0, tok.pad_token_id), get_sampler(sampler), model, seed=0,
                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=8,
-                          max_tokens=SPEC.max_tokens, bf16=False)
+                          max_tokens=SPEC.max_tokens, bf16=False, steps=4, valid_every=2,
+                          valid_examples=tiny["enc"][:2])
 
 
 def _train(tiny, model, steps, batches, on_step=None, responses=None, **kw):
@@ -80,18 +86,20 @@ def test_an_on_policy_source_trains_through_the_unchanged_trainer(tiny):
     assert all(1 <= len(r) <= 8 for batch in drawn for r in batch)
 
 
-def test_an_on_policy_run_resumes_bit_for_bit(tiny, tmp_path):
+@pytest.mark.parametrize("sampler", ["imitkd", DISTILLM])
+def test_an_on_policy_run_resumes_bit_for_bit(tiny, tmp_path, sampler):
     """4 steps straight against 2 steps, saved, restored into new objects, 2 more: the same
-    responses are drawn and the same weights come out."""
+    responses are drawn (distillm: its buffer and schedule come back with the state, and the
+    replayed samples are the same) and the same weights come out."""
     torch.manual_seed(0)
     straight = fresh(tiny)
-    whole = sampled(tiny, straight)
+    whole = sampled(tiny, straight, sampler)
     whole_drawn: list = []
     _, full = _train(tiny, straight, 4, whole, responses=whole_drawn)
 
     torch.manual_seed(0)
     first = fresh(tiny)
-    part = sampled(tiny, first)
+    part = sampled(tiny, first, sampler)
     opt = make_optimizer(first, SPEC, CPU)
 
     def on_step(st, o):
@@ -101,7 +109,7 @@ def test_an_on_policy_run_resumes_bit_for_bit(tiny, tmp_path):
 
     torch.manual_seed(123)  # whatever the process drew since: the draws are keyed, the state brings the rest back
     second = fresh(tiny)
-    resumed = sampled(tiny, second)
+    resumed = sampled(tiny, second, sampler)
     opt2 = make_optimizer(second, SPEC, CPU)
     restored, meta = S.load(tmp_path / "state", second, opt2, resumed)
     assert restored.step == 2 and meta["batches"]["sampler_step"] == 2
@@ -111,6 +119,9 @@ def test_an_on_policy_run_resumes_bit_for_bit(tiny, tmp_path):
     assert [loss for _, loss in rest] == [loss for _, loss in full[2:]]
     for (k, a), (_, b) in zip(straight.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), k
+    if sampler == DISTILLM:
+        assert whole.replay_steps >= 1 and resumed.replay_steps >= 1  # the restored buffer was replayed from
+        assert resumed.state_dict() == whole.state_dict()
 
 
 def test_the_teacher_cache_refuses_on_policy_sequences(tiny, tmp_path, monkeypatch):
