@@ -136,7 +136,7 @@ def cmd_sweep(args) -> int:
             out[key] = parts
         return out
 
-    flags = {"objectives": args.objectives, "seeds": args.seeds, "suites": args.suites,
+    flags = {"objectives": args.objectives, "samplers": args.samplers, "seeds": args.seeds, "suites": args.suites,
              "params": grids(args.param, "--param"), "tune": grids(args.tune, "--tune"), "workers": args.workers,
              "db": args.db}
     if args.spec:

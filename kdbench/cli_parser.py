@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="objectives x parameter grids x seeds x suites, skipping finished runs")
     sw.add_argument("spec", nargs="?", default=None, metavar="SPEC.yaml", help="a sweep file (see docs/sweeps.md)")
     sw.add_argument("--objectives", nargs="+", default=None, metavar="SETTING")
+    sw.add_argument("--samplers", nargs="+", default=None, metavar="SAMPLER",
+                    help="run every objective under each of these samplers (kdbench list); an objective that uses no "
+                         "teacher runs under off only")
     sw.add_argument("--seeds", nargs="+", type=_int_in("--seeds", 0, SEED_MAX), default=None)
     sw.add_argument("--suite", nargs="+", default=None, dest="suites")
     sw.add_argument("--param", action="append", default=None, metavar="KEY=V1,V2",

@@ -1,17 +1,22 @@
 """What a ``kdbench sweep`` runs: its specification (:class:`SweepSpec`, from a YAML file or the
 flags), checked whole (:func:`validate`) and expanded into jobs (:func:`expand`) -- objectives ×
-parameter grids × tuning grid × training seeds × suites, each job one
+samplers × parameter grids × tuning grid × training seeds × suites, each job one
 :class:`kdbench.config.RunConfig` with its run key. Running the jobs is kdbench/sweep.py's.
 
 Specification file (every key optional except objectives)::
 
     suites: [micro]
     objectives: [ce, kl, rkl, csd_ss, "csd(w1=T,w2=S,tau=1.5)", tvd]
+    samplers: [off, imitkd]          # where training responses come from (default: the run option, off)
     seeds: [0, 1, 2]
     params: {tau: [1.0, 1.5]}        # applied to the objectives that declare the parameter
     tune: {lr: [1.0e-4, 3.0e-4]}
     workers: 1
     run: {steps: 3, eval_limit: 3}   # any `kdbench run` option, for every job
+
+Samplers: every objective runs under every sampler, except that an objective that uses no
+teacher (``ce``) runs under ``off`` only -- the others train on responses the teacher scores.
+``samplers`` (``--samplers``) and the run option ``sampler`` (``--sampler``) are one or the other.
 
 Equal tuning budget: ``--tune lr=1e-4,3e-4`` gives every objective the same grid (which point
 wins, on validation only, is the sweep's summary: kdbench/sweep.py ``tuning_report``).
@@ -50,6 +55,7 @@ def _run_keys() -> dict:
 @dataclass
 class SweepSpec:
     objectives: list[str]
+    samplers: list[str] | None = None  # None: the run option's one sampler (default off)
     seeds: list[int] = field(default_factory=lambda: [0])
     suites: list[str] = field(default_factory=lambda: ["micro"])
     params: dict[str, list] = field(default_factory=dict)
@@ -72,7 +78,7 @@ class SweepSpec:
             raise UserError(f"sweep file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(doc, dict):
             raise UserError(f"sweep file {path}: expected a mapping of keys (objectives, seeds, ...)")
-        known = {"objectives", "seeds", "suites", "params", "tune", "workers", "run", "db"}
+        known = {"objectives", "samplers", "seeds", "suites", "params", "tune", "workers", "run", "db"}
         unknown = set(doc) - known
         if unknown:
             raise UserError(f"sweep file {path}: unknown key(s) {', '.join(sorted(unknown))}; known: "
@@ -145,7 +151,7 @@ def _strict_yaml_loader():
 
 
 #: The flag a key of the specification comes from when the sweep has no file (messages name it).
-_FLAGS = {"objectives": "--objectives", "seeds": "--seeds", "suites": "--suite", "params": "--param",
+_FLAGS = {"objectives": "--objectives", "samplers": "--samplers", "seeds": "--seeds", "suites": "--suite", "params": "--param",
           "tune": "--tune", "workers": "--workers", "db": "--db"}
 
 
@@ -259,6 +265,14 @@ def validate(spec: SweepSpec) -> dict:
                         f"the string {spec.objectives!r}")
     objectives = _items(spec, "objectives", spec.objectives, split=False)
     objectives = _once(spec, "objectives", _strings(spec, "objectives", objectives, "objective names or settings"))
+    samplers = None
+    if spec.samplers is not None:
+        # YAML 1.1 reads a bare `off` as false: in a sampler list it can only be the sampler off
+        samplers = ["off" if v is False else v for v in _items(spec, "samplers", spec.samplers, split=False)]
+        samplers = _once(spec, "samplers", _strings(spec, "samplers", samplers, "sampler names or settings"))
+        if (spec.run or {}).get("sampler") is not None:
+            raise UserError(f"{_where(spec, 'samplers')} and the run option sampler (--sampler) both given; give the "
+                            f"samplers in one list")
     seeds = _items(spec, "seeds", [0] if spec.seeds is None else spec.seeds)
     seeds = _once(spec, "seeds", [_integer(spec, "seeds", s, 0, SEED_MAX) for s in seeds])
     suites = _items(spec, "suites", ["micro"] if spec.suites is None else spec.suites)
@@ -272,7 +286,7 @@ def validate(spec: SweepSpec) -> dict:
     workers = _integer(spec, "workers", 1 if spec.workers is None else spec.workers, 1, 256)
     if spec.db is not None and (not isinstance(spec.db, str) or not spec.db.strip()):
         raise UserError(f"{_where(spec, 'db')} must be a store path or URL, got {spec.db!r}")
-    return {"objectives": objectives, "seeds": seeds, "suites": suites, "params": params, "tune": tune,
+    return {"objectives": objectives, "samplers": samplers, "seeds": seeds, "suites": suites, "params": params, "tune": tune,
             "workers": workers, "run": _run_options(spec)}
 
 
@@ -300,7 +314,8 @@ def expand(spec: SweepSpec) -> list[Job]:
             raise UserError(f"{_where(spec, 'params.' + key)}: no objective of the sweep declares it; {why}")
     from kdbench.engine.samplers import get_sampler
 
-    sampler = get_sampler(shared.sampler)  # a mistake is refused here, before anything runs
+    # a mistake is refused here, before anything runs
+    samplers = [(text, get_sampler(text)) for text in (checked["samplers"] or [shared.sampler])]
     jobs: list[Job] = []
     for suite_name in checked["suites"]:
         for name, base in bases.items():
@@ -310,14 +325,20 @@ def expand(spec: SweepSpec) -> list[Job]:
                     obj = get_objective(name, **combo)
                 except ValueError as exc:
                     raise UserError(str(exc)) from None
-                for train in _grid(tune):
-                    for seed in seeds:
-                        grid = {k: str(v) for k, v in combo.items()}
-                        config = dataclasses.replace(shared, objective=name, params=grid, suite=suite_name, seed=seed,
-                                                     **train)
-                        _, label = resolve_suite(config)
-                        jobs.append(Job(suite_name, name, grid, train, seed, run_key(config, obj, label),
-                                        sampler.row(obj.setting), label, config))
+                for text, sampler in samplers:
+                    if sampler.name != "off" and not obj.needs_teacher:
+                        if checked["samplers"]:
+                            continue  # ce beside on-policy samplers: its off-policy runs only (module docstring)
+                        raise UserError(f"sampler {sampler.setting} needs an objective that uses the teacher; "
+                                        f"objective {obj.setting} uses none (sweep it with --sampler off)")
+                    for train in _grid(tune):
+                        for seed in seeds:
+                            grid = {k: str(v) for k, v in combo.items()}
+                            config = dataclasses.replace(shared, objective=name, params=grid, suite=suite_name,
+                                                         seed=seed, sampler=text, **train)
+                            _, label = resolve_suite(config)
+                            jobs.append(Job(suite_name, name, grid, train, seed, run_key(config, obj, label),
+                                            sampler.row(obj.setting), label, config))
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
         raise UserError("the sweep names the same run twice (an alias and its setting?); remove the duplicate")

@@ -58,6 +58,38 @@ def test_a_sweep_passes_its_sampler_to_every_job():
         expand(SweepSpec(objectives=["kl"], seeds=[0], run={"sampler": "imitdk"}))
 
 
+def test_a_sweep_varies_the_sampler_beside_the_objective(tmp_path, capsys):
+    jobs = expand(SweepSpec(objectives=["ce", "kl", "csd_ss"], samplers=["off", "imitkd", "gkd"], seeds=[0, 1]))
+    # ce uses no teacher: off only; kl and csd under every sampler; 2 seeds each
+    assert sorted({j.setting for j in jobs}) == sorted([
+        "ce", "kl", "kl+imitkd", "kl+gkd(lmbda=0.5)", "csd(tau=1.0,w1=S,w2=S)", "csd(tau=1.0,w1=S,w2=S)+imitkd",
+        "csd(tau=1.0,w1=S,w2=S)+gkd(lmbda=0.5)"])
+    assert len(jobs) == 7 * 2 and len({j.key for j in jobs}) == len(jobs)
+    # the off jobs are the off-policy sweep's own (same keys: a sweep skips what either already ran)
+    off = expand(SweepSpec(objectives=["ce", "kl", "csd_ss"], seeds=[0, 1]))
+    assert {j.key for j in off} == {j.key for j in jobs if "+" not in j.setting}
+    assert {j.run_config(None, None).sampler for j in jobs} == {"off", "imitkd", "gkd"}
+    spec = tmp_path / "s.yaml"
+    spec.write_text("objectives: [kl]\nsamplers: [off, seqkd]\nseeds: [0]\n")
+    assert main(["sweep", str(spec), "--dry-run", "--db", str(tmp_path / "r.db")]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("kdbench run")]
+    assert len(lines) == 2 and sum("--sampler seqkd" in x for x in lines) == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(samplers=["off", "imitkd"], run={"sampler": "gkd"}), "--samplers and the run option sampler (--sampler) "
+                                                               "both given"),
+    (dict(samplers=["gkd", "gkd(lmbda=0.5)"]), "the sweep names the same run twice"),
+    (dict(samplers=["imitkd", "imitkd"]), "--samplers lists 'imitkd' twice"),
+    (dict(samplers=["imitdk"]), "unknown sampler 'imitdk'"),
+    (dict(samplers=[]), "--samplers is empty"),
+])
+def test_a_mistaken_sampler_list_is_one_line(spec, message):
+    with pytest.raises(UserError) as err:
+        expand(SweepSpec(objectives=["kl"], seeds=[0], **spec))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_dry_run_prints_one_kdbench_run_line_per_run(capsys):
     assert main(["sweep", "--objectives", "kl", "rkl", "csd_ss", "--seeds", "0", "1", "2", "--dry-run",
                  "--steps", "5", "--db", "x.db", "--keep-activations"]) == 0
