@@ -147,22 +147,34 @@ def test_leaderboard_selectors(ids):
 def test_on_policy_rows_can_be_shown_by_sampler(store_path, tmp_path, monkeypatch):
     """Runs made with --sampler are rows of their own (``kl+imitkd``); a "Sampler" choice shows
     one sampler's rows (references kept), and appears only where such rows exist."""
-    from sqlalchemy import update
+    from sqlalchemy import insert, select, update
 
-    from kdbench.store import Run, open_engine
+    from kdbench.store import Artifact, Run, open_engine
 
     monkeypatch.setenv("KDBENCH_DB", str(store_path[0]))  # the module's store: no on-policy rows
-    assert "lb_sampler" not in [s.key for s in start().selectbox]
+    plain = start()
+    assert "lb_sampler" not in [s.key for s in plain.selectbox]
+    assert "Generation (s)" not in table(plain, "Setting", "Rank").columns
     path = store_location(tmp_path)
     build_fixture_store(path)
     engine = open_engine(str(path))
     with engine.begin() as c:
         c.execute(update(Run).where(Run.setting == KL).values(setting=KL + "+imitkd"))
+        ids = c.execute(select(Run.id).where(Run.setting == KL + "+imitkd", Run.status == "finished")).scalars().all()
+        for run_id in ids:  # what an on-policy run's cost artifact holds of its sampling
+            c.execute(insert(Artifact).values(run_id=run_id, name="cost", data={
+                "sampler_student_steps": 50, "sampler_generation_s": 80.0,
+                "sampler_generated_tokens_per_s": 60.0}))
     engine.dispose()
     monkeypatch.setenv("KDBENCH_DB", str(path))
     at = start()
     assert at.selectbox(key="lb_sampler").options == ["all", "off", "imitkd"]
-    assert KL + "+imitkd" in set(table(at, "Setting", "Rank").Setting)
+    df = table(at, "Setting", "Rank")
+    assert KL + "+imitkd" in set(df.Setting)
+    # the cost columns say what sampling the student cost (the mean of the row's runs), blank elsewhere
+    row = df[df.Setting == KL + "+imitkd"].iloc[0]
+    assert ids and row["Generation (s)"] == 80.0 and row["Gen tok/s"] == 60.0
+    assert df[df.Setting == CSD_SS]["Generation (s)"].isna().all()
     at.selectbox(key="lb_sampler").select("imitkd").run()
     shown = set(table(at, "Setting", "Rank").Setting)
     assert KL + "+imitkd" in shown and CSD_SS not in shown and {"teacher", "student-init"} <= shown

@@ -24,9 +24,12 @@ from kdbench.results.queries import (
     resolve_version,
 )
 from kdbench.results.stats import ALPHA, AVERAGE, STAT_COLUMNS, lower_is_better, pool, stat_col, welch
-from kdbench.store import ROLE_DISTILLED, Metric, Run
+from kdbench.store import ROLE_DISTILLED, Artifact, Metric, Run
 
 COST_COLUMNS = ("wall_time_s", "train_tokens_per_s", "peak_memory_mb")
+#: What on-policy sampling cost (each run's ``cost`` artifact, kdbench/engine/samplers.py ``cost()``):
+#: mean seconds of student generation inside training, and its generated tokens per second.
+SAMPLER_COST_COLUMNS = ("generation_s", "generated_tokens_per_s")
 _STATS = ["mean", "ci95", "ci_lo", "ci_hi", "std", "n"]
 
 
@@ -219,7 +222,8 @@ def leaderboard(engine: Engine, suite: str, metric: str, tasks: Sequence[str] | 
     (label of the row's gradient class, '' if none), delta_vs_ce (lo, hi), p_vs_ce, vs_ce ('better',
     'worse', '≈', 'ce' for the ce row itself, '' without a ce row), band_recovered, band_lo, band_hi (%
     of the teacher − student-init band recovered, paired CI), and the cost means wall_time_s,
-    train_tokens_per_s, peak_memory_mb.
+    train_tokens_per_s, peak_memory_mb, and of on-policy rows generation_s and generated_tokens_per_s
+    (the student's sampling inside training; NaN elsewhere).
     ``df.attrs`` holds suite, suite_version, metric, tasks, rank_by, lower_is_better, score (the
     per-sample score of the paired tests, None without one), classes (present classes: label, members,
     reason, shared_rank, tests) and ce (the ce setting compared against, or None).
@@ -234,7 +238,7 @@ def leaderboard(engine: Engine, suite: str, metric: str, tasks: Sequence[str] | 
     columns = ["setting", "role", "objective", "n_runs", "repeats"] + [stat_col(k, s) for k in keys for s in _STATS] \
         + ["rank", "tied_with_best", "p_vs_best", "delta_vs_best", "delta_vs_best_lo", "delta_vs_best_hi",
            "test_vs_best", "equiv_class", "vs_ce", "delta_vs_ce", "delta_vs_ce_lo", "delta_vs_ce_hi", "p_vs_ce",
-           "band_recovered", "band_lo", "band_hi", *COST_COLUMNS]
+           "band_recovered", "band_lo", "band_hi", *COST_COLUMNS, *SAMPLER_COST_COLUMNS]
     attrs = dict(suite=suite, suite_version=version, metric=metric, tasks=tasks, rank_by=rank_by,
                  lower_is_better=lower, score=None, classes=[], ce=None)
     long = leaderboard_long(engine, suite, metric, tasks, version)
@@ -250,6 +254,7 @@ def leaderboard(engine: Engine, suite: str, metric: str, tasks: Sequence[str] | 
                  .where(finished_in(suite, version)).group_by(g, Run.role),
                  ["setting", "role", "objective", "n_all", "n_seeds", *COST_COLUMNS])
     meta["repeats"] = (meta.pop("n_all") - meta.pop("n_seeds")).astype("int64")
+    meta = meta.merge(_sampler_cost(engine, suite, version), on=["setting", "role"], how="left")
     rows = long.groupby(["setting", "role"], sort=False)["n_runs"].max().rename("n_runs").reset_index()
     df = rows.merge(meta, on=["setting", "role"], how="left")
     for k in keys:
@@ -269,6 +274,19 @@ def leaderboard(engine: Engine, suite: str, metric: str, tasks: Sequence[str] | 
                  ce=str(ce.iloc[0]) if len(ce) else None)
     out.attrs.update(attrs)
     return out
+
+
+def _sampler_cost(engine: Engine, suite: str, version: str) -> pd.DataFrame:
+    """Per row, the mean of its finished runs' on-policy generation cost (NaN for a row whose runs
+    sampled nothing: off-policy rows, or runs from before samplers)."""
+    g = group_label().label("grp")
+    rows = frame(engine, select(g, Run.role, Artifact.data).join(Artifact, Artifact.run_id == Run.id)
+                 .where(finished_in(suite, version), Artifact.name == "cost"), ["setting", "role", "data"])
+    out = pd.DataFrame({"setting": rows.setting, "role": rows.role})
+    for col, key in zip(SAMPLER_COST_COLUMNS, ("sampler_generation_s", "sampler_generated_tokens_per_s")):
+        out[col] = [d.get(key) if isinstance(d, dict) and d.get("sampler_student_steps") else math.nan
+                    for d in rows.data]
+    return out.groupby(["setting", "role"], as_index=False)[list(SAMPLER_COST_COLUMNS)].mean()
 
 
 def fidelity_diversity(engine: Engine, suite: str, task: str, fidelity: str = "rougeL",

@@ -45,6 +45,9 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
     out["Wall time (s)"] = lb.wall_time_s.astype("float64")
     out["Train tok/s"] = lb.train_tokens_per_s.astype("float64")
     out["Peak mem (MB)"] = lb.peak_memory_mb.astype("float64")
+    if lb.generation_s.notna().any():  # on-policy rows: what sampling the student cost inside training
+        out["Generation (s)"] = lb.generation_s.astype("float64")
+        out["Gen tok/s"] = lb.generated_tokens_per_s.astype("float64")
     return out
 
 
@@ -62,15 +65,15 @@ def _vs_ce(r) -> str:
     return f"{r.vs_ce} ({r.delta_vs_ce:+.2f})" if not pd.isna(r.delta_vs_ce) else r.vs_ce
 
 
+_COUNT_COLUMNS = ("Wall time (s)", "Train tok/s", "Peak mem (MB)", "Generation (s)", "Gen tok/s")
 _TEXT_COLUMNS = ("Setting", "Role", "Rank", "vs best", "Δ CI", "Class", "Band CI", "Seeds", "Repeats")
 
 
 def _styled(table: pd.DataFrame):
     numeric = [c for c in table.columns if c not in _TEXT_COLUMNS and not c.startswith("vs ")]
     refs = table.Role != "distilled"
-    sty = table.style.format("{:.2f}", subset=[c for c in numeric if c not in
-                                                 ("Wall time (s)", "Train tok/s", "Peak mem (MB)")], na_rep="–")
-    sty = sty.format("{:,.0f}", subset=["Wall time (s)", "Train tok/s", "Peak mem (MB)"], na_rep="–")
+    sty = table.style.format("{:.2f}", subset=[c for c in numeric if c not in _COUNT_COLUMNS], na_rep="–")
+    sty = sty.format("{:,.0f}", subset=[c for c in _COUNT_COLUMNS if c in table.columns], na_rep="–")
     sty = sty.format("{:.0f}", subset=["Rank"], na_rep="–")
     sty = sty.format("{:.4f}", subset=["p vs best"], na_rep="–")
     if "Band %" in table.columns:
