@@ -227,6 +227,7 @@ class Objective:
         chunk_size: int | None = None,
         vocab_size: int | None = None,
         row_block_bytes: int = 0,
+        denominator: float | None = None,
     ) -> ObjectiveOutput:
         """The objective from final hidden states through the output heads, chunk by chunk.
 
@@ -242,6 +243,12 @@ class Objective:
         None: :data:`kdbench.losses.HIDDEN_CHUNK_SIZE`), and the row function runs on blocks of
         ``row_block_bytes`` of a chunk's logits (0: :data:`kdbench.losses.ROW_BLOCK_BYTES`); the
         trainer takes both from its device's tuning (kdbench/engine/tuning.py).
+
+        ``denominator`` (None: the number of counted positions here, at least 1) divides the sums
+        instead: the trainer divides each micro-batch's sums by a count of its whole step, so a
+        step split across micro-batches and ranks is still the mean over all the step's counted
+        positions (kdbench/engine/trainer.py). Dividing the sums, rather than rescaling this
+        batch's mean, keeps the one rounding of the unsplit step.
         """
         spec = self.spec
         if student_hidden.dim() < 1:
@@ -289,5 +296,5 @@ class Objective:
                                                                           block_bytes=int(row_block_bytes))
         loss_sum, term_sums = _losses.chunked_head_loss(self.row_sums, sh, w_s, b_s, th, w_t, b_t, lab,
                                                         chunk_size=chunk_size or 0, row_grad=row_grad)
-        denom = max(n, 1)
+        denom = max(n, 1) if denominator is None else denominator
         return ObjectiveOutput(loss_sum / denom, {k: (v / denom).detach() for k, v in term_sums.items()})

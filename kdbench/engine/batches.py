@@ -4,7 +4,8 @@ order, with a resumable cursor.
 A step's batch is ``batch_size`` examples drawn in the order fixed by ``(seed, epoch)`` — the
 same for every objective, so runs on one suite and seed differ only in the loss — and packed
 into one row (``Batch`` and ``pack``, with the shapes: kdbench/data/batching.py).
-:class:`RankBatches` is one rank's share of that order when several processes train together.
+:func:`micro_batches` is one rank's share of a step's batch when several processes train
+together, or when a step accumulates gradients over several micro-batches.
 """
 
 from __future__ import annotations
@@ -91,32 +92,35 @@ class PackedBatches:
                 "batches_per_epoch": self.batches_per_epoch}
 
 
-class RankBatches:
-    """Rank ``rank``'s share of ``source`` when ``world`` processes train together: at each step
-    every rank draws the next ``world`` batches of the source's order and keeps the ``rank``-th,
-    so one step of all ranks together covers what ``world`` steps of one process would, each
-    batch once. With DDP averaging the gradients, a step is then the gradient of the mean of
-    the ranks' losses (tests/test_data_parallel.py checks it against that computed in one process).
-    The cursor is the source's (always at a multiple of ``world``) plus the rank and world, so a
-    run resumes only with the same number of processes."""
+SHARD_RULE = ("a step's example k (its order in the batch) goes to shard k mod (world * accumulation); "
+              "rank r's micro-step a trains shard a * world + r")
 
-    def __init__(self, source: PackedBatches, rank: int, world: int):
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in [0, {world})")
-        self.source, self.rank, self.world = source, rank, world
 
-    def __iter__(self):
-        return self
+def check_split(batch_size: int, world: int, accumulation: int) -> None:
+    """Refuses a batch too small for a micro-batch of at least one example on every rank and micro-step."""
+    if world < 1 or accumulation < 1:
+        raise ValueError(f"world size and accumulation must be at least 1, got {world} and {accumulation}")
+    if batch_size < world * accumulation:
+        raise ValueError(f"a batch of {batch_size} examples cannot be split into {world} processes x {accumulation} "
+                         f"accumulation steps = {world * accumulation} micro-batches of at least one example each")
 
-    def __next__(self) -> Batch:
-        drawn = [next(self.source) for _ in range(self.world)]
-        return drawn[self.rank]
 
-    def state_dict(self) -> dict:
-        return {**self.source.state_dict(), "rank": self.rank, "world": self.world}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state.get("rank"), state.get("world")) != (self.rank, self.world):
-            raise ValueError(f"batch cursor of rank {state.get('rank')} of {state.get('world')} cannot resume "
-                             f"rank {self.rank} of {self.world}")
-        self.source.load_state_dict({k: v for k, v in state.items() if k not in ("rank", "world")})
+def micro_batches(batch: Batch, rank: int, world: int, accumulation: int) -> list[Batch]:
+    """Rank ``rank``'s ``accumulation`` micro-batches of a step's ``batch`` when ``world``
+    processes train together (:data:`SHARD_RULE`): the step's examples are dealt round-robin to
+    ``world * accumulation`` shards, so every example is trained once, on one rank, and shard
+    sizes differ by at most one. Every rank draws the whole step from the same source (the
+    suite's order, ``batch_size`` examples, whatever the world size) and keeps its own shards:
+    the source's cursor is the same on every rank and for any world size, so a run saved with
+    one number of processes resumes with another on the same steps' examples (only their split
+    across ranks and micro-steps changes)."""
+    n = len(batch.example_ids)
+    check_split(n, world, accumulation)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    shards = world * accumulation
+    out = []
+    for a in range(accumulation):
+        picked = range(a * world + rank, n, shards)
+        out.append(pack([batch.encoded[k] for k in picked], [batch.example_ids[k] for k in picked], batch.pad_id))
+    return out

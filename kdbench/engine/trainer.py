@@ -2,13 +2,14 @@
 
 One optimiser step::
 
-    batch   = next(batches)                        # 1. packed examples (same order for every objective)
-    teacher = teacher.hidden(batch)                # 2. teacher targets: final hidden states, cached or live
-    hidden  = final_hidden(model, batch)           # 3. student hidden states at counted positions only
-    loss    = objective.from_hidden(hidden, ...)   # 4. objective from hidden states, logits per chunk
-    loss.backward()                                # 5. backward
-    clip_grad_norm_(params, grad_clip)             # 6. clip (a non-finite loss or norm stops the run here)
-    optimizer.step()                               # 7. AdamW (fused), learning rate from the step
+    batch = next(batches)                              # 1. the step's packed examples (same order for every objective)
+    for part in micro_batches(batch, rank, world, accumulation):  # this process's share (one process: the batch)
+        teacher = teacher.hidden(part)                 # 2. teacher targets: final hidden states, cached or live
+        hidden  = final_hidden(model, part)            # 3. student hidden states at counted positions only
+        loss    = objective.from_hidden(hidden, ...)   # 4. objective from hidden states, logits per chunk
+        loss.backward()                                # 5. backward (gradients add up over the parts)
+    clip_grad_norm_(params, grad_clip)                 # 6. clip (a non-finite loss or norm stops the run here)
+    optimizer.step()                                   # 7. AdamW (fused), learning rate from the step
 
 then the hooks (:class:`TrainHooks`): curve points every ``log_every`` steps, the validation
 score that selects the checkpoint every ``valid_every`` steps, and the caller's per-step work
@@ -20,6 +21,19 @@ train state (kdbench/engine/state.py; pass a restored one to continue a run), th
 precision helpers (kdbench/device.py) and the step's settings for the device
 (kdbench/engine/tuning.py: logits chunk and row block, activation checkpointing, packed
 attention). A step reads the device's values back once (loss, gradient norm, terms together).
+
+A step is the suite's ``batch_size`` examples whatever the number of processes. ``world``
+processes (``torch.distributed``, the model wrapped as ``DDP(StudentBody(lm))``) with
+``accumulation`` micro-steps each deal the step's examples to ``world * accumulation``
+micro-batches (kdbench/engine/batches.py ``micro_batches``: example k to micro-batch k mod
+world·accumulation). Each part's loss sum is divided by the whole step's counted positions
+(every rank draws the whole step, so it knows their number without asking the others), over
+``world`` because DDP averages the ranks' gradients: the parts' gradients add up to
+the gradient of the step's mean over all its counted positions, however it is split; DDP
+all-reduces them in the last micro-step's backward only (``no_sync`` before). The loss that is
+logged and checked is the step's, summed over the parts and all-reduced across processes, so
+every rank logs the same value and stops at the same step if it diverges. One process with
+``accumulation`` 1 trains the batch whole, exactly as before the split existed.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from typing import Callable
 import torch
 
 from kdbench.device import autocast_context
+from kdbench.engine.batches import SHARD_RULE, check_split, micro_batches
 from kdbench.engine.state import TrainState, lr_at
 from kdbench.engine.tuning import ACTIVATION_CHECKPOINTING, StepTuning, step_tuning  # noqa: F401  (re-exported)
 from kdbench.modeling import final_hidden, output_head, packed_attention, set_activation_checkpointing, unwrap
@@ -54,6 +69,7 @@ class TrainResult:
     selection_rule: str
     valid_scores: dict[int, float] = field(default_factory=dict)
     step_tuning: dict = field(default_factory=dict)   # the settings it trained with (StepTuning.to_dict())
+    parallel: dict = field(default_factory=dict)      # how a step was split: processes x accumulation x micro-batch
 
 
 class TrainHooks:
@@ -122,6 +138,8 @@ def train(
                                                # model and spec, kdbench/engine/tuning.py)
     chunk_size: int = 0,                       # counted positions per logits chunk (0: the tuning's)
     activation_checkpointing: bool | None = None,  # None: the tuning's
+    accumulation: int = 1,                     # micro-steps per optimiser step on each process (the step's
+                                               # batch split further; gradients accumulate)
     progress: bool = True,
 ) -> TrainResult:
     from tqdm.auto import tqdm
@@ -129,6 +147,11 @@ def train(
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"objective {objective.setting} needs a teacher source")
     hooks = hooks or TrainHooks()
+    world, rank = _world()
+    check_split(spec.batch_size, world, accumulation)
+    shards = world * accumulation
+    split = shards > 1  # else the batch is trained whole, as it comes
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP's: no all-reduce in this backward
     valid_every = hooks.valid_every
     lm = unwrap(model)  # the causal LM itself: head, checkpointing, validation, best weights
     if tuning is None:
@@ -156,19 +179,29 @@ def train(
             restore.enter_context(packed_attention(teacher.model, tuning.packed_attention))
         for step in bar:
             t0 = time.perf_counter()
-            batch = next(batches).to(device)                                        # 1. next batch
+            batch = next(batches)                                                   # 1. the step's batch
             lr = lr_at(step, spec)
             for group in opt.param_groups:
                 group["lr"] = lr
-            t_hidden = teacher.hidden(batch) if objective.needs_teacher else None   # 2. teacher targets
-            with autocast_context(device, spec.bf16_autocast):
-                hidden = final_hidden(model, batch)                                # 3. student hidden states
-            out = objective.from_hidden(hidden, head, t_hidden,                    # 4. objective from hidden states
-                                        teacher.head if t_hidden is not None else None, labels=batch.labels,
-                                        chunk_size=tuning.chunk_size, row_block_bytes=tuning.row_block_bytes)
-            out.loss.backward()                                                     # 5. backward
+            parts = micro_batches(batch, rank, world, accumulation) if split else [batch]
+            # each part's sums over the step's count (times world: DDP averages over the ranks)
+            denominator = batch.n_counted / world if split else None
+            outs = []
+            for i, part in enumerate(parts):
+                part = part.to(device)
+                with no_sync() if i < len(parts) - 1 else contextlib.nullcontext():
+                    t_hidden = teacher.hidden(part) if objective.needs_teacher else None    # 2. teacher targets
+                    with autocast_context(device, spec.bf16_autocast):
+                        hidden = final_hidden(model, part)                                 # 3. student hidden states
+                    out = objective.from_hidden(hidden, head, t_hidden,                    # 4. objective from hidden
+                                                teacher.head if t_hidden is not None else None, labels=part.labels,
+                                                chunk_size=tuning.chunk_size, row_block_bytes=tuning.row_block_bytes,
+                                                denominator=denominator)
+                    out.loss.backward()                                                     # 5. backward
+                outs.append((out.loss.detach(), out.terms))
+            step_loss, step_terms = _step_values(outs, world)
             norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)           # 6. clip
-            loss, norm, terms = _host_values(out.loss, norm, out.terms)
+            loss, norm, terms = _host_values(step_loss, norm, step_terms)
             if not math.isfinite(loss):  # no step taken: the run stops at the step that diverged
                 raise TrainingDiverged(f"loss is {loss} at step {step + 1}")
             if not math.isfinite(norm):
@@ -213,7 +246,34 @@ def train(
         tokens_per_s=state.tokens / state.train_time_s if state.train_time_s > 0 else 0.0,
         selected_step=state.best_step if state.valid_scores else spec.steps, selection_rule=rule,
         valid_scores=dict(state.valid_scores), step_tuning=tuning.to_dict(),
+        parallel={"world": world, "accumulation": accumulation, "global_batch": spec.batch_size,
+                  # fewest and most examples in a micro-batch (the same when world x accumulation divides the batch)
+                  "micro_batch": [spec.batch_size // shards, -(-spec.batch_size // shards)],
+                  "shard_rule": SHARD_RULE},
     )
+
+
+def _world() -> tuple[int, int]:
+    """(processes training together, this one's rank): torch.distributed's once it is initialised, else (1, 0)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _step_values(outs: list[tuple[torch.Tensor, dict]], world: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's loss and terms from its parts' ``(loss, terms)``, each part's sums already over
+    the step's count over ``world``: summed over this process's parts, then across the processes
+    (one all-reduce) and divided by ``world``, so every rank holds the same numbers. A batch
+    trained whole on one process is its own value, untouched."""
+    if len(outs) == 1 and world == 1:
+        return outs[0]
+    names = list(outs[0][1])
+    values = torch.stack([torch.stack([v.to(torch.float64) for v in (loss, *(terms[k] for k in names))])
+                          for loss, terms in outs]).sum(0)
+    if world > 1:
+        torch.distributed.all_reduce(values)
+        values = values / world
+    return values[0], dict(zip(names, values[1:]))
 
 
 def _host_values(loss: torch.Tensor, norm: torch.Tensor, terms: dict) -> tuple[float, float, dict[str, float]]:
