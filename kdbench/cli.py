@@ -46,7 +46,26 @@ def _before_torch(config) -> None:
         deterministic_cublas()
 
 
+def _without_num_processes(argv: list[str]) -> list[str]:
+    """``argv`` without ``--num-processes N`` (or ``--num-processes=N``): what each rank runs."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            out.append(a)
+    return out
+
+
 def cmd_run(args) -> int:
+    from kdbench import distributed
+
+    world = distributed.from_env()
+    if args.resume is not None and (world.several or (getattr(args, "num_processes", None) or 1) > 1):
+        raise UserError("--resume continues a run on one process (a run trained on several resumes there with the "
+                        "same result within float32 rounding); run it without --num-processes / torchrun")
     if args.resume is not None:
         from kdbench.config import given_flags, options
 
@@ -71,12 +90,24 @@ def cmd_run(args) -> int:
         run_id = resume(claim, argv=sys.argv)
         return _print_run_table(config.db, run_id)
     config = _run_config(args, "run")
+    if world.several and config.num_processes not in (1, world.size):
+        raise UserError(f"--num-processes {config.num_processes} inside a launcher that started {world.size} "
+                        f"processes; give one or the other")
+    if config.num_processes > 1 and not world.several:
+        from kdbench.config import resolve
+        from kdbench.device import resolve_device
+
+        resolve(config)  # a mistake is one line here, not one per process
+        return distributed.launch(config.num_processes, _without_num_processes(args.argv),
+                                  device_type=resolve_device(config.device).type)
     _before_torch(config)
     from kdbench.device import default_threads
     from kdbench.recipe import run
 
-    default_threads()
+    default_threads()  # several processes: each its OMP_NUM_THREADS share (the launchers set it)
     run_id = run(config, argv=sys.argv)
+    if run_id is None:  # a rank other than 0: rank 0 records and reports
+        return 0
     return _print_run_table(config.db, run_id)
 
 
@@ -435,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     _stopped_by.clear()
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --num-processes hands each rank
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"kdbench: error: {_one_line(exc)}", file=sys.stderr)

@@ -63,8 +63,9 @@ class RunConfig:
         help="objective parameter (repeatable; default: the objective's)")
     sampler: str = option(
         "off", flag="--sampler", metavar="NAME", identity="key", canonical=_sampler_setting,
-        help="where training responses come from (see `kdbench list`): off (default: the dataset's), imitkd (the "
-             "student's samples), gkd(lmbda=0.5) (the student's with probability lmbda per step); on-policy "
+        help="where training responses come from (see `kdbench list`): off (default: the dataset's), seqkd (the "
+             "teacher's, generated once), imitkd (the student's samples), gkd(lmbda=0.5) (the student's with "
+             "probability lmbda per step), distillm (DistiLLM's adaptive schedule with a replay buffer); on-policy "
              "samplers score the student's samples with the live teacher")
     suite: str = option(
         "micro", flag="--suite", sweep="vary", identity="key",
@@ -122,6 +123,17 @@ class RunConfig:
         False, flag="--keep-activations",
         help="keep the student's activations for backward instead of recomputing them (default: recomputed): the "
              "same result bit for bit, less training time, more memory (docs/performance.md)")
+    accumulation: int = option(
+        1, flag="--accumulation", type=_count,
+        help="micro-steps per optimiser step on each process (default 1): the step's batch is split further and "
+             "the gradients add up, the step's loss over all its counted tokens, so the result is the same within "
+             "float32 rounding with less memory")
+    num_processes: int = option(
+        1, flag="--num-processes", type=_count, commands=("run",), sweep=None,
+        help="train on N processes of this machine (default 1), started through torch.distributed.run (one GPU "
+             "each on CUDA, gloo on the CPU; torchrun / accelerate launch -m kdbench run work too): the step is "
+             "the suite's batch split across them, so the result is the one process's within float32 rounding; "
+             "rank 0 prepares, writes and evaluates")
     db: str | None = option(
         None, flag="--db", type=_nonempty, commands=("run", "prepare"), sweep=None, resume=True,
         help="run store: path or SQLAlchemy URL (default: $KDBENCH_DB or runs.db)")
@@ -310,6 +322,7 @@ def resolve(config: RunConfig):
     """Everything a user can get wrong, checked before anything is opened or loaded: returns
     (objective, suite, label). Reads only: the store is :func:`open_store`'s."""
     from kdbench.device import check_deterministic, resolve_device
+    from kdbench.distributed import from_env
     from kdbench.engine.check import check_contract_early
     from kdbench.engine.samplers import get_sampler
     from kdbench.diskcache import cache_home
@@ -331,6 +344,11 @@ def resolve(config: RunConfig):
         raise UserError(f"sampler {sampler.setting} {what}; objective {objective.setting} uses no teacher "
                         f"(use --sampler off, or an objective that uses the teacher)")
     suite, label = resolve_suite(config)
+    shares = config.accumulation * max(config.num_processes, from_env().size)
+    if shares > suite.train.batch_size:
+        raise UserError(f"{max(config.num_processes, from_env().size)} process(es) x --accumulation "
+                        f"{config.accumulation} = {shares} parts of a step; suite {suite.name}'s batch has only "
+                        f"{suite.train.batch_size} examples")
     check_deterministic(resolve_device(config.device), config.deterministic)
     if config.teacher_source not in ("cache", "live"):
         raise UserError(f"unknown teacher source {config.teacher_source!r}; valid choices: cache, live")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from kdbench import provenance
+from kdbench import distributed, provenance
 from kdbench.config import RunConfig, open_store, resolve, run_key, stored_request
 from kdbench.device import (PhaseMemory, device_kind, peak_memory_mb, pin_run_settings, precision_policy,
                             refusing_nondeterministic_ops, release_memory, resolve_device, restoring_settings)
@@ -132,22 +132,31 @@ class RunHooks(TrainHooks):
         self.last_save = time.perf_counter()
 
     def on_log(self, step: int, point: dict) -> None:
-        self.run.writer.curve(step, point["loss"], terms=point["terms"], lr=point["lr"], tokens=point["tokens"],
-                              elapsed_s=point["elapsed_s"])
+        if self.run.world.main:
+            self.run.writer.curve(step, point["loss"], terms=point["terms"], lr=point["lr"], tokens=point["tokens"],
+                                  elapsed_s=point["elapsed_s"])
 
     def validate(self, model: torch.nn.Module) -> float:
-        prep = self.run.prep
-        with self.run.memory.phase("validation"):
-            score = validation_score(model, prep.tokenizer, prep.valid_inputs(), prep.suite.eval, prep.device,
-                                     task=prep.suite.valid_task)
-        release_memory()  # generation's buffers are not training's: not kept resident under it
-        return score
+        """The validation score, made by rank 0 and handed to every rank (the ranks hold the same
+        weights, and must choose the same checkpoint)."""
+        prep, score = self.run.prep, None
+        if self.run.world.main:
+            with self.run.memory.phase("validation"):
+                score = validation_score(model, prep.tokenizer, prep.valid_inputs(), prep.suite.eval, prep.device,
+                                         task=prep.suite.valid_task)
+            release_memory()  # generation's buffers are not training's: not kept resident under it
+        return distributed.broadcast(self.run.world, score)
 
     def on_valid(self, step: int, score: float) -> None:
-        self.run.writer.curve(step, None, split="valid", terms={self.run.prep.suite.valid_task.headline: score})
+        if self.run.world.main:
+            self.run.writer.curve(step, None, split="valid", terms={self.run.prep.suite.valid_task.headline: score})
 
     def on_step(self, state: train_state.TrainState, optimizer: torch.optim.Optimizer) -> None:
         run = self.run
+        if not run.world.main:  # rank 0 owns the row and the train state; the others stop with it
+            if GRACEFUL.requested and state.step != self.steps:
+                raise KeyboardInterrupt
+            return
         if run.heartbeat.lost:
             run.writer.check_owner()  # raises OwnershipLost: another process resumed this run
         done = state.step == self.steps
@@ -169,7 +178,8 @@ class DistillRun:
     def __init__(self, run_config: RunConfig, argv: list[str] | None = None):
         self.run_config = run_config
         self.argv = argv
-        self.device: torch.device | None = None  # setup(): the concrete device --device names here
+        self.device: torch.device | None = None  # setup(): the concrete device --device names here (a rank's own)
+        self.world = distributed.from_env()      # this process among the run's (one, unless launched on several)
         self.t0 = time.perf_counter()
         self.cost: dict = {}                 # seconds and peak memory per phase (the run's ``cost`` artifact)
         self.memory: PhaseMemory | None = None
@@ -209,12 +219,13 @@ class DistillRun:
         suite = prep.suite
         examples = prep.train_examples()
         if self.sampler.name == "seqkd":  # the teacher's responses in place of the references, then as off
-            with self._setup_phase("seqkd", "generating the teacher's responses (seqkd)"):
+            with self._setup_phase("seqkd", "generating the teacher's responses (seqkd)"), \
+                    distributed.main_first(self.world):
                 examples, self.sampler_desc, self.cost["seqkd_build_s"] = prep.seqkd_examples(
                     greedy=bool(self.sampler.params["greedy"]), progress=rc.progress)
         # the student's samples are new sequences: only a live teacher can score them
         source = "live" if self.sampler.on_policy else rc.teacher_source
-        with self._setup_phase("teacher_cache", "building the teacher cache"):
+        with self._setup_phase("teacher_cache", "building the teacher cache"), distributed.main_first(self.world):
             self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = self._teacher_source(source, examples)
         if self.teacher is None or self.teacher.kind == "cache":
             prep.release_teacher()  # training needs no teacher model; evaluation loads it again
@@ -244,6 +255,7 @@ class DistillRun:
             "device": str(self.device), "device_kind": device_kind(self.device),
             "precision": precision_policy(self.device, prep.suite.train.bf16_autocast),
             "deterministic": rc.deterministic, **({"determinism": self.determinism} if self.determinism else {}),
+            "processes": self.world.size, "accumulation": rc.accumulation,
             "torch_threads": torch.get_num_threads(), "activation_checkpointing": checkpointing(rc),
             "teacher": prep.teacher_identity(),
             "teacher_path": str(prep.teacher_path), "teacher_source": self.teacher_desc,
@@ -286,17 +298,22 @@ class DistillRun:
         suite prepared (data, (fine-tuned) teacher, tokenised splits) and its reference rows."""
         rc = self.run_config
         self.objective, suite, self.label = resolve(rc)
-        self.device = resolve_device(rc.device)  # checked by resolve(): concrete now (auto -> cuda:0 or cpu)
+        # checked by resolve(): concrete now (auto -> cuda:0 or cpu; a rank of several: its own GPU)
+        self.device = distributed.rank_device(self.world, resolve_device(rc.device))
+        distributed.join(self.world, self.device)
         self.memory = PhaseMemory(self.device)
-        self.store = open_store(rc)  # after everything was checked, before any model is loaded
+        if self.world.main:  # the run's row, curves and results are rank 0's to write
+            self.store = open_store(rc)  # after everything was checked, before any model is loaded
         self.determinism = pin_run_settings(self.device, rc.deterministic)
         t = time.perf_counter()
-        with self._setup_phase("prepare", "preparing the suite (the teacher's fine-tune)"):
-            self.prep = prepare(suite, self.device, data_dir=rc.data_dir, progress=rc.progress)
+        with self._setup_phase("prepare", "preparing the suite (the teacher's fine-tune)"), \
+                distributed.main_first(self.world):  # rank 0 fine-tunes; the others read its result
+            self.prep = prepare(suite, self.device, data_dir=rc.data_dir, progress=rc.progress and self.world.main)
         self.cost["prepare_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        with self._setup_phase("reference_rows", "evaluating the reference rows"):
-            self.reference_runs = ensure_reference_rows(self.store, self.prep, self.label, self.argv)
+        if self.world.main:
+            with self._setup_phase("reference_rows", "evaluating the reference rows"):
+                self.reference_runs = ensure_reference_rows(self.store, self.prep, self.label, self.argv)
         self.cost["reference_rows_s"] = time.perf_counter() - t
         return self
 
@@ -316,8 +333,12 @@ class DistillRun:
 
     # -- start / resume: the run's row and its owner -----------------------------------------
     def start(self) -> "DistillRun":
-        """Write the run's row (this process its owner), print the resolved configuration."""
+        """Write the run's row (this process its owner), print the resolved configuration. On
+        several processes rank 0 does; the others train beside it (:meth:`finish`)."""
         rc, check = self.run_config, self.config["startup_check"]
+        if not self.world.main:
+            self.state = train_state.TrainState()
+            return self
         print("[kdbench] resolved configuration:\n" + json.dumps(self.config, indent=2, default=str))
         self.writer = RunWriter.start(
             self.store, role=ROLE_DISTILLED, suite=self.prep.suite.name, suite_version=self.label, seed=rc.seed,
@@ -368,15 +389,25 @@ class DistillRun:
                                  activation_checkpointing=False if self.run_config.keep_activations else None).to_dict()
             self.config = {**self.config, "activation_checkpointing": tuning["activation_checkpointing"],
                            "step_tuning": tuning}
-            self.writer.update(config=self.config)
+            if self.world.main:
+                self.writer.update(config=self.config)
+        model = self.student
+        if self.world.several:  # DDP all-reduces the gradients in StudentBody's forward (kdbench/modeling.py)
+            from torch.nn.parallel import DistributedDataParallel
+
+            from kdbench.modeling import StudentBody
+
+            model = DistributedDataParallel(StudentBody(self.student),
+                                            device_ids=[self.device] if self.device.type == "cuda" else None)
         t = time.perf_counter()
         GRACEFUL.armed, GRACEFUL.requested = True, False
         try:
             with self.memory.phase("train"):  # validation is its own phase (RunHooks.validate)
-                self.result = train(model=self.student, objective=self.objective, batches=self.batches,
+                self.result = train(model=model, objective=self.objective, batches=self.batches,
                                     teacher=self.teacher, spec=suite.train, device=self.device, hooks=RunHooks(self),
                                     state=self.state, optimizer=self.optimizer, tuning=StepTuning.from_dict(tuning),
-                                    progress=self.run_config.progress)
+                                    accumulation=self.run_config.accumulation,
+                                    progress=self.run_config.progress and self.world.main)
         finally:
             GRACEFUL.armed = False
         self.cost["train_s"] = self.result.train_time_s
@@ -410,6 +441,9 @@ class DistillRun:
         self.cost["memory"] = self.memory.to_dict()
         rule = (selection_rule(suite, len(self.prep.valid_inputs().examples)) if suite.eval.valid_every
                 else r.selection_rule)
+        if r.parallel:  # how the steps were split: processes x accumulation x micro-batch
+            self.config = {**self.config, "parallel": r.parallel}
+            self.writer.update(config=self.config)
         self.writer.results(self.evaluation.metrics, self.evaluation.samples)
         self.writer.artifact("cost", self.cost)
         self.writer.finish(wall_time_s=self.cost["wall_s"], train_tokens_per_s=r.tokens_per_s,
@@ -421,9 +455,16 @@ class DistillRun:
         print("[kdbench] peak memory per phase (MB): " + memory_line(self.cost["memory"]))
         return self.writer.run_id
 
-    def finish(self) -> int:
+    def finish(self) -> int | None:
         """Train, evaluate and record a started or resumed run; returns its id. Every way out
-        leaves the row in a true state: finished, failed (with the reason) or interrupted."""
+        leaves the row in a true state: finished, failed (with the reason) or interrupted. A rank
+        other than 0 trains and leaves (None): rank 0 evaluates and records alone."""
+        if not self.world.main:
+            try:
+                self.train()
+            finally:
+                distributed.leave()
+            return None
         run_id = self.writer.run_id
         try:
             self.train()
@@ -444,6 +485,7 @@ class DistillRun:
             raise RunFailed(f"run {run_id} failed: {type(exc).__name__}: {exc} (recorded as failed)") from exc
         finally:
             self.heartbeat.stop()
+            distributed.leave()
 
 
 # ---------------------------------------------------------------------------- the commands' entry points

@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Leaves: no kdbench import above them. diskcache is under every on-disk cache (cache root,
     # lock, publish-by-rename, mark-used, list / clear, digests).
     ("foundation", ("kdbench", "kdbench.errors", "kdbench.secrets", "kdbench.numerics", "kdbench.allocator",
-                    "kdbench.device", "kdbench.provenance", "kdbench.diskcache", "kdbench.metrics")),
+                    "kdbench.device", "kdbench.distributed", "kdbench.provenance", "kdbench.diskcache", "kdbench.metrics")),
     ("suites", ("kdbench.suites",)),
     # Where data comes in, and its shapes (data/batching.py: Encoded, Batch, pack); tasks/ are the
     # lm-eval assets built from the data.

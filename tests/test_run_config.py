@@ -175,8 +175,8 @@ def test_a_stored_request_from_an_older_or_newer_kdbench():
     older = {"objective": "kl", "params": {}, "suite": "micro", "seed": 2, "save_student": False}  # no keep_activations
     config = C.from_dict(older, "run 5's stored configuration", db="x.db", progress=False)
     assert (config.keep_activations, config.seed, config.db, config.progress) == (False, 2, "x.db", False)
-    with pytest.raises(UserError, match=r"does not know \(num_processes\).*newer kdbench") as err:
-        C.from_dict({**older, "num_processes": 2}, "run 5's stored configuration")
+    with pytest.raises(UserError, match=r"does not know \(pipeline_stages\).*newer kdbench") as err:
+        C.from_dict({**older, "pipeline_stages": 2}, "run 5's stored configuration")
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="seed must be an integer"):
         C.from_dict({**older, "seed": "x"}, "run 5's stored configuration")

@@ -1,0 +1,109 @@
+"""``kdbench run`` on several processes (kdbench/distributed.py): ``--num-processes 2`` on the
+CPU (gloo, one thread each) starts two ranks through torch's launcher; rank 0 prepares, writes
+and evaluates, both train the suite's batch split between them. One run row, and its training
+is the one-process run's within float32 rounding (the trainer's split: tests/test_world_size.py);
+``--accumulation 2`` on one process likewise. Mistakes are one line before any process starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kdbench.store import CurvePoint, Run, Sample, open_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    from tests.tiny_models import make_tiny_pair
+except ImportError:  # run from inside tests/
+    from tiny_models import make_tiny_pair
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+pytestmark = pytest.mark.slow
+
+
+def kdbench(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdbench", *args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def result_of(db: Path) -> dict:
+    engine = open_engine(str(db), readonly=True)
+    with Session(engine) as s:
+        runs = s.scalars(select(Run).where(Run.role == "distilled")).all()
+        assert len(runs) == 1, [(r.id, r.status) for r in runs]
+        run = runs[0]
+        curve = [(c.step, c.loss) for c in s.scalars(select(CurvePoint).where(
+            CurvePoint.run_id == run.id, CurvePoint.split == "train").order_by(CurvePoint.step))]
+        n_samples = len(s.scalars(select(Sample).where(Sample.run_id == run.id)).all())
+        out = {"status": run.status, "config": run.config, "curve": curve, "samples": n_samples}
+    engine.dispose()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    teacher, student = make_tiny_pair(tmp / "models")
+    data = tmp / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    for name, n in (("train", 40), ("test", 2)):
+        (data / f"{name}.jsonl").write_text("".join(
+            json.dumps({"question": f"What is {i} + {i % 7}?", "answer": f"{i} + {i % 7} = {i + i % 7} #### {i + i % 7}"})
+            + "\n" for i in range(n)))
+    args = ["run", "--objective", "kl", "--suite", "paper-task-gsm8k", "--teacher", str(teacher),
+            "--teacher-finetuned", "--student", str(student), "--data-dir", str(tmp / "data"), "--steps", "4",
+            "--eval-limit", "2", "--no-save", "--no-progress"]
+    out = {"tmp": tmp, "args": args}
+    for name, extra in (("one", []), ("two", ["--num-processes", "2"]), ("accumulated", ["--accumulation", "2"])):
+        proc = kdbench(*args, *extra, "--db", str(tmp / f"{name}.db"))
+        out[name] = proc
+    return out
+
+
+def _close(a: list, b: list, rel: float) -> bool:
+    return [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) <= rel * abs(y) for (_, x), (_, y) in zip(a, b))
+
+
+def test_two_processes_give_one_run_that_trains_as_one_process(world):
+    assert world["one"].returncode == 0, world["one"].stderr[-2000:]
+    assert world["two"].returncode == 0, world["two"].stderr[-3000:]
+    one, two = result_of(world["tmp"] / "one.db"), result_of(world["tmp"] / "two.db")  # one row each
+    assert two["status"] == "finished" and two["config"]["processes"] == 2
+    assert two["config"]["parallel"]["world"] == 2 and two["config"]["parallel"]["global_batch"] == 8
+    assert one["config"]["parallel"]["world"] == 1
+    assert one["curve"] and _close(two["curve"], one["curve"], 1e-5), (two["curve"], one["curve"])
+    assert two["samples"] == one["samples"] > 0  # evaluated once, by rank 0, on every prompt
+    # (the logged point is the mean loss of the 4 steps: the suite logs every 25 steps and at the last)
+    assert "starting 2 processes" in world["two"].stdout
+
+
+def test_accumulation_trains_as_the_whole_batch(world):
+    assert world["accumulated"].returncode == 0, world["accumulated"].stderr[-2000:]
+    one, acc = result_of(world["tmp"] / "one.db"), result_of(world["tmp"] / "accumulated.db")
+    assert acc["config"]["accumulation"] == 2 and acc["config"]["parallel"]["accumulation"] == 2
+    assert _close(acc["curve"], one["curve"], 1e-5), (acc["curve"], one["curve"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-processes", "5", "--accumulation", "2"], "2 = 10 parts of a step; suite paper-task-gsm8k's batch has "
+                                                      "only 8 examples"),
+    (["--num-processes", "0"], "--num-processes must be at least 1"),
+])
+def test_a_split_the_batch_cannot_hold_is_one_line_before_any_process(world, extra, message):
+    db = world["tmp"] / "refused.db"
+    proc = kdbench(*world["args"], *extra, "--db", str(db))
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "starting" not in proc.stdout and not db.exists()
+
+
+def test_resume_on_several_processes_is_refused_in_one_line(world):
+    proc = kdbench("run", "--resume", "1", "--num-processes", "2", "--db", str(world["tmp"] / "one.db"))
+    assert proc.returncode == 2 and "--resume continues a run on one process" in proc.stderr
