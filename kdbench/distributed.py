@@ -142,6 +142,18 @@ def broadcast(world: World, value):
     return box[0]
 
 
+def lost_peer(world: World, exc: BaseException) -> str | None:
+    """What rank 0 records when a collective failed because another rank is gone (killed, out of
+    memory, crashed): the ranks it may be and the backend's first line; None for another error.
+    (Rank 0 cannot tell which of several others went first; the launcher's summary names it.)"""
+    text = str(exc)
+    if not world.several or not any(k in text for k in ("Connection closed by peer", "Connection reset by peer",
+                                                        "NCCL", "ProcessGroup", "Broken pipe")):
+        return None
+    others = "rank 1" if world.size == 2 else f"one of ranks 1-{world.size - 1}"
+    return f"{others} of {world.size} stopped during the run ({text.splitlines()[0][:300]})"
+
+
 # ---------------------------------------------------------------------------------------------
 # kdbench run --num-processes N
 # ---------------------------------------------------------------------------------------------

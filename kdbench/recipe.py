@@ -481,8 +481,9 @@ class DistillRun:
             self.writer.fail(f"diverged: {exc}")
             raise RunFailed(f"run {run_id} failed: diverged: {exc} (recorded as failed)") from None
         except Exception as exc:
-            self.writer.fail(f"{type(exc).__name__}: {exc}")
-            raise RunFailed(f"run {run_id} failed: {type(exc).__name__}: {exc} (recorded as failed)") from exc
+            why = distributed.lost_peer(self.world, exc) or f"{type(exc).__name__}: {exc}"
+            self.writer.fail(why)
+            raise RunFailed(f"run {run_id} failed: {why} (recorded as failed)") from exc
         finally:
             self.heartbeat.stop()
             distributed.leave()

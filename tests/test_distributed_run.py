@@ -2,14 +2,20 @@
 CPU (gloo, one thread each) starts two ranks through torch's launcher; rank 0 prepares, writes
 and evaluates, both train the suite's batch split between them. One run row, and its training
 is the one-process run's within float32 rounding (the trainer's split: tests/test_world_size.py);
-``--accumulation 2`` on one process likewise. Mistakes are one line before any process starts."""
+``--accumulation 2`` on one process likewise. Mistakes are one line before any process starts.
+A rank killed mid-training ends the run within a minute, recorded ``failed`` with the rank
+named; every process of the run killed at once (a lost machine) and ``--resume`` on one process
+gives the uninterrupted run (fault points: tests/faults/sitecustomize.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +26,10 @@ from kdbench.store import CurvePoint, Run, Sample, open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
+    from tests.fault_points import fault_env
     from tests.tiny_models import make_tiny_pair
 except ImportError:  # run from inside tests/
+    from fault_points import fault_env
     from tiny_models import make_tiny_pair
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -43,7 +51,7 @@ def result_of(db: Path) -> dict:
         curve = [(c.step, c.loss) for c in s.scalars(select(CurvePoint).where(
             CurvePoint.run_id == run.id, CurvePoint.split == "train").order_by(CurvePoint.step))]
         n_samples = len(s.scalars(select(Sample).where(Sample.run_id == run.id)).all())
-        out = {"status": run.status, "config": run.config, "curve": curve, "samples": n_samples}
+        out = {"status": run.status, "error": run.error, "config": run.config, "curve": curve, "samples": n_samples}
     engine.dispose()
     return out
 
@@ -107,3 +115,59 @@ def test_a_split_the_batch_cannot_hold_is_one_line_before_any_process(world, ext
 def test_resume_on_several_processes_is_refused_in_one_line(world):
     proc = kdbench("run", "--resume", "1", "--num-processes", "2", "--db", str(world["tmp"] / "one.db"))
     assert proc.returncode == 2 and "--resume continues a run on one process" in proc.stderr
+
+
+def _start_until(world, db: Path, point: str, rank: int | None = None) -> tuple[subprocess.Popen, dict[int, int]]:
+    """``--num-processes 2`` started in its own process group, held at the fault ``point`` (on
+    ``rank`` only, or on both) until the held ranks have said so; returns the launcher and
+    {rank: pid} of the held ranks."""
+    env = {**fault_env(ENV, point), "KDBENCH_CHECKPOINT_EVERY_S": "0",
+           **({"KDBENCH_FAULT_RANK": str(rank)} if rank is not None else {})}
+    ranks = 1 if rank is not None else 2
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench", *world["args"], "--num-processes", "2", "--db", str(db)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pids: dict[int, int] = {}
+    deadline = time.monotonic() + 240
+    for line in proc.stderr:
+        for r, pid in re.findall(r"KDBENCH_FAULT_POINT \S+ rank=(\d+) pid=(\d+)", line):
+            pids[int(r)] = int(pid)
+        if len(pids) == ranks:
+            return proc, pids
+        assert time.monotonic() < deadline, "the ranks never reached their fault point"
+    pytest.fail(f"the run ended before its fault point {point} (exit {proc.wait()})")
+
+
+def test_a_killed_rank_ends_every_rank_and_the_run_is_recorded_failed(world):
+    db = world["tmp"] / "killed.db"
+    proc, pids = _start_until(world, db, "training@2", rank=1)  # rank 0 goes on, into the next step's all-reduce
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.stderr.close()
+    assert time.monotonic() - t0 < 60 and rc != 0
+    run = result_of(db)
+    assert run["status"] == "failed" and run["error"].startswith("rank 1 of 2 stopped during the run"), run
+
+
+def test_the_launcher_killed_then_resumed_on_one_process_gives_the_uninterrupted_run(world):
+    db = world["tmp"] / "resumed.db"
+    proc, pids = _start_until(world, db, "training@2")
+    # every process of the run at once, as a lost machine: the launcher, torch's agent, the ranks
+    # (the agent starts the ranks in sessions of their own)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    engine = open_engine(str(db), readonly=True)
+    with Session(engine) as s:
+        run_id = s.scalars(select(Run.id).where(Run.role == "distilled")).one()
+    engine.dispose()
+    done = kdbench("run", "--resume", str(run_id), "--db", str(db), "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed, one = result_of(db), result_of(world["tmp"] / "one.db")
+    assert resumed["status"] == "finished" and resumed["samples"] == one["samples"]
+    assert _close(resumed["curve"], one["curve"], 1e-5), (resumed["curve"], one["curve"])

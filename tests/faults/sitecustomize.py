@@ -3,12 +3,14 @@
 A test puts this folder on ``PYTHONPATH`` and sets ``KDBENCH_FAULT_AT`` to a point of a real
 run (tests/conftest.py ``fault_env``); Python imports this module at start-up, and when
 ``kdbench.recipe`` is imported its phases are wrapped so that the run, on reaching the point,
-says ``KDBENCH_FAULT_POINT <point>`` on stderr and waits to be killed (SIGKILL), or stopped
+says ``KDBENCH_FAULT_POINT <point> rank=<RANK> pid=<pid>`` on stderr and waits to be killed (SIGKILL), or stopped
 (SIGTERM ends the wait and the run goes on to its graceful stop). Points:
 
 * ``training@N``  after step N, before that step's checkpoint decision;
 * ``evaluation``  after training, before the evaluation;
 * ``writing``     after the evaluation, before the results are written.
+
+On several processes every rank stops at the point, or only rank ``KDBENCH_FAULT_RANK`` where set.
 
 Nothing here is in kdbench: production code has no fault hook.
 """
@@ -26,13 +28,17 @@ POINT = os.environ.get("KDBENCH_FAULT_AT", "")
 def _wait_here(point: str) -> None:
     from kdbench.lifecycle import GRACEFUL
 
-    print(f"KDBENCH_FAULT_POINT {point}", file=sys.stderr, flush=True)
+    # the rank and pid: a test of a run on several processes kills one of them
+    print(f"KDBENCH_FAULT_POINT {point} rank={os.environ.get('RANK', '0')} pid={os.getpid()}", file=sys.stderr,
+          flush=True)
     deadline = time.monotonic() + 3600
     while not GRACEFUL.requested and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
 def _install(recipe) -> None:
+    if os.environ.get("KDBENCH_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return  # a run on several processes: only the rank KDBENCH_FAULT_RANK names stops at the point
     if POINT.startswith("training@"):
         step, on_step = int(POINT.split("@", 1)[1]), recipe.RunHooks.on_step
 
