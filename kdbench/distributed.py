@@ -15,7 +15,7 @@ Each rank finds its place in the environment those launchers set (``RANK``, ``WO
 the CPU; one GPU per rank, ``cuda:<LOCAL_RANK>``) and lets rank 0 orchestrate: rank 0 prepares
 the suite (the teacher's fine-tune, the caches, the reference rows) before the others read what
 it built (:func:`main_first`), writes the run's row, curves, checkpoints and results alone, and
-evaluates. A waiting rank waits as long as the longest phase may take (``KDBENCH_DIST_TIMEOUT_S``,
+gathers the evaluation every rank makes of its share of the prompts (:func:`gather`). A waiting rank waits as long as the longest phase may take (``KDBENCH_DIST_TIMEOUT_S``,
 default 4 hours); a rank that fails ends the others through the launcher (torch's elastic agent
 stops every worker when one exits with an error), never a hang.
 """
@@ -152,6 +152,17 @@ def lost_peer(world: World, exc: BaseException) -> str | None:
         return None
     others = "rank 1" if world.size == 2 else f"one of ranks 1-{world.size - 1}"
     return f"{others} of {world.size} stopped during the run ({text.splitlines()[0][:300]})"
+
+
+def gather(world: World, value) -> list | None:
+    """Every rank's ``value`` (picklable), in rank order, on rank 0; None on the others."""
+    if not world.several:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world.size if world.main else None
+    dist.gather_object(value, out, dst=0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ class DistillRun:
     # -- start / resume: the run's row and its owner -----------------------------------------
     def start(self) -> "DistillRun":
         """Write the run's row (this process its owner), print the resolved configuration. On
-        several processes rank 0 does; the others train beside it (:meth:`finish`)."""
+        several processes rank 0 does; the others train and evaluate beside it (:meth:`finish`)."""
         rc, check = self.run_config, self.config["startup_check"]
         if not self.world.main:
             self.state = train_state.TrainState()
@@ -423,12 +423,14 @@ class DistillRun:
     def evaluate(self):
         suite, r = self.prep.suite, self.result
         n_eval = sum(len(v) for v in self.prep.tests.values())
-        print(f"[kdbench] trained {r.steps} steps ({r.train_time_s:.0f}s of training, {r.tokens_per_s:.0f} tok/s; "
-              f"checkpoint: step {r.selected_step}); evaluating {len(suite.tasks)} task(s), {n_eval} prompts ...")
+        if self.world.main:
+            print(f"[kdbench] trained {r.steps} steps ({r.train_time_s:.0f}s of training, {r.tokens_per_s:.0f} tok/s; "
+                  f"checkpoint: step {r.selected_step}); evaluating {len(suite.tasks)} task(s), {n_eval} prompts"
+                  + (f" on {self.world.size} processes" if self.world.several else "") + " ...")
         t = time.perf_counter()
         self.student.requires_grad_(False)
         with self.memory.phase("evaluation"):
-            self.evaluation = evaluate_all(self.student, self.prep)
+            self.evaluation = evaluate_all(self.student, self.prep, world=self.world)
         self.cost["evaluation_s"] = time.perf_counter() - t
         return self.evaluation
 
@@ -458,10 +460,12 @@ class DistillRun:
     def finish(self) -> int | None:
         """Train, evaluate and record a started or resumed run; returns its id. Every way out
         leaves the row in a true state: finished, failed (with the reason) or interrupted. A rank
-        other than 0 trains and leaves (None): rank 0 evaluates and records alone."""
+        other than 0 trains, evaluates its share of the prompts and leaves (None): rank 0 gathers
+        the evaluation and records."""
         if not self.world.main:
             try:
                 self.train()
+                self.evaluate()  # this rank's share of the prompts, gathered by rank 0
             finally:
                 distributed.leave()
             return None

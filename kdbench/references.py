@@ -13,22 +13,26 @@ import time
 import torch
 
 from kdbench import provenance
+from kdbench.distributed import SINGLE, World
 from kdbench.evaluation.protocol import EvalResult, evaluate_model
 from kdbench.prepare import Prepared, reference_fingerprint
 from kdbench.store import ROLE_STUDENT_INIT, ROLE_TEACHER, RunWriter, find_reference_run
 
 
-def evaluate_all(model, prep: Prepared, is_teacher: bool = False) -> EvalResult:
-    """Every task of the suite, one after the other, into one result."""
+def evaluate_all(model, prep: Prepared, is_teacher: bool = False, world: World = SINGLE) -> EvalResult | None:
+    """Every task of the suite, one after the other, into one result; on several processes each
+    evaluates its share of every task's prompts and rank 0 gets the result (None elsewhere)."""
     out = EvalResult()
     for task in prep.suite.tasks:
         refs = None if is_teacher else prep.reference_teacher(task.name)
         res = evaluate_model(model, teacher=prep.teacher(), tokenizer=prep.tokenizer, inputs=prep.task_inputs(task.name),
                              task=task, spec=prep.suite.eval, device=prep.device, is_teacher=is_teacher,
-                             teacher_refs=refs, teacher_prompts=prep.teacher_prompts(task.name))
+                             teacher_refs=refs, teacher_prompts=prep.teacher_prompts(task.name), world=world)
+        if res is None:
+            continue
         out.metrics += res.metrics
         out.samples += res.samples
-    return out
+    return out if world.main else None
 
 
 def ensure_reference_rows(engine, prep: Prepared, version_label: str, argv) -> dict[str, int]:

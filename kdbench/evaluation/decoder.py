@@ -69,10 +69,11 @@ class Decoder:
         """Chunk ``i`` with its prefix made (:meth:`prefix`)."""
         return Chunk(self, i, self.prefix(i))
 
-    def each(self) -> Iterator["Chunk"]:
-        """The chunks in prompt order, each with its prefix; a chunk's prefix is released when the
-        loop moves on, before the next one is made, so one is resident at a time."""
-        for i in range(len(self.chunks)):
+    def each(self, indices: Sequence[int] | None = None) -> Iterator["Chunk"]:
+        """The chunks in prompt order (or those of ``indices``: a rank's share), each with its
+        prefix; a chunk's prefix is released when the loop moves on, before the next one is made,
+        so one is resident at a time."""
+        for i in range(len(self.chunks)) if indices is None else indices:
             chunk = self.chunk(i)
             try:
                 yield chunk

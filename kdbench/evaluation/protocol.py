@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from kdbench import metrics as M
 from kdbench.data.batching import Encoded, chat_prompt, encode, pack
 from kdbench.device import autocast_context
+from kdbench.distributed import SINGLE, World, gather
 from kdbench.evaluation.decoder import Decoder, decode_texts, generate_ids
 from kdbench.evaluation.sampling import HEAD_CHUNK
 from kdbench.evaluation.scoring import headline_score, score_decode
@@ -191,7 +192,8 @@ def as_task(task) -> TaskSpec:
 
 
 def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec: EvalSpec, device: torch.device,
-                   is_teacher: bool = False, teacher_refs=None, teacher_prompts=None) -> EvalResult:
+                   is_teacher: bool = False, teacher_refs=None, teacher_prompts=None,
+                   world: World = SINGLE) -> EvalResult | None:
     """Decode, score and collect everything the store keeps for one model on one task.
 
     ``teacher`` scores the samples (the prompts' cache shared with the decode when the model is
@@ -201,7 +203,13 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
     disk instead of a prefill (the same tensors). The headline decode is
     the greedy one when ``task.greedy`` (samples with seed NULL), else the sampled one; metrics
     of the sampled decode that the greedy decode also reports get the suffix ``_sampled``, and
-    so do the sampled decode's per-sample score names."""
+    so do the sampled decode's per-sample score names.
+
+    On several processes (``world``) each rank decodes and scores its share of the chunks
+    (chunk i on rank i mod world size) and rank 0 gathers them in chunk order, scores the task
+    and returns the result (None on the others): every draw is keyed per prompt and the KL sums
+    are added in chunk order as one process adds them, so the result is the one process's, with
+    every prompt once."""
     task = as_task(task)
     examples, refs, keys = inputs.examples, inputs.references, inputs.keys
     new_tokens = task.max_new_tokens or spec.max_new_tokens
@@ -229,11 +237,9 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
     # 3. the teacher scores the chunk's decodes and its side of the reference KL through its own
     #    prompt cache of the chunk, which goes in its turn.
     # The lists gathered are those a loop over the whole task gives, in the same order.
-    ids: list[list[list[int]]] = [[] for _ in decodes]
-    logprobs: list[list[float]] = [[] for _ in decodes]
-    fkl_sum = rkl_sum = 0.0
-    kl_rows = 0
-    for chunk in decoder.each():
+    # Each chunk's results: {chunk index: (decodes' ids, their teacher log-probs, KL sums)}.
+    done: dict[int, tuple] = {}
+    for chunk in decoder.each(range(world.rank, len(decoder.chunks), world.size)):
         a, b = chunk.start, chunk.end
         decoded = [chunk.generate(seed, eos_id=eos, greedy=greedy, max_new_tokens=new_tokens)
                    for seed, greedy in decodes]
@@ -244,16 +250,29 @@ def evaluate_model(model, *, teacher, tokenizer, inputs: TaskInputs, task, spec:
         else:
             chunk.release()
             scoring = scorer.chunk(chunk.index)
-        for k, d in enumerate(decoded):
-            ids[k] += d
-            logprobs[k] += scoring.logprobs(d)
+        scored = [scoring.logprobs(d) for d in decoded]
+        kl = (0.0, 0.0, 0)
         if not is_teacher:
             h_teacher = _reference_rows(teacher_side, refs[a:b], keys[a:b], device,
                                         scoring if teacher_serves else None)
-            f, r, n = kl_sums(h_model, model, h_teacher, teacher_side)
-            fkl_sum, rkl_sum, kl_rows = fkl_sum + f, rkl_sum + r, kl_rows + n
+            kl = kl_sums(h_model, model, h_teacher, teacher_side)
             del h_model, h_teacher
         scoring.release()
+        done[chunk.index] = (decoded, scored, kl)
+    shares = gather(world, done)  # every rank's chunks on rank 0
+    if shares is None:
+        return None
+    done = {i: part for share in shares for i, part in share.items()}
+    ids: list[list[list[int]]] = [[] for _ in decodes]
+    logprobs: list[list[float]] = [[] for _ in decodes]
+    fkl_sum = rkl_sum = 0.0
+    kl_rows = 0
+    for i in range(len(decoder.chunks)):  # in prompt order, the sums added as one process adds them
+        decoded, scored, (f, r, n) = done[i]
+        for k in range(len(decodes)):
+            ids[k] += decoded[k]
+            logprobs[k] += scored[k]
+        fkl_sum, rkl_sum, kl_rows = fkl_sum + f, rkl_sum + r, kl_rows + n
 
     result = EvalResult()
     greedy_names: set[str] = set()
