@@ -137,15 +137,15 @@ class RunHooks(TrainHooks):
                                   elapsed_s=point["elapsed_s"])
 
     def validate(self, model: torch.nn.Module) -> float:
-        """The validation score, made by rank 0 and handed to every rank (the ranks hold the same
-        weights, and must choose the same checkpoint)."""
-        prep, score = self.run.prep, None
-        if self.run.world.main:
-            with self.run.memory.phase("validation"):
-                score = validation_score(model, prep.tokenizer, prep.valid_inputs(), prep.suite.eval, prep.device,
-                                         task=prep.suite.valid_task)
-            release_memory()  # generation's buffers are not training's: not kept resident under it
-        return distributed.broadcast(self.run.world, score)
+        """The validation score: on several processes each decodes its share of the prompts and
+        every rank gets the one score (the ranks hold the same weights, and must choose the same
+        checkpoint)."""
+        prep = self.run.prep
+        with self.run.memory.phase("validation"):
+            score = validation_score(model, prep.tokenizer, prep.valid_inputs(), prep.suite.eval, prep.device,
+                                     task=prep.suite.valid_task, world=self.run.world)
+        release_memory()  # generation's buffers are not training's: not kept resident under it
+        return score
 
     def on_valid(self, step: int, score: float) -> None:
         if self.run.world.main:

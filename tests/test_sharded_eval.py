@@ -3,7 +3,8 @@ two real processes (gloo, CPU, one thread each) decode and score their shares of
 chunks (chunk i on rank i mod 2), rank 0 gathers them and scores the task. The samples and
 metrics are the one process's, exactly, with every prompt once -- a student sampled over two
 seeds plus greedy, and the teacher scoring itself -- on five prompts in chunks of two (three
-chunks: the ranks' shares differ in size)."""
+chunks: the ranks' shares differ in size). The validation score, decoded likewise, is the one
+process's on every rank."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _setup(t_path, s_path):
 
 def _evaluate(t_path, s_path, world):
     """{arm: EvalResult (None off rank 0)} for the student and for the teacher as the model."""
-    from kdbench.evaluation.protocol import evaluate_model
+    from kdbench.evaluation.protocol import evaluate_model, validation_score
     from kdbench.suites import EvalSpec, TaskSpec
 
     teacher, student, tok, inputs = _setup(t_path, s_path)
@@ -51,7 +52,11 @@ def _evaluate(t_path, s_path, world):
         return {"student": evaluate_model(student, teacher=teacher, tokenizer=tok, inputs=inputs, task=task,
                                           spec=spec, device=cpu, world=world),
                 "teacher": evaluate_model(teacher, teacher=teacher, tokenizer=tok, inputs=inputs, task=task,
-                                          spec=spec, device=cpu, is_teacher=True, world=world)}
+                                          spec=spec, device=cpu, is_teacher=True, world=world),
+                # the checkpoint-selection score, sampled and greedy: the same on every rank
+                "valid": [validation_score(student, tok, inputs, spec, cpu, task=TaskSpec("t", source="test", greedy=g,
+                                                                                          max_new_tokens=6), world=world)
+                          for g in (False, True)]}
 
 
 def _rank(rank: int, init_file: str, t_path, s_path, out: str) -> None:
@@ -64,11 +69,8 @@ def _rank(rank: int, init_file: str, t_path, s_path, out: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     try:
         res = _evaluate(t_path, s_path, World(rank, WORLD, rank))
-        if rank == 0:
-            with open(out, "wb") as f:
-                pickle.dump({k: (v.metrics, v.samples) for k, v in res.items()}, f)
-        else:
-            assert all(v is None for v in res.values())  # only rank 0 holds the result
+        with open(f"{out}.{rank}", "wb") as f:
+            pickle.dump({k: v if k == "valid" or v is None else (v.metrics, v.samples) for k, v in res.items()}, f)
     finally:
         dist.destroy_process_group()
 
@@ -92,8 +94,10 @@ def test_two_ranks_evaluate_what_one_process_evaluates(tmp_path):
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert [p.exitcode for p in procs] == [0, 0]
-    two = pickle.loads(out.read_bytes())
-    one = {k: (v.metrics, v.samples) for k, v in _evaluate(t_path, s_path, SINGLE).items()}
+    two, other = (pickle.loads(out.with_name(f"{out.name}.{r}").read_bytes()) for r in range(WORLD))
+    one = {k: v if k == "valid" else (v.metrics, v.samples) for k, v in _evaluate(t_path, s_path, SINGLE).items()}
+    assert other["student"] is None and other["teacher"] is None  # only rank 0 holds the result
+    assert two["valid"] == other["valid"] == one["valid"]  # every rank the one process's score
     for arm in ("student", "teacher"):
         metrics, samples = two[arm]
         assert metrics == one[arm][0] and samples == one[arm][1], arm  # exactly, in the same order

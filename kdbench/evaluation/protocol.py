@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from kdbench import metrics as M
 from kdbench.data.batching import Encoded, chat_prompt, encode, pack
 from kdbench.device import autocast_context
-from kdbench.distributed import SINGLE, World, gather
-from kdbench.evaluation.decoder import Decoder, decode_texts, generate_ids
+from kdbench.distributed import SINGLE, World, broadcast, gather
+from kdbench.evaluation.decoder import Decoder, decode_texts
 from kdbench.evaluation.sampling import HEAD_CHUNK
 from kdbench.evaluation.scoring import headline_score, score_decode
 from kdbench.modeling import final_hidden, head_params
@@ -310,12 +310,21 @@ def _nan(v) -> bool:
 
 
 def validation_score(model, tokenizer, inputs: TaskInputs, spec: EvalSpec, device: torch.device, seed: int = 1,
-                     task=None) -> float:
+                     task=None, world: World = SINGLE) -> float:
     """The checkpoint-selection score: the validation task's headline metric (ROUGE-L for open
     tasks, accuracy for exact ones, BLEU for translation) of one decode per validation prompt --
-    greedy when the task's headline decode is greedy, else sampled with ``seed``."""
+    greedy when the task's headline decode is greedy, else sampled with ``seed``. On several
+    processes each decodes its share of the chunks (as :func:`evaluate_model`), rank 0 scores
+    them all and every rank returns its score: the one process's, on every rank."""
     task = as_task(task or "valid")
-    ids = generate_ids(model, inputs.prompt_ids, spec, None if task.greedy else seed, device,
-                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, greedy=task.greedy,
-                       max_new_tokens=task.max_new_tokens or spec.max_new_tokens, keys=inputs.keys)
-    return headline_score(task, inputs.examples, decode_texts(tokenizer, ids))
+    decoder = Decoder(model, inputs.prompt_ids, spec, device, pad_id=tokenizer.pad_token_id, keys=inputs.keys)
+    mine = {c.index: c.generate(None if task.greedy else seed, eos_id=tokenizer.eos_token_id, greedy=task.greedy,
+                                max_new_tokens=task.max_new_tokens or spec.max_new_tokens)
+            for c in decoder.each(range(world.rank, len(decoder.chunks), world.size))}
+    shares = gather(world, mine)
+    score = None
+    if shares is not None:
+        done = {i: part for share in shares for i, part in share.items()}
+        ids = [r for i in range(len(decoder.chunks)) for r in done[i]]
+        score = headline_score(task, inputs.examples, decode_texts(tokenizer, ids))
+    return broadcast(world, score)
