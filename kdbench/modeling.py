@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kdbench.data.batching import Batch
+from kdbench.device import autocast_context
 
 #: How attention keeps a packed row's sequences apart (:func:`packed_attention`):
 #:
@@ -183,10 +184,38 @@ class StudentBody(torch.nn.Module):
         return final_hidden(self.model, batch)
 
 
+class StudentLoss(torch.nn.Module):
+    """The student with its loss: ``forward(batch, objective, teacher_hidden, teacher_head, ...)``
+    is the trainer's steps 3 and 4 (kdbench/engine/trainer.py) on the causal LM it holds, the
+    final hidden states (under bf16 autocast where asked) then ``objective.from_hidden`` through
+    the LM's own output head, and returns the :class:`~kdbench.objective.ObjectiveOutput`.
+
+    It exists for fully sharded training (FSDP2, kdbench/engine/fsdp.py): there the parameters
+    are whole only inside the sharded module's forward and backward (FSDP's hooks gather them
+    and free them again), so the head matmul, made chunk by chunk in ``from_hidden``, must run
+    in the forward too; outside it the head (tied to the embeddings in SmolLM2 and the tiny
+    models) is a shard. The same module unsharded computes exactly what the trainer computes
+    for the bare LM, the same operations in the same order (tests/test_fsdp.py)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch, objective, teacher_hidden: Tensor | None = None, teacher_head=None, *,
+                bf16_autocast: bool = False, chunk_size: int = 0, row_block_bytes: int = 0,
+                denominator: float | None = None):
+        with autocast_context(batch.input_ids.device, bf16_autocast):
+            hidden = final_hidden(self.model, batch)
+        return objective.from_hidden(hidden, output_head(self.model), teacher_hidden, teacher_head,
+                                     labels=batch.labels, chunk_size=chunk_size, row_block_bytes=row_block_bytes,
+                                     denominator=denominator)
+
+
 def unwrap(model) -> torch.nn.Module:
-    """The causal LM inside ``model``: through a wrapper's ``.module`` and a StudentBody's ``.model``."""
+    """The causal LM inside ``model``: through a wrapper's ``.module`` and a StudentBody's or
+    StudentLoss's ``.model``."""
     while True:
-        if isinstance(model, StudentBody):
+        if isinstance(model, (StudentBody, StudentLoss)):
             model = model.model
         elif isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module

@@ -58,3 +58,28 @@ class Hooks(TrainHooks):
     def on_step(self, state, optimizer):
         if self._on_step is not None:
             self._on_step(state, optimizer)
+
+
+STEP_RTOL = 1e-4  # two ways of taking the same steps: their weights apart by this much of how far training moved them
+
+
+def step_differences(ours: dict, want: dict, start: dict) -> tuple[float, float]:
+    """``(‖ours − want‖ / ‖want − start‖ over all weights, the largest such ratio of one tensor)``:
+    how far two runs' weights are apart, relative to how far training moved them."""
+    moved = {k: float((want[k] - start[k]).norm()) for k in want}
+    diff = {k: float((ours[k] - want[k]).norm()) for k in want}
+    total = sum(d * d for d in diff.values()) ** 0.5 / sum(m * m for m in moved.values()) ** 0.5
+    return total, max(diff[k] / moved[k] if moved[k] else (0.0 if diff[k] == 0 else float("inf")) for k in want)
+
+
+def assert_same_steps(ours: dict, want: dict, start: dict, what, rtol: float = STEP_RTOL) -> None:
+    """Two runs' final weights differ by at most ``rtol`` of how far training moved them
+    (norms over all weights), and no tensor by more than ten times that of its own move. Norms,
+    not elements: AdamW's g / (sqrt(v) + eps) magnifies float32 rounding where a gradient is near
+    eps, so a few of the millions of elements differ by ~3e-4 of the largest step (the worst
+    tensor seen, a 4,096-element projection with one such element: 7.5e-5 of its move)."""
+    moved = {k: float((want[k] - start[k]).norm()) for k in want}
+    diff = {k: float((ours[k] - want[k]).norm()) for k in want}
+    assert sum(d * d for d in diff.values()) ** 0.5 <= rtol * sum(m * m for m in moved.values()) ** 0.5, what
+    for k in want:
+        assert diff[k] <= 10 * rtol * moved[k], (what, k)

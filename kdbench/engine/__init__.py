@@ -4,6 +4,7 @@
 * :mod:`~kdbench.engine.teacher`       teacher sources: live, or the exact on-disk cache
 * :mod:`~kdbench.engine.teacher_cache` that cache (content-addressed, memory-mapped, atomic)
 * :mod:`~kdbench.engine.check`         the start-up check: chunked path == dense reference
+* :mod:`~kdbench.engine.fsdp`          FSDP2: the student sharded, its loss inside the forward, sharded checkpoints
 * :mod:`~kdbench.engine.state`         the train state (the resume seam) and the schedule
 * :mod:`~kdbench.engine.trainer`       the loop, top to bottom
 * :mod:`~kdbench.engine.tuning`        the step's settings per device (chunks, checkpointing, attention)

@@ -86,8 +86,12 @@ class BestWeights:
 
     def keep(self, model: torch.nn.Module) -> None:
         if self.path is None:
+            # a sharded student's (kdbench/engine/fsdp.py) are its DTensor shards: each rank keeps its own
             self._memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
+            if any(hasattr(v, "full_tensor") for v in model.state_dict().values()):
+                raise ValueError("a sharded student keeps its best weights in memory (BestWeights(), each rank "
+                                 "its shards), not in one file")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + ".tmp")
             write_safetensors(tmp, model.state_dict().items())
@@ -102,6 +106,10 @@ class BestWeights:
             model.load_state_dict(self._memory)
             return
         _copy_into(model.state_dict(), self.path, "")
+
+    def in_memory(self) -> dict[str, torch.Tensor] | None:
+        """The weights kept in memory (name -> tensor), or None (none kept, or kept in a file)."""
+        return self._memory if self.present else None
 
     def save_into(self, path: Path) -> None:
         """Put these weights into a checkpoint folder as ``path`` (a hard link where possible)."""

@@ -34,6 +34,17 @@ all-reduces them in the last micro-step's backward only (``no_sync`` before). Th
 logged and checked is the step's, summed over the parts and all-reduced across processes, so
 every rank logs the same value and stops at the same step if it diverges. One process with
 ``accumulation`` 1 trains the batch whole, exactly as before the split existed.
+
+A student (or a teacher fine-tune) whose training state does not fit one device is trained
+fully sharded instead: ``model=shard_student(lm, device)`` (kdbench/engine/fsdp.py, FSDP2). Its
+parameters, gradients and AdamW moments are shards outside the model's forward and backward,
+so steps 3 and 4 run together *inside* its forward (``model(part, objective, teacher hidden
+states, teacher head, ...)``, :class:`~kdbench.modeling.StudentLoss`: the same operations, with
+the head whole there); the teacher is replicated on every rank. The step's split, its
+denominator and the logged loss are those above (FSDP averages the ranks' gradients as DDP
+does); the gradient norm is the whole model's; validation sees the whole weights, gathered
+for it on every rank; the best weights are kept as each rank's shards. Its checkpoints are
+sharded too (kdbench/engine/fsdp.py ``save`` / ``load``, on every rank).
 """
 
 from __future__ import annotations
@@ -49,9 +60,11 @@ import torch
 
 from kdbench.device import autocast_context
 from kdbench.engine.batches import SHARD_RULE, check_split, micro_batches
+from kdbench.engine.fsdp import SHARDING, is_sharded, validation_model
 from kdbench.engine.state import TrainState, lr_at
 from kdbench.engine.tuning import ACTIVATION_CHECKPOINTING, StepTuning, step_tuning  # noqa: F401  (re-exported)
-from kdbench.modeling import final_hidden, output_head, packed_attention, set_activation_checkpointing, unwrap
+from kdbench.modeling import (StudentLoss, final_hidden, output_head, packed_attention, set_activation_checkpointing,
+                              unwrap)
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,7 +137,8 @@ def make_optimizer(model: torch.nn.Module, spec, device: torch.device) -> torch.
 def train(
     *,
     model: torch.nn.Module,                    # trained in place (float32 weights); on several processes
-                                               # DDP(StudentBody(lm)) (kdbench/modeling.py)
+                                               # DDP(StudentBody(lm)) (kdbench/modeling.py), or sharded:
+                                               # shard_student(lm, device) (kdbench/engine/fsdp.py)
     objective,                                 # a kdbench.objective.Objective
     batches,                                   # PackedBatches (or anything yielding Batch with a state_dict)
     teacher,                                   # a TeacherSource, or None when the objective needs none
@@ -151,7 +165,8 @@ def train(
     check_split(spec.batch_size, world, accumulation)
     shards = world * accumulation
     split = shards > 1  # else the batch is trained whole, as it comes
-    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP's: no all-reduce in this backward
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP's / FSDP's: no reduction in this backward
+    in_forward = isinstance(model, StudentLoss)  # the loss is made in the model's forward (FSDP2: the head is whole there)
     valid_every = hooks.valid_every
     lm = unwrap(model)  # the causal LM itself: head, checkpointing, validation, best weights
     if tuning is None:
@@ -186,17 +201,20 @@ def train(
             parts = micro_batches(batch, rank, world, accumulation) if split else [batch]
             # each part's sums over the step's count (times world: DDP averages over the ranks)
             denominator = batch.n_counted / world if split else None
+            chunks = dict(chunk_size=tuning.chunk_size, row_block_bytes=tuning.row_block_bytes, denominator=denominator)
             outs = []
             for i, part in enumerate(parts):
                 part = part.to(device)
                 with no_sync() if i < len(parts) - 1 else contextlib.nullcontext():
                     t_hidden = teacher.hidden(part) if objective.needs_teacher else None    # 2. teacher targets
-                    with autocast_context(device, spec.bf16_autocast):
-                        hidden = final_hidden(model, part)                                 # 3. student hidden states
-                    out = objective.from_hidden(hidden, head, t_hidden,                    # 4. objective from hidden
-                                                teacher.head if t_hidden is not None else None, labels=part.labels,
-                                                chunk_size=tuning.chunk_size, row_block_bytes=tuning.row_block_bytes,
-                                                denominator=denominator)
+                    t_head = teacher.head if t_hidden is not None else None
+                    if in_forward:  # 3. and 4. inside the (sharded) model's forward, the same operations
+                        out = model(part, objective, t_hidden, t_head, bf16_autocast=spec.bf16_autocast, **chunks)
+                    else:
+                        with autocast_context(device, spec.bf16_autocast):
+                            hidden = final_hidden(model, part)                             # 3. student hidden states
+                        out = objective.from_hidden(hidden, head, t_hidden, t_head,        # 4. objective from hidden
+                                                    labels=part.labels, **chunks)
                     out.loss.backward()                                                     # 5. backward
                 outs.append((out.loss.detach(), out.terms))
             step_loss, step_terms = _step_values(outs, world)
@@ -227,7 +245,8 @@ def train(
                 state.window = {"loss": 0.0, "terms": {}, "n": 0}
 
             if valid_every and (done % valid_every == 0 or done == spec.steps):
-                score = hooks.validate(lm)
+                with validation_model(model) as whole:  # a sharded student's weights gathered (every rank)
+                    score = hooks.validate(whole)
                 model.train()
                 state.valid_scores[done] = score
                 hooks.on_valid(done, score)
@@ -249,7 +268,7 @@ def train(
         parallel={"world": world, "accumulation": accumulation, "global_batch": spec.batch_size,
                   # fewest and most examples in a micro-batch (the same when world x accumulation divides the batch)
                   "micro_batch": [spec.batch_size // shards, -(-spec.batch_size // shards)],
-                  "shard_rule": SHARD_RULE},
+                  "shard_rule": SHARD_RULE, **({"sharding": SHARDING} if is_sharded(model) else {})},
     )
 
 
@@ -280,7 +299,10 @@ def _host_values(loss: torch.Tensor, norm: torch.Tensor, terms: dict) -> tuple[f
     """The step's loss, gradient norm and terms as Python floats, in ONE host synchronisation: on a
     GPU every ``.item()`` waits for the device to drain its queue, and the finiteness checks, the
     logging window and the progress bar all read these values. Each converts exactly (float32 and
-    float64 to float64), so the floats are bitwise those ``.item()`` / ``float()`` give one by one."""
+    float64 to float64), so the floats are bitwise those ``.item()`` / ``float()`` give one by one.
+    A sharded student's gradient norm is a DTensor (replicated: every rank's is the whole norm),
+    taken as the plain tensor it holds."""
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     values = torch.stack([torch.as_tensor(x).detach().to(device=loss.device, dtype=torch.float64).reshape(())
                           for x in (loss, norm, *terms.values())]).tolist()
     return values[0], values[1], dict(zip(terms, values[2:]))
