@@ -168,7 +168,7 @@ def cmd_sweep(args) -> int:
         return out
 
     flags = {"objectives": args.objectives, "samplers": args.samplers, "seeds": args.seeds, "suites": args.suites,
-             "params": grids(args.param, "--param"), "tune": grids(args.tune, "--tune"), "workers": args.workers,
+             "params": grids(args.param, "--param"), "tune": grids(args.tune, "--tune"), "workers": args.workers, "gpus_per_run": args.gpus_per_run,
              "db": args.db}
     if args.spec:
         spec = SweepSpec.from_yaml(args.spec, **flags)

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the same tuning grid for every objective; the best point per objective is chosen on "
                          "validation")
     sw.add_argument("--workers", type=_int_in("--workers", 1, 256), default=None)
+    sw.add_argument("--gpus-per-run", type=_int_in("--gpus-per-run", 1, 256), default=None,
+                    help="each job one run on K processes, one GPU each (default 1); workers x K GPUs in all")
     sw.add_argument("--dry-run", action="store_true", help="print one `kdbench run` command line per run")
     _add_option(sw, option_named("db"), default=None,
                 help="the run store the sweep reads and its runs write (default: $KDBENCH_DB or runs.db); a URL with "

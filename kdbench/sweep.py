@@ -80,26 +80,37 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def worker_gpus(device: str, workers: int) -> list[str] | None:
-    """The GPU each worker slot owns (``CUDA_VISIBLE_DEVICES`` of the jobs it runs), or None where
-    the jobs do not choose their GPU this way: on the CPU, and for an explicit ``cuda:N`` (every
-    job on that GPU, as asked). With ``auto`` or ``cuda`` on a machine with GPUs, worker ``i``
-    gets the ``i``-th visible GPU (an existing ``CUDA_VISIBLE_DEVICES`` is honoured: its entries,
-    numbers or UUIDs, are handed out), so two runs never share one GPU's memory and clock; more
-    workers than GPUs is refused in one line."""
+def worker_gpus(device: str, workers: int, per_run: int = 1) -> list[str] | None:
+    """The GPUs each worker slot owns (``CUDA_VISIBLE_DEVICES`` of the jobs it runs, ``per_run``
+    of them: a job of ``--gpus-per-run K`` is one run on K processes), or None where the jobs do
+    not choose their GPU this way: on the CPU, and for an explicit ``cuda:N`` (every job on that
+    GPU, as asked). With ``auto`` or ``cuda`` on a machine with GPUs, worker ``i`` gets the
+    ``i``-th ``per_run`` visible GPUs (an existing ``CUDA_VISIBLE_DEVICES`` is honoured: its
+    entries, numbers or UUIDs, are handed out), so two runs never share one GPU's memory and
+    clock; more than there are is refused in one line, and so is ``per_run`` > 1 without GPUs."""
     import torch
 
     from kdbench.device import resolve_device
 
     if resolve_device(device).type != "cuda" or device.startswith("cuda:"):
+        if per_run > 1:
+            raise UserError(f"--gpus-per-run {per_run} needs the jobs on CUDA (--device auto or cuda on a machine with "
+                            f"GPUs); device {device} resolves to {resolve_device(device)}")
         return None
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible = ([g.strip() for g in given.split(",") if g.strip()] if given is not None
                else [str(i) for i in range(torch.cuda.device_count())])
-    if workers > len(visible):
-        raise UserError(f"--workers {workers} with {len(visible)} visible GPU(s): a sweep gives each worker a GPU of "
-                        f"its own; use --workers {len(visible)} or fewer, or --device cpu")
-    return visible[:workers]
+    if workers * per_run > len(visible):
+        each = "a GPU" if per_run == 1 else f"{per_run} GPUs"
+        raise UserError(f"--workers {workers} with {len(visible)} visible GPU(s): a sweep gives each worker {each} of "
+                        f"its own; use --workers {len(visible) // per_run} or fewer, or --device cpu")
+    return [",".join(visible[i * per_run:(i + 1) * per_run]) for i in range(workers)]
+
+
+def _gpu_note(gpus: list[str], per_run: int) -> str:
+    if per_run == 1:
+        return ", one GPU each (" + ", ".join(gpus) + ")"
+    return f", {per_run} GPUs each, one run on {per_run} processes (" + "; ".join(gpus) + ")"
 
 
 def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
@@ -121,7 +132,7 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
         return 0
     # every job runs on this machine: a GPU it lacks (or fewer GPUs than workers) is refused
     # before anything is written (a dry run's lines may be meant for another machine: not checked)
-    gpus = worker_gpus((spec.run or {}).get("device", "auto"), spec.workers)
+    gpus = worker_gpus((spec.run or {}).get("device", "auto"), spec.workers, spec.gpus_per_run)
     engine = open_engine(spec.db)
     logs = _log_dir(sid)
     threads = threads_per_worker(spec.workers)
@@ -152,7 +163,7 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
             todo.append((j, st[1] if st and st[0] == "interrupted" and st[2] else None))
     out(f"[sweep {sid}] {len(jobs)} runs: {len(skipped)} already finished, {len(todo)} to run "
         f"({sum(1 for _, r in todo if r)} to resume) on {spec.workers} worker(s) × {threads} thread(s)"
-        f"{'' if gpus is None else ', one GPU each (' + ', '.join(gpus) + ')'}; store {display_name(engine)}")
+        f"{'' if gpus is None else _gpu_note(gpus, spec.gpus_per_run)}; store {display_name(engine)}")
     if not todo:
         return 0
     if not prepared:
@@ -180,7 +191,7 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, out=print) -> int:
                                     env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu})
             running[proc] = (job, time.perf_counter(), fh, log, gpu)
             out(f"[sweep {sid}] start  {job.setting} seed {job.seed} on {job.suite} v{job.label}"
-                f"{'' if gpu is None else ' on GPU ' + gpu}"
+                f"{'' if gpu is None else (' on GPU ' if ',' not in gpu else ' on GPUs ') + gpu}"
                 f"{' (resume run ' + str(resume_id) + ')' if resume_id else ''}")
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:

@@ -61,6 +61,7 @@ class SweepSpec:
     params: dict[str, list] = field(default_factory=dict)
     tune: dict[str, list] = field(default_factory=dict)
     workers: int = 1
+    gpus_per_run: int = 1  # > 1: each job one run on that many processes, one GPU each
     run: dict = field(default_factory=dict)
     db: str | None = None
     source: str = ""  # where it was written ("sweep file x.yaml"), for messages; "" for flags
@@ -78,7 +79,8 @@ class SweepSpec:
             raise UserError(f"sweep file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(doc, dict):
             raise UserError(f"sweep file {path}: expected a mapping of keys (objectives, seeds, ...)")
-        known = {"objectives", "samplers", "seeds", "suites", "params", "tune", "workers", "run", "db"}
+        known = {"objectives", "samplers", "seeds", "suites", "params", "tune", "workers", "gpus_per_run", "run",
+                 "db"}
         unknown = set(doc) - known
         if unknown:
             raise UserError(f"sweep file {path}: unknown key(s) {', '.join(sorted(unknown))}; known: "
@@ -152,7 +154,7 @@ def _strict_yaml_loader():
 
 #: The flag a key of the specification comes from when the sweep has no file (messages name it).
 _FLAGS = {"objectives": "--objectives", "samplers": "--samplers", "seeds": "--seeds", "suites": "--suite", "params": "--param",
-          "tune": "--tune", "workers": "--workers", "db": "--db"}
+          "tune": "--tune", "workers": "--workers", "gpus_per_run": "--gpus-per-run", "db": "--db"}
 
 
 def _where(spec: SweepSpec, key: str) -> str:
@@ -284,10 +286,11 @@ def validate(spec: SweepSpec) -> dict:
         raise UserError(f"--tune {', '.join(sorted(bad))}: only {', '.join(_tunable())} can be tuned")
     tune = {k: _once(spec, f"tune.{k}", [_positive(spec, f"tune.{k}", x) for x in v]) for k, v in tune.items()}
     workers = _integer(spec, "workers", 1 if spec.workers is None else spec.workers, 1, 256)
+    per_run = _integer(spec, "gpus_per_run", 1 if spec.gpus_per_run is None else spec.gpus_per_run, 1, 256)
     if spec.db is not None and (not isinstance(spec.db, str) or not spec.db.strip()):
         raise UserError(f"{_where(spec, 'db')} must be a store path or URL, got {spec.db!r}")
     return {"objectives": objectives, "samplers": samplers, "seeds": seeds, "suites": suites, "params": params, "tune": tune,
-            "workers": workers, "run": _run_options(spec)}
+            "workers": workers, "gpus_per_run": per_run, "run": _run_options(spec)}
 
 
 def expand(spec: SweepSpec) -> list[Job]:
@@ -297,7 +300,8 @@ def expand(spec: SweepSpec) -> list[Job]:
     from kdbench.registry import get_objective
 
     checked = validate(spec)
-    spec.workers, spec.run = checked["workers"], checked["run"]  # normalised: run_sweep schedules with them
+    # normalised: run_sweep schedules with them
+    spec.workers, spec.gpus_per_run, spec.run = checked["workers"], checked["gpus_per_run"], checked["run"]
     params, tune, seeds = checked["params"], checked["tune"], checked["seeds"]
     shared = from_flags(spec.run, "sweep")  # what every job's configuration shares
     bases = {}
@@ -335,7 +339,8 @@ def expand(spec: SweepSpec) -> list[Job]:
                         for seed in seeds:
                             grid = {k: str(v) for k, v in combo.items()}
                             config = dataclasses.replace(shared, objective=name, params=grid, suite=suite_name,
-                                                         seed=seed, sampler=text, **train)
+                                                         seed=seed, sampler=text, num_processes=spec.gpus_per_run,
+                                                         **train)
                             _, label = resolve_suite(config)
                             jobs.append(Job(suite_name, name, grid, train, seed, run_key(config, obj, label),
                                             sampler.row(obj.setting), label, config))

@@ -58,6 +58,16 @@ def test_a_sweep_passes_its_sampler_to_every_job():
         expand(SweepSpec(objectives=["kl"], seeds=[0], run={"sampler": "imitdk"}))
 
 
+def test_gpus_per_run_makes_each_job_one_run_on_that_many_processes(capsys):
+    jobs = expand(SweepSpec(objectives=["kl"], seeds=[0, 1], gpus_per_run=2))
+    assert {j.run_config(None, None).num_processes for j in jobs} == {2}
+    assert {j.key for j in jobs} == {j.key for j in expand(SweepSpec(objectives=["kl"], seeds=[0, 1]))}  # same runs
+    assert main(["sweep", "--objectives", "kl", "--seeds", "0", "--gpus-per-run", "2", "--dry-run"]) == 0
+    assert "--num-processes 2" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"--gpus-per-run must be in \[1, 256\], got 0"):
+        expand(SweepSpec(objectives=["kl"], seeds=[0], gpus_per_run=0))
+
+
 def test_a_sweep_varies_the_sampler_beside_the_objective(tmp_path, capsys):
     jobs = expand(SweepSpec(objectives=["ce", "kl", "csd_ss"], samplers=["off", "imitkd", "gkd"], seeds=[0, 1]))
     # ce uses no teacher: off only; kl and csd under every sampler; 2 seeds each
@@ -195,8 +205,14 @@ def test_each_worker_owns_a_gpu_and_a_finished_jobs_gpu_goes_to_the_next(tmp_pat
         worker_gpus("auto", 3)
     gpus_visible(monkeypatch, 0)
     assert worker_gpus("auto", 4) is None
-
+    with pytest.raises(UserError, match="--gpus-per-run 2 needs the jobs on CUDA"):
+        worker_gpus("auto", 1, per_run=2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    gpus_visible(monkeypatch, 5)  # --gpus-per-run 2: each worker two GPUs, the fifth idle
+    assert worker_gpus("auto", 2, per_run=2) == ["0,1", "2,3"]
+    with pytest.raises(UserError, match="gives each worker 2 GPUs of its own; use --workers 2 or fewer"):
+        worker_gpus("auto", 3, per_run=2)
+
     gpus_visible(monkeypatch, 2)
     started: list[FakeJob] = []
     live: list[FakeJob] = []
