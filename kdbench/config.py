@@ -128,6 +128,12 @@ class RunConfig:
         help="micro-steps per optimiser step on each process (default 1): the step's batch is split further and "
              "the gradients add up, the step's loss over all its counted tokens, so the result is the same within "
              "float32 rounding with less memory")
+    fsdp: bool = option(
+        False, flag="--fsdp", commands=("run", "sweep"), sweep="every",
+        help="on several processes (--num-processes / torchrun), shard the student across them with FSDP2 instead "
+             "of replicating it (DDP): for a student whose training state does not fit one device; the teacher "
+             "stays whole on each. The same training within float32 rounding. Not checkpointed yet: an "
+             "interrupted --fsdp run starts again (docs/engine.md \"Scale-out\")")
     num_processes: int = option(
         1, flag="--num-processes", type=_count, commands=("run",), sweep=None,
         help="train on N processes of this machine (default 1), started through torch.distributed.run (one GPU "
@@ -344,6 +350,9 @@ def resolve(config: RunConfig):
         raise UserError(f"sampler {sampler.setting} {what}; objective {objective.setting} uses no teacher "
                         f"(use --sampler off, or an objective that uses the teacher)")
     suite, label = resolve_suite(config)
+    if config.fsdp and config.num_processes < 2 and not from_env().launched:
+        raise UserError("--fsdp shards the student across processes: give --num-processes N (N >= 2), or start "
+                        "kdbench run under torchrun / accelerate launch")
     shares = config.accumulation * max(config.num_processes, from_env().size)
     if shares > suite.train.batch_size:
         raise UserError(f"{max(config.num_processes, from_env().size)} process(es) x --accumulation "

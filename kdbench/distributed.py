@@ -42,6 +42,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by a launcher (torchrun / accelerate / --num-processes), even as one process
 
     @property
     def main(self) -> bool:
@@ -69,7 +70,7 @@ def from_env(env=None) -> World:
                         f"{env.get('WORLD_SIZE')!r} / {env.get('LOCAL_RANK')!r}") from None
     if size < 1 or not 0 <= rank < size:
         raise UserError(f"RANK {rank} is not in [0, WORLD_SIZE={size})")
-    return World(rank, size, local)
+    return World(rank, size, local, launched="WORLD_SIZE" in env)
 
 
 def timeout() -> datetime.timedelta:
@@ -96,11 +97,16 @@ def rank_device(world: World, device):
 
 
 def join(world: World, device) -> None:
-    """Join the run's process group (NCCL for CUDA, gloo otherwise), once."""
+    """Join the run's process group (NCCL for CUDA, gloo otherwise), once: on several processes,
+    and on one a launcher started (``torchrun --nproc-per-node 1``: the path several take)."""
     import torch.distributed as dist
 
-    if not world.several or dist.is_initialized():
+    if not (world.several or world.launched) or dist.is_initialized():
         return
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend=backend, timeout=timeout(), **kwargs)

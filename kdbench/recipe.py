@@ -160,6 +160,10 @@ class RunHooks(TrainHooks):
         if run.heartbeat.lost:
             run.writer.check_owner()  # raises OwnershipLost: another process resumed this run
         done = state.step == self.steps
+        if run.run_config.fsdp:  # a sharded train state is every rank's to write: not wired into runs yet
+            if GRACEFUL.requested and not done:
+                raise KeyboardInterrupt
+            return
         if done or GRACEFUL.requested or time.perf_counter() - self.last_save >= self.every:
             run.writer.check_owner()  # the train state, like the row, is written by the run's owner only
             train_state.save(run.state_folder, state, run.student, optimizer, run.batches, device=run.device)
@@ -202,7 +206,9 @@ class DistillRun:
         self.optimizer: torch.optim.Optimizer | None = None
         # train() / evaluate()
         self.result: TrainResult | None = None
+        self.model: torch.nn.Module | None = None  # train(): what the trainer trained (the student, or it wrapped)
         self.evaluation = None
+        self.saved_student: str | None = None   # evaluate(): where --save-student put the weights
 
     @property
     def state_folder(self) -> Path:
@@ -339,6 +345,8 @@ class DistillRun:
         if not self.world.main:
             self.state = train_state.TrainState()
             return self
+        if rc.fsdp:  # the best weights are each rank's shards, kept in memory (kdbench/engine/fsdp.py)
+            self.state = train_state.TrainState()
         print("[kdbench] resolved configuration:\n" + json.dumps(self.config, indent=2, default=str))
         self.writer = RunWriter.start(
             self.store, role=ROLE_DISTILLED, suite=self.prep.suite.name, suite_version=self.label, seed=rc.seed,
@@ -348,7 +356,8 @@ class DistillRun:
             pid=os.getpid(), heartbeat_at=utcnow())
         self.writer.update(state_path=str(state_dir(self.store.url, self.writer.run_id)))
         self.heartbeat = Heartbeat(self.store, self.writer.run_id, owned=self.writer.owner is not None).start()
-        self.state = train_state.TrainState(best=best_weights(self.store.url, self.writer.run_id))
+        if self.state is None:
+            self.state = train_state.TrainState(best=best_weights(self.store.url, self.writer.run_id))
         verdict = (f"start-up check passed: loss {check['loss_fast']:.6g} == {check['loss_dense']:.6g}"
                    if check["passed"] else f"start-up check: loss not finite ({check['loss_dense']}) on the first batch")
         print(f"[kdbench] run {self.writer.run_id}: {self.setting} for {self.prep.suite.train.steps} steps "
@@ -391,14 +400,7 @@ class DistillRun:
                            "step_tuning": tuning}
             if self.world.main:
                 self.writer.update(config=self.config)
-        model = self.student
-        if self.world.several:  # DDP all-reduces the gradients in StudentBody's forward (kdbench/modeling.py)
-            from torch.nn.parallel import DistributedDataParallel
-
-            from kdbench.modeling import StudentBody
-
-            model = DistributedDataParallel(StudentBody(self.student),
-                                            device_ids=[self.device] if self.device.type == "cuda" else None)
+        model = self.model = self._wrapped_student()
         t = time.perf_counter()
         GRACEFUL.armed, GRACEFUL.requested = True, False
         try:
@@ -420,6 +422,35 @@ class DistillRun:
         release_memory()
         return self.result
 
+    def _wrapped_student(self) -> torch.nn.Module:
+        """What the trainer trains: the student itself on one process; on several
+        ``DDP(StudentBody(student))`` (DDP all-reduces the gradients in StudentBody's forward,
+        kdbench/modeling.py), or with ``--fsdp`` the student sharded (kdbench/engine/fsdp.py)."""
+        if self.run_config.fsdp:
+            from kdbench.engine.fsdp import shard_student
+
+            return shard_student(self.student, self.device)
+        if not self.world.several:
+            return self.student
+        from torch.nn.parallel import DistributedDataParallel
+
+        from kdbench.modeling import StudentBody
+
+        return DistributedDataParallel(StudentBody(self.student),
+                                       device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    @contextmanager
+    def _whole_student(self):
+        """The trained student with its whole weights: itself, or a sharded one's weights gathered
+        on every rank (a collective) for as long as the block runs."""
+        from kdbench.engine.fsdp import is_sharded
+
+        if self.model is not None and is_sharded(self.model):
+            with self.model.full_weights() as lm:
+                yield lm
+        else:
+            yield self.student
+
     def evaluate(self):
         suite, r = self.prep.suite, self.result
         n_eval = sum(len(v) for v in self.prep.tests.values())
@@ -429,15 +460,16 @@ class DistillRun:
                   + (f" on {self.world.size} processes" if self.world.several else "") + " ...")
         t = time.perf_counter()
         self.student.requires_grad_(False)
-        with self.memory.phase("evaluation"):
-            self.evaluation = evaluate_all(self.student, self.prep, world=self.world)
+        with self.memory.phase("evaluation"), self._whole_student() as lm:
+            self.evaluation = evaluate_all(lm, self.prep, world=self.world)
+            if self.world.main and self.run_config.save_student:  # while the weights are whole
+                self.saved_student = save_student(lm, self.prep.tokenizer, self.store.url, self.writer.run_id)
         self.cost["evaluation_s"] = time.perf_counter() - t
         return self.evaluation
 
     def record(self) -> int:
         rc, suite, r = self.run_config, self.prep.suite, self.result
-        ckpt = save_student(self.student, self.prep.tokenizer, self.store.url, self.writer.run_id) \
-            if rc.save_student else None
+        ckpt = self.saved_student
         self.cost["wall_s"] = time.perf_counter() - self.t0
         self.cost["peak_memory_mb"] = peak_memory_mb() or 0.0  # the process's, host RSS (runs.peak_memory_mb)
         self.cost["memory"] = self.memory.to_dict()

@@ -70,7 +70,8 @@ def world(tmp_path_factory):
             "--teacher-finetuned", "--student", str(student), "--data-dir", str(tmp / "data"), "--steps", "4",
             "--eval-limit", "2", "--no-save", "--no-progress"]
     out = {"tmp": tmp, "args": args}
-    for name, extra in (("one", []), ("two", ["--num-processes", "2"]), ("accumulated", ["--accumulation", "2"])):
+    for name, extra in (("one", []), ("two", ["--num-processes", "2"]), ("accumulated", ["--accumulation", "2"]),
+                        ("sharded", ["--num-processes", "2", "--fsdp"])):
         proc = kdbench(*args, *extra, "--db", str(tmp / f"{name}.db"))
         out[name] = proc
     return out
@@ -93,6 +94,14 @@ def test_two_processes_give_one_run_that_trains_as_one_process(world):
     assert "starting 2 processes" in world["two"].stdout
 
 
+def test_fsdp_shards_the_student_and_trains_as_one_process(world):
+    assert world["sharded"].returncode == 0, world["sharded"].stderr[-3000:]
+    one, sharded = result_of(world["tmp"] / "one.db"), result_of(world["tmp"] / "sharded.db")
+    assert sharded["status"] == "finished" and sharded["config"]["parallel"]["sharding"].startswith("fsdp2")
+    assert _close(sharded["curve"], one["curve"], 1e-5), (sharded["curve"], one["curve"])
+    assert sharded["samples"] == one["samples"]
+
+
 def test_accumulation_trains_as_the_whole_batch(world):
     assert world["accumulated"].returncode == 0, world["accumulated"].stderr[-2000:]
     one, acc = result_of(world["tmp"] / "one.db"), result_of(world["tmp"] / "accumulated.db")
@@ -104,6 +113,7 @@ def test_accumulation_trains_as_the_whole_batch(world):
     (["--num-processes", "5", "--accumulation", "2"], "2 = 10 parts of a step; suite paper-task-gsm8k's batch has "
                                                       "only 8 examples"),
     (["--num-processes", "0"], "--num-processes must be at least 1"),
+    (["--fsdp"], "--fsdp shards the student across processes: give --num-processes N (N >= 2)"),
 ])
 def test_a_split_the_batch_cannot_hold_is_one_line_before_any_process(world, extra, message):
     db = world["tmp"] / "refused.db"
