@@ -468,7 +468,7 @@ class DistillRun:
         return self.evaluation
 
     def record(self) -> int:
-        rc, suite, r = self.run_config, self.prep.suite, self.result
+        suite, r = self.prep.suite, self.result
         ckpt = self.saved_student
         self.cost["wall_s"] = time.perf_counter() - self.t0
         self.cost["peak_memory_mb"] = peak_memory_mb() or 0.0  # the process's, host RSS (runs.peak_memory_mb)
