@@ -8,7 +8,8 @@ Three ways to start a run on N processes, one result:
   launcher (``python -m torch.distributed.run --standalone --nproc-per-node N -m kdbench run ...``,
   without ``--num-processes``), waits for them and exits with their status;
 * ``torchrun --nproc-per-node N -m kdbench run ...`` — the same, started by the user;
-* ``accelerate launch --num_processes N -m kdbench run ...`` — accelerate sets the same variables.
+* ``accelerate launch --multi_gpu --num_processes N -m kdbench run ...`` — accelerate starts the ranks
+  through torch's launcher (its ``--cpu`` mode is one process; several only through MPI).
 
 Each rank finds its place in the environment those launchers set (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``: :func:`from_env`), joins the process group (:func:`join`: NCCL on GPUs, gloo on

@@ -74,6 +74,12 @@ def world(tmp_path_factory):
                         ("sharded", ["--num-processes", "2", "--fsdp"])):
         proc = kdbench(*args, *extra, "--db", str(tmp / f"{name}.db"))
         out[name] = proc
+    # accelerate's launcher: its --multi_gpu mode starts the ranks through torch's (on the CPU too;
+    # its --cpu mode is one process, several only through MPI)
+    out["accelerate"] = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kdbench", *args, "--db", str(tmp / "accelerate.db")],
+        env=ENV, capture_output=True, text=True, timeout=300)
     return out
 
 
@@ -100,6 +106,13 @@ def test_fsdp_shards_the_student_and_trains_as_one_process(world):
     assert sharded["status"] == "finished" and sharded["config"]["parallel"]["sharding"].startswith("fsdp2")
     assert _close(sharded["curve"], one["curve"], 1e-5), (sharded["curve"], one["curve"])
     assert sharded["samples"] == one["samples"]
+
+
+def test_accelerate_launch_starts_the_same_run(world):
+    assert world["accelerate"].returncode == 0, world["accelerate"].stderr[-3000:]
+    one, acc = result_of(world["tmp"] / "one.db"), result_of(world["tmp"] / "accelerate.db")
+    assert acc["status"] == "finished" and acc["config"]["processes"] == 2
+    assert _close(acc["curve"], one["curve"], 1e-5) and acc["samples"] == one["samples"]
 
 
 def test_accumulation_trains_as_the_whole_batch(world):
