@@ -63,20 +63,31 @@ def cmd_run(args) -> int:
     from kdbench import distributed
 
     world = distributed.from_env()
-    if args.resume is not None and (world.several or (getattr(args, "num_processes", None) or 1) > 1):
-        raise UserError("--resume continues a run on one process (a run trained on several resumes there with the "
-                        "same result within float32 rounding); run it without --num-processes / torchrun")
     if args.resume is not None:
         from kdbench.config import given_flags, options
 
         allowed = [o for o in options("run") if o.resume]
-        extra = set(given_flags(args, "run")) - {o.key for o in allowed}
+        extra = set(given_flags(args, "run")) - {o.key for o in allowed} - {"num_processes"}
         if extra or args.config_json:
             raise UserError(f"--resume continues a run with its own configuration; it takes only "
-                            f"{' and '.join(o.flag for o in allowed)}")
+                            f"{' and '.join(o.flag for o in allowed)} (and --num-processes)")
         config = _run_config(args, "run")
-        from kdbench.resumption import claim_resume
+        from kdbench.resumption import ResumeView, claim_resume, inspect_resume
 
+        n = getattr(args, "num_processes", None) or 1
+        if n > 1 and not world.several:  # checked here once, then resumed by n ranks
+            run, _, _ = inspect_resume(args.resume, config.db)
+            return distributed.launch(n, _without_num_processes(args.argv),
+                                      device_type=str((run.config or {}).get("device", "cpu")).split(":")[0])
+        if not world.main:  # rank 0 claims the run; the others read it
+            view = ResumeView(*inspect_resume(args.resume, config.db, progress=False))
+            _before_torch(view.run_config)
+            from kdbench.device import default_threads
+            from kdbench.recipe import resume
+
+            default_threads()
+            resume(view, argv=sys.argv)
+            return 0
         claim = claim_resume(args.resume, config.db, progress=config.progress)  # before torch is imported
         try:
             _before_torch(claim.run_config)

@@ -121,7 +121,10 @@ class RunHooks(TrainHooks):
     """The loop's callbacks for a stored run: curve points and validation scores go to the
     store as they are made; after each step the ownership fence, and a checkpoint when
     ``CHECKPOINT_EVERY_S`` has passed, at the last step and on a graceful stop (SIGTERM), which
-    then ends the loop with :class:`KeyboardInterrupt` (the run is recorded as interrupted)."""
+    then ends the loop with :class:`KeyboardInterrupt` (the run is recorded as interrupted). On
+    several processes rank 0 writes, and its clock and signals decide for every rank (one
+    broadcast a step): every rank checkpoints (a sharded student: its shards) and stops at the
+    same step."""
 
     def __init__(self, run: "DistillRun"):
         self.run = run
@@ -152,23 +155,26 @@ class RunHooks(TrainHooks):
             self.run.writer.curve(step, None, split="valid", terms={self.run.prep.suite.valid_task.headline: score})
 
     def on_step(self, state: train_state.TrainState, optimizer: torch.optim.Optimizer) -> None:
-        run = self.run
-        if not run.world.main:  # rank 0 owns the row and the train state; the others stop with it
-            if GRACEFUL.requested and state.step != self.steps:
-                raise KeyboardInterrupt
-            return
-        if run.heartbeat.lost:
-            run.writer.check_owner()  # raises OwnershipLost: another process resumed this run
+        run, main = self.run, self.run.world.main
         done = state.step == self.steps
-        if run.run_config.fsdp:  # a sharded train state is every rank's to write: not wired into runs yet
-            if GRACEFUL.requested and not done:
-                raise KeyboardInterrupt
-            return
-        if done or GRACEFUL.requested or time.perf_counter() - self.last_save >= self.every:
-            run.writer.check_owner()  # the train state, like the row, is written by the run's owner only
+        if main and run.heartbeat.lost:
+            run.writer.check_owner()  # raises OwnershipLost: another process resumed this run
+        stop = GRACEFUL.requested and not done
+        save = done or stop or time.perf_counter() - self.last_save >= self.every
+        if run.world.several:  # rank 0's clock and signal decide for every rank: one decision
+            save, stop = distributed.broadcast(run.world, (save, stop) if main else None)
+        if save and run.run_config.fsdp:  # every rank writes its shards (kdbench/engine/fsdp.py)
+            from kdbench.engine import fsdp
+
+            if main:
+                run.writer.check_owner()
+            fsdp.save(run.shared_state_folder, state, run.model, optimizer, run.batches, device=run.device)
+            self.last_save = time.perf_counter()
+        elif save and main:  # the train state, like the row, is written by the run's owner only
+            run.writer.check_owner()
             train_state.save(run.state_folder, state, run.student, optimizer, run.batches, device=run.device)
             self.last_save = time.perf_counter()
-        if GRACEFUL.requested and not done:
+        if stop:
             raise KeyboardInterrupt  # checkpointed: `kdbench run --resume` continues from here
 
 
@@ -207,6 +213,7 @@ class DistillRun:
         # train() / evaluate()
         self.result: TrainResult | None = None
         self.model: torch.nn.Module | None = None  # train(): what the trainer trained (the student, or it wrapped)
+        self.shared_state_folder: Path | None = None  # start() / resume(): the train state's folder, on every rank
         self.evaluation = None
         self.saved_student: str | None = None   # evaluate(): where --save-student put the weights
 
@@ -344,6 +351,7 @@ class DistillRun:
         rc, check = self.run_config, self.config["startup_check"]
         if not self.world.main:
             self.state = train_state.TrainState()
+            self.shared_state_folder = Path(distributed.broadcast(self.world, None))
             return self
         if rc.fsdp:  # the best weights are each rank's shards, kept in memory (kdbench/engine/fsdp.py)
             self.state = train_state.TrainState()
@@ -358,6 +366,9 @@ class DistillRun:
         self.heartbeat = Heartbeat(self.store, self.writer.run_id, owned=self.writer.owner is not None).start()
         if self.state is None:
             self.state = train_state.TrainState(best=best_weights(self.store.url, self.writer.run_id))
+        self.shared_state_folder = self.state_folder
+        if self.world.several:  # a sharded student's train state is every rank's to write
+            distributed.broadcast(self.world, str(self.state_folder))
         verdict = (f"start-up check passed: loss {check['loss_fast']:.6g} == {check['loss_dense']:.6g}"
                    if check["passed"] else f"start-up check: loss not finite ({check['loss_dense']}) on the first batch")
         print(f"[kdbench] run {self.writer.run_id}: {self.setting} for {self.prep.suite.train.steps} steps "
@@ -375,16 +386,27 @@ class DistillRun:
             run.setup(check=False)
             run.config = {**claim.run.config}
             run.store, run.heartbeat = claim.engine, claim.heartbeat
-            run.optimizer = make_optimizer(run.student, run.prep.suite.train, run.device)
-            run.state, _ = train_state.load(claim.folder, run.student, run.optimizer, run.batches,
-                                            best_weights(claim.engine.url, claim.run.id), device=run.device)
-            run.writer = RunWriter(claim.engine, claim.run.id, claim.owner)
-            run.writer.truncate_curve(run.state.step)
+            run.shared_state_folder = claim.folder
+            if run.run_config.fsdp:  # every rank reads its own shards into the sharded student
+                from kdbench.engine import fsdp
+
+                run.model = fsdp.shard_student(run.student, run.device)
+                run.optimizer = make_optimizer(run.student, run.prep.suite.train, run.device)
+                run.state, _ = fsdp.load(claim.folder, run.model, run.optimizer, run.batches, device=run.device)
+            else:  # every rank reads the one state rank 0 wrote (the cursor is the step's, whatever the world)
+                run.optimizer = make_optimizer(run.student, run.prep.suite.train, run.device)
+                best = best_weights(claim.engine.url, claim.run.id) if run.world.main else train_state.BestWeights()
+                run.state, _ = train_state.load(claim.folder, run.student, run.optimizer, run.batches, best,
+                                                device=run.device)
+            if run.world.main:
+                run.writer = RunWriter(claim.engine, claim.run.id, claim.owner)
+                run.writer.truncate_curve(run.state.step)
         except BaseException:
             claim.release()
             raise
-        print(f"[kdbench] run {claim.run.id}: resuming {run.setting} at step {run.state.step} of "
-              f"{run.prep.suite.train.steps}")
+        if run.world.main:
+            print(f"[kdbench] run {claim.run.id}: resuming {run.setting} at step {run.state.step} of "
+                  f"{run.prep.suite.train.steps}" + (f" on {run.world.size} processes" if run.world.several else ""))
         return run
 
     # -- the phases after the row: train, evaluate, record -----------------------------------
@@ -426,6 +448,8 @@ class DistillRun:
         """What the trainer trains: the student itself on one process; on several
         ``DDP(StudentBody(student))`` (DDP all-reduces the gradients in StudentBody's forward,
         kdbench/modeling.py), or with ``--fsdp`` the student sharded (kdbench/engine/fsdp.py)."""
+        if self.model is not None:  # resumed sharded: sharded before its state was read
+            return self.model
         if self.run_config.fsdp:
             from kdbench.engine.fsdp import shard_student
 

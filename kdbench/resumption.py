@@ -35,9 +35,35 @@ class ResumeClaim:
         release_run(self.engine, self.run.id, self.before, self.owner)
 
 
+@dataclass
+class ResumeView:
+    """What a rank other than 0 of a run resumed on several processes knows of it: the run, its
+    configuration and train state, read-only (rank 0 holds the claim, writes and heartbeats)."""
+
+    run: Run
+    run_config: RunConfig
+    folder: Path
+    engine: Engine | None = None
+    owner: tuple[str, int] | None = None
+    heartbeat: Heartbeat | None = None
+
+    def release(self) -> None:
+        pass
+
+
 def claim_resume(run_id: int, db: str | None, *, progress: bool = True) -> ResumeClaim:
     """Check on a read-only view that run ``run_id`` can be resumed (a missing store is never
     created), then claim it. Every refusal is one line (UserError) with nothing written."""
+    run, config, folder = inspect_resume(run_id, db, progress=progress)
+    engine = open_engine(db)
+    owner = (this_host(), os.getpid())
+    before = claim_run(engine, run_id, host=owner[0], pid=owner[1])
+    return ResumeClaim(engine, run, config, folder, owner, before, Heartbeat(engine, run_id, owned=True).start())
+
+
+def inspect_resume(run_id: int, db: str | None, *, progress: bool = True) -> tuple[Run, RunConfig, Path]:
+    """The checks of :func:`claim_resume`, read-only: ``(run, its configuration, its train state
+    folder)``, or one UserError line."""
     ro = open_engine(db, readonly=True)
     try:
         require_schema(ro)
@@ -61,7 +87,4 @@ def claim_resume(run_id: int, db: str | None, *, progress: bool = True) -> Resum
     if label != run.suite_version:
         raise UserError(f"run {run_id} was filed under version {run.suite_version}; this kdbench resolves "
                         f"{label} (the suite changed): it cannot be resumed")
-    engine = open_engine(db)
-    owner = (this_host(), os.getpid())
-    before = claim_run(engine, run_id, host=owner[0], pid=owner[1])
-    return ResumeClaim(engine, run, config, folder, owner, before, Heartbeat(engine, run_id, owned=True).start())
+    return run, config, folder

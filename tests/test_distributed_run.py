@@ -4,8 +4,8 @@ and evaluates, both train the suite's batch split between them. One run row, and
 is the one-process run's within float32 rounding (the trainer's split: tests/test_world_size.py);
 ``--accumulation 2`` on one process likewise. Mistakes are one line before any process starts.
 A rank killed mid-training ends the run within a minute, recorded ``failed`` with the rank
-named; every process of the run killed at once (a lost machine) and ``--resume`` on one process
-gives the uninterrupted run (fault points: tests/faults/sitecustomize.py)."""
+named; every process of the run killed at once (a lost machine) and ``--resume`` on one or two
+processes (a sharded run: on two) gives the uninterrupted run (fault points: tests/faults/sitecustomize.py)."""
 
 from __future__ import annotations
 
@@ -135,20 +135,22 @@ def test_a_split_the_batch_cannot_hold_is_one_line_before_any_process(world, ext
     assert len(proc.stderr.strip().splitlines()) == 1 and "starting" not in proc.stdout and not db.exists()
 
 
-def test_resume_on_several_processes_is_refused_in_one_line(world):
-    proc = kdbench("run", "--resume", "1", "--num-processes", "2", "--db", str(world["tmp"] / "one.db"))
-    assert proc.returncode == 2 and "--resume continues a run on one process" in proc.stderr
+def test_a_resume_that_cannot_be_is_refused_before_any_process_starts(world):
+    proc = kdbench("run", "--resume", "3", "--num-processes", "2", "--db", str(world["tmp"] / "one.db"))
+    assert proc.returncode == 2 and "run 3 is finished; only interrupted (or failed) runs can be resumed" in proc.stderr
+    assert "starting" not in proc.stdout
 
 
-def _start_until(world, db: Path, point: str, rank: int | None = None,
-                 checkpoint_every_step: bool = True) -> tuple[subprocess.Popen, dict[int, int]]:
+def _start_until(world, db: Path, point: str, rank: int | None = None, checkpoint_every_step: bool = True,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, dict[int, int]]:
     """``--num-processes 2`` started in its own process group, held at the fault ``point`` (on
     ``rank`` only, or on both) until the held ranks have said so; returns the launcher and
     {rank: pid} of the held ranks."""
     env = {**fault_env(ENV, point), **({"KDBENCH_CHECKPOINT_EVERY_S": "0"} if checkpoint_every_step else {}),
            **({"KDBENCH_FAULT_RANK": str(rank)} if rank is not None else {})}
     ranks = 1 if rank is not None else 2
-    proc = subprocess.Popen([sys.executable, "-m", "kdbench", *world["args"], "--num-processes", "2", "--db", str(db)],
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench", *world["args"], "--num-processes", "2", *extra,
+                             "--db", str(db)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     pids: dict[int, int] = {}
@@ -180,9 +182,14 @@ def test_a_killed_rank_ends_every_rank_and_the_run_is_recorded_failed(world):
     assert run["status"] == "failed" and run["error"].startswith("rank 1 of 2 stopped during the run"), run
 
 
-def test_the_launcher_killed_then_resumed_on_one_process_gives_the_uninterrupted_run(world):
-    db = world["tmp"] / "resumed.db"
-    proc, pids = _start_until(world, db, "training@2")
+@pytest.mark.parametrize("started, resumed", [
+    ((), ()),                                        # 2 processes, resumed on one
+    ((), ("--num-processes", "2")),                  # ... on two
+    (("--fsdp",), ("--num-processes", "2")),         # sharded: every rank its shards, resumed on two
+], ids=["ddp-on-1", "ddp-on-2", "fsdp-on-2"])
+def test_every_process_killed_then_resumed_gives_the_uninterrupted_run(world, started, resumed):
+    db = world["tmp"] / f"resumed{'-'.join(started + resumed)}.db"
+    proc, pids = _start_until(world, db, "training@2", extra=started)
     # every process of the run at once, as a lost machine: the launcher, torch's agent, the ranks
     # (the agent starts the ranks in sessions of their own)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -194,7 +201,7 @@ def test_the_launcher_killed_then_resumed_on_one_process_gives_the_uninterrupted
     with Session(engine) as s:
         run_id = s.scalars(select(Run.id).where(Run.role == "distilled")).one()
     engine.dispose()
-    done = kdbench("run", "--resume", str(run_id), "--db", str(db), "--no-progress")
+    done = kdbench("run", "--resume", str(run_id), *resumed, "--db", str(db), "--no-progress")
     assert done.returncode == 0, done.stderr[-2000:]
     resumed, one = result_of(db), result_of(world["tmp"] / "one.db")
     assert resumed["status"] == "finished" and resumed["samples"] == one["samples"]
