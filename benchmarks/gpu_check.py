@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The prepared single-GPU check: one run on one GPU answers what kdbench has only measured on CPUs.
 
-Run it once on a machine with one GPU (an H100: about 8 minutes), from the repository root, with
+Run it once on a machine with one GPU (an H100: about 10 minutes), from the repository root, with
 nothing but torch, transformers, numpy, safetensors and kdbench installed (no hub access: every
 model is built from its config with seeded random weights; ``trl``, if it imports, adds one arm)::
 
@@ -49,7 +49,18 @@ Sections (``--sections``; each time-boxed, see BUDGET_S):
 3. generation (paper): student and teacher at two batch sizes, kdbench's prefill + decode vs HF
    ``generate``, tokens/s, measured KV-cache bytes per token, projected resident KV for S-NI / UnNI;
 4. head precision: the head products at 2,048 × 50,257 × 768 in IEEE float32, TF32 (CUDA) and
-   bf16: time and error against float64.
+   bf16: time and error against float64;
+5. distributed (paper): ``python -m torch.distributed.run --standalone --nproc-per-node 1
+   benchmarks/dist_check.py`` in a subprocess (stopped, with its worker, at the time box; its
+   output's tail kept under ``launch``), NCCL on CUDA (gloo on the CPU): the process group joined,
+   the paper pair with the live teacher, section 2's steps (forward KL, one step tuning) trained
+   by ``train()`` three ways from the same weights, after one unrecorded pass over the same steps
+   (~1 minute on an H100, a 2-minute box): (a) the plain LM, (b) ``DDP(StudentBody(lm))``,
+   (c) FSDP2 (``kdbench.engine.fsdp.shard_student``); tokens/s, s/step, peak GPU memory (reset
+   between arms) or the host RSS peak, the losses, and (b)'s and (c)'s per-step losses against
+   (a)'s (≤ 1e-3 relative under bf16 autocast, ≤ 1e-5 in float32: one process, the same
+   operations); backend, world size, torch / NCCL versions. Skipped (recorded, not failed) where
+   torch.distributed or the device's backend is missing. benchmarks/dist_check.py runs alone too.
 
 Nothing here is measured on a CPU for its own sake: on a CPU the device-only comparisons are
 recorded as skipped (or, CPU vs "device", trivially equal) with the reason.
@@ -80,6 +91,7 @@ import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -94,10 +106,11 @@ DOLLY_LENGTHS = Path(__file__).resolve().parent / "data" / "dolly_lengths.json"
 
 import torch  # noqa: E402
 
-SECTIONS = {0: "environment", 1: "correctness", 2: "training", 3: "generation", 4: "head_precision"}
-#: Time box per section, seconds: on an H100 the whole run stays under 8 minutes (465 s + start-up).
-BUDGET_S = {0: 30, 1: 120, 2: 210, 3: 75, 4: 30}
-TINY_BUDGET_S = {0: 20, 1: 40, 2: 40, 3: 20, 4: 15}
+SECTIONS = {0: "environment", 1: "correctness", 2: "training", 3: "generation", 4: "head_precision",
+            5: "distributed"}
+#: Time box per section, seconds: on an H100 the whole run stays under 10 minutes (585 s + start-up).
+BUDGET_S = {0: 30, 1: 120, 2: 210, 3: 75, 4: 30, 5: 120}
+TINY_BUDGET_S = {0: 20, 1: 40, 2: 40, 3: 20, 4: 15, 5: 40}
 
 # Tolerances (relative): the start-up check's own (kdbench/engine/check.py) and the brief's.
 HIDDEN_RTOL = 1e-4
@@ -1425,12 +1438,146 @@ def section_head_precision(ctx: Ctx, sec: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Section 5: the distributed paths (torch.distributed.run, one process)
+# ----------------------------------------------------------------------------------------------
+
+
+DIST_SCRIPT = Path(__file__).resolve().parent / "dist_check.py"
+DIST_MARGIN_S = {"tiny": 5, "full": 10}          # the launcher must be done this long before the time box
+DIST_STOP_GRACE_S = 15                            # SIGTERM to the launcher (it stops its worker), then SIGKILL
+OUTPUT_TAIL_CHARS = 8000
+
+
+def distributed_unavailable(device: torch.device) -> str | None:
+    """Why section 5 cannot run here (None: it can): no torch.distributed, or no backend for the device."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed is not available in this torch build"
+    if device.type == "cuda":
+        return None if dist.is_nccl_available() else "this torch has no NCCL backend"
+    if device.type == "cpu":
+        return None if dist.is_gloo_available() else "this torch has no gloo backend"
+    return f"device {device.type}: dist_check runs on CUDA (NCCL) or the CPU (gloo)"
+
+
+def _tail(path: Path, chars: int = OUTPUT_TAIL_CHARS) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text if len(text) <= chars else "...\n" + text[-chars:]
+
+
+def _ours(pid) -> bool:
+    """Whether ``pid`` is a live dist_check.py process (the launcher's worker this section started)."""
+    try:
+        return DIST_SCRIPT.name in Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _stop_launcher(proc, report_path: Path) -> None:
+    """Stop the launcher this section started and its worker: SIGTERM to the launcher's process
+    group (torch's agent then stops the worker, which runs in a session of its own), SIGKILL after
+    a grace period, and the worker by the pid it wrote into its report if it is still alive."""
+    for sig, grace in ((signal.SIGTERM, DIST_STOP_GRACE_S), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    try:
+        pid = json.loads(report_path.read_text())["header"]["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if _ours(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def section_distributed(ctx: Ctx, sec: dict) -> None:
+    """``python -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/dist_check.py``
+    (time-boxed, its output kept): the trainer plain, as DDP(StudentBody) and FSDP2-sharded on the
+    paper pair (tiny: the tiny pair), NCCL on CUDA, gloo on the CPU; its report folded in here."""
+    dev, report = ctx.device, ctx.report
+    why = distributed_unavailable(dev)
+    if why is not None:
+        sec["skipped"] = why
+        log(f"distributed: skipped ({why})")
+        return
+    ctx.cache.pop("paper", None)   # the child builds its own pair: the GPU's memory is its
+    free_memory(dev)
+    margin = DIST_MARGIN_S["tiny" if ctx.tiny else "full"]
+    wait_s = max(1.0, ctx.clock.left() - margin)
+    out, logf = ctx.tmp / "dist_check.json", ctx.tmp / "dist_check.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(DIST_SCRIPT),
+           "--out", str(out), "--device", dev.type, "--budget-s", f"{max(1.0, wait_s - 2 * margin):.0f}",
+           *(["--tiny"] if ctx.tiny else [])]
+    env = dict(os.environ)
+    if ctx.tiny:
+        env["OMP_NUM_THREADS"] = "1"
+    if dev.type == "cuda" and dev.index:   # the launcher's worker takes cuda:<LOCAL_RANK>: make this GPU its 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = ids[dev.index]
+    if dev.type == "cpu":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    launch = sec["launch"] = {"command": " ".join(["python", *cmd[1:]]).replace(str(ROOT) + "/", ""),
+                              "timeout_s": round(wait_s, 1), "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES")}
+    log(f"distributed: {launch['command']} (stopped after {wait_s:.0f} s)")
+    t0 = time.monotonic()
+    with open(logf, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:   # a timeout, the section's time box, Ctrl-C: the launcher and its worker go too
+            if proc.poll() is None:
+                alarm = signal.signal(signal.SIGALRM, signal.SIG_IGN)   # no time box inside the clean-up
+                try:
+                    _stop_launcher(proc, out)
+                finally:
+                    signal.signal(signal.SIGALRM, alarm)
+    if ctx.clock.left() <= 0 and not ctx.clock.expired:   # the time box ran out while the launcher was stopped
+        ctx.clock.expired = True
+        raise TimeBox(f"section 5_distributed: time box of {ctx.clock.budget_s:.0f} s ran out")
+    launch.update(rc=rc, wall_s=round(time.monotonic() - t0, 2), output_tail=_tail(logf))
+    try:
+        child = json.loads(out.read_text())
+    except (OSError, ValueError):
+        child = None
+    if child is not None:
+        csec = child.get("sections", {}).get("distributed", {})
+        sec.update({k: v for k, v in csec.items() if k not in ("status", "wall_s")})
+        launch.update(worker_status=csec.get("status"), worker_wall_s=csec.get("wall_s"),
+                      worker_exit_code=child.get("exit_code"), worker_finished=child.get("finished", False))
+        for c in child.get("checks", []):   # the worker's assertions are this run's
+            report.check(c["name"], c["ok"], **{k: v for k, v in c.items() if k not in ("name", "ok")})
+        for what in child.get("incomplete", []):
+            report.incomplete(f"5_distributed: {what}")
+    if rc is None:
+        report.incomplete(f"5_distributed: the launcher ran past {wait_s:.0f} s and was stopped")
+    elif child is None or not child.get("finished"):
+        report.check("distributed: dist_check wrote its report", False, rc=rc, output_tail=launch["output_tail"][-1500:])
+    elif rc != 0 and child.get("exit_code") == 0:
+        report.check("distributed: the launcher exits 0", False, rc=rc, output_tail=launch["output_tail"][-1500:])
+    ran = {k: v for k, v in sec.get("arms", {}).items() if isinstance(v, dict) and v.get("tokens_per_s")}
+    diffs = {k: v["max_rel_diff"] for k, v in sec.get("agreement", {}).items() if isinstance(v, dict)}
+    log("distributed: " + (", ".join(f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in ran.items()) or "no arm ran")
+        + ("; losses vs " + sec["agreement"]["reference"] + ": " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+           if diffs else ""))
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
 
 RUNNERS = {0: section_environment, 1: section_correctness, 2: section_training, 3: section_generation,
-           4: section_head_precision}
+           4: section_head_precision, 5: section_distributed}
 
 
 def parse_sections(values: list[str]) -> list[int]:
@@ -1457,9 +1604,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     "--tiny: cpu)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and few steps: every section on the CPU in "
                                                         "under a minute (the test suite runs it)")
-    ap.add_argument("--sections", nargs="+", default=["0,1,2,3,4"],
+    ap.add_argument("--sections", nargs="+", default=[",".join(str(k) for k in SECTIONS)],
                     help="sections to run, by number or name: 0 environment, 1 correctness, 2 training, "
-                         "3 generation, 4 head_precision (default: all)")
+                         "3 generation, 4 head_precision, 5 distributed (default: all)")
     ap.add_argument("--budget-scale", type=float, default=1.0,
                     help="multiply every section's time box (default 1.0)")
     args = ap.parse_args(argv)
@@ -1512,6 +1659,16 @@ def main(argv: list[str] | None = None) -> int:
                                               "hf_generate": v["hf_generate"]["tokens_per_s"]}
                                           for k, v in gen.items() if isinstance(v, dict) and "kdbench" in v
                                           and "hf_generate" in v}
+        dist_sec = report.data["sections"].get("5_distributed", {})
+        if dist_sec.get("arms") or dist_sec.get("skipped"):
+            summary["distributed"] = {
+                "skipped": dist_sec.get("skipped"),
+                "backend": dist_sec.get("environment", {}).get("backend"),
+                "tokens_per_s": {k: v.get("tokens_per_s") for k, v in dist_sec.get("arms", {}).items()},
+                "peak_gpu_allocated_mb": {k: v.get("gpu_max_allocated_mb") for k, v in dist_sec.get("arms", {}).items()
+                                          if "gpu_max_allocated_mb" in v},
+                "loss_max_rel_diff": {k: v["max_rel_diff"] for k, v in dist_sec.get("agreement", {}).items()
+                                      if isinstance(v, dict)}}
         log(f"{summary['checks']} checks, {summary['failed']} failed, {summary['wall_s']} s")
     return report.finish()
 
