@@ -132,8 +132,8 @@ class RunConfig:
         False, flag="--fsdp", commands=("run", "sweep"), sweep="every",
         help="on several processes (--num-processes / torchrun), shard the student across them with FSDP2 instead "
              "of replicating it (DDP): for a student whose training state does not fit one device; the teacher "
-             "stays whole on each. The same training within float32 rounding. Not checkpointed yet: an "
-             "interrupted --fsdp run starts again (docs/engine.md \"Scale-out\")")
+             "stays whole on each. The same training within float32 rounding; checkpoints are each rank's shards, "
+             "resumed on as many processes (docs/engine.md \"Scale-out\")")
     num_processes: int = option(
         1, flag="--num-processes", type=_count, commands=("run",), sweep=None,
         help="train on N processes of this machine (default 1), started through torch.distributed.run (one GPU "
