@@ -83,3 +83,39 @@ def assert_same_steps(ours: dict, want: dict, start: dict, what, rtol: float = S
     assert sum(d * d for d in diff.values()) ** 0.5 <= rtol * sum(m * m for m in moved.values()) ** 0.5, what
     for k in want:
         assert diff[k] <= 10 * rtol * moved[k], (what, k)
+
+
+def run_on_ranks(target, tmp, args: tuple, *, tag: str = "rank", world: int = 2, timeout: float = 180) -> list:
+    """``target(rank, init_file, *args, out)`` in ``world`` fresh interpreters (spawned, as torchrun
+    gives), each writing its result to ``out`` with pickle; returns the results in rank order.
+    A rank still running after ``timeout`` seconds is killed (a failed rank leaves the others in
+    a collective: their own process-group timeout ends them)."""
+    import multiprocessing
+    import pickle
+
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp / f"{tag}{r}.pkl" for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, str(tmp / f"init-{tag}"), *args, str(outs[r]))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * world, f"a rank failed ({tag}); its traceback is above"
+    return [pickle.loads(o.read_bytes()) for o in outs]
+
+
+def join_gloo(rank: int, init_file: str, world: int = 2) -> None:
+    """A test rank's process group: gloo on the loopback, one torch thread, and a minute's
+    patience (a rank that fails leaves the other in a collective: not gloo's 30 minutes)."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine, whatever the hostname resolves to
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))

@@ -9,7 +9,6 @@ processes (a sharded run: on two) gives the uninterrupted run (fault points: tes
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -27,10 +26,10 @@ from kdbench.store import CurvePoint, Run, Sample, open_engine
 ROOT = Path(__file__).resolve().parent.parent
 try:
     from tests.fault_points import fault_env
-    from tests.tiny_models import make_tiny_pair
+    from tests.tiny_models import gsm8k_run_world
 except ImportError:  # run from inside tests/
     from fault_points import fault_env
-    from tiny_models import make_tiny_pair
+    from tiny_models import gsm8k_run_world
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -59,16 +58,7 @@ def result_of(db: Path) -> dict:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
-    teacher, student = make_tiny_pair(tmp / "models")
-    data = tmp / "data" / "gsm8k"
-    data.mkdir(parents=True)
-    for name, n in (("train", 40), ("test", 2)):
-        (data / f"{name}.jsonl").write_text("".join(
-            json.dumps({"question": f"What is {i} + {i % 7}?", "answer": f"{i} + {i % 7} = {i + i % 7} #### {i + i % 7}"})
-            + "\n" for i in range(n)))
-    args = ["run", "--objective", "kl", "--suite", "paper-task-gsm8k", "--teacher", str(teacher),
-            "--teacher-finetuned", "--student", str(student), "--data-dir", str(tmp / "data"), "--steps", "4",
-            "--eval-limit", "2", "--no-save", "--no-progress"]
+    args = ["run", "--objective", "kl", *gsm8k_run_world(tmp)]
     out = {"tmp": tmp, "args": args}
     for name, extra in (("one", []), ("two", ["--num-processes", "2"]), ("accumulated", ["--accumulation", "2"]),
                         ("sharded", ["--num-processes", "2", "--fsdp"])):

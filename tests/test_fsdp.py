@@ -20,8 +20,6 @@ the trainer's own path, bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import multiprocessing
 import os
 import pickle
 
@@ -35,9 +33,9 @@ from kdbench.modeling import StudentLoss
 from kdbench.registry import get_objective
 
 try:
-    from tests.engine_helpers import SPEC, assert_same_steps, fresh, step_differences, tiny  # noqa: F401  (tiny: a module fixture)
+    from tests.engine_helpers import SPEC, assert_same_steps, fresh, join_gloo, run_on_ranks, step_differences, tiny  # noqa: F401  (tiny: a module fixture)
 except ImportError:  # run from inside tests/
-    from engine_helpers import SPEC, assert_same_steps, fresh, step_differences, tiny  # noqa: F401
+    from engine_helpers import SPEC, assert_same_steps, fresh, join_gloo, run_on_ranks, step_differences, tiny  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -123,11 +121,7 @@ def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, tmp: str, ph
 
     from kdbench.models import load_causal_lm
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine: loopback
-    # a rank that fails leaves the other in a collective: give up after a minute, not gloo's 30
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    join_gloo(rank, init_file, WORLD)
     try:
         teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
         state = os.path.join(tmp, "state")
@@ -149,18 +143,8 @@ def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, tmp: str, ph
 
 def _spawn(tiny, tmp, phase: str) -> list[dict]:
     paths = {"teacher": str(tiny["teacher_path"]), "student": str(tiny["student_path"])}
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per rank, as torchrun gives
-    init = tmp / f"init-{phase}"
-    procs = [ctx.Process(target=_rank, args=(r, str(init), paths, tiny["enc"], tiny["tok"].pad_token_id, str(tmp),
-                                             phase, str(tmp / f"{phase}{r}.pkl"))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD, f"a rank failed in phase {phase}; its traceback is above"
-    return [pickle.load(open(tmp / f"{phase}{r}.pkl", "rb")) for r in range(WORLD)]
+    return run_on_ranks(_rank, tmp, (paths, tiny["enc"], tiny["tok"].pad_token_id, str(tmp), phase), tag=phase,
+                        world=WORLD, timeout=240)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,6 @@ resuming under another.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import multiprocessing
-import os
 import pickle
 
 import pytest
@@ -29,9 +26,9 @@ from kdbench.modeling import StudentBody, final_hidden, output_head
 from kdbench.registry import get_objective
 
 try:
-    from tests.engine_helpers import SPEC, Hooks, assert_same_steps, fresh, tiny  # noqa: F401  (tiny: a module fixture)
+    from tests.engine_helpers import SPEC, Hooks, assert_same_steps, fresh, join_gloo, run_on_ranks, tiny  # noqa: F401  (tiny: a module fixture)
 except ImportError:  # run from inside tests/
-    from engine_helpers import SPEC, Hooks, assert_same_steps, fresh, tiny  # noqa: F401
+    from engine_helpers import SPEC, Hooks, assert_same_steps, fresh, join_gloo, run_on_ranks, tiny  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -80,11 +77,7 @@ def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, out: str) ->
 
     from kdbench.models import load_causal_lm
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine: loopback
-    # a rank that fails leaves the other in a collective: give up after a minute, not gloo's 30
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    join_gloo(rank, init_file, WORLD)
     try:
         teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
         result = {}
@@ -101,19 +94,9 @@ def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, out: str) ->
 
 @pytest.fixture(scope="module")
 def ranks(tiny, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("world")
     paths = {"teacher": str(tiny["teacher_path"]), "student": str(tiny["student_path"])}
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per rank, as torchrun gives
-    procs = [ctx.Process(target=_rank, args=(r, str(tmp / "init"), paths, tiny["enc"], tiny["tok"].pad_token_id,
-                                             str(tmp / f"rank{r}.pkl"))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD, "a rank failed; its traceback is above"
-    return [pickle.load(open(tmp / f"rank{r}.pkl", "rb")) for r in range(WORLD)]
+    return run_on_ranks(_rank, tmp_path_factory.mktemp("world"), (paths, tiny["enc"], tiny["tok"].pad_token_id),
+                        world=WORLD)
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,24 @@ def make_tiny_gsm8k(root: Path) -> tuple[Path, Path, Path]:
     return teacher, student, root / "data"
 
 
+def gsm8k_run_world(root: Path) -> list[str]:
+    """The tiny pair and 40 training / 2 test GSM8K-style problems with worked answers under
+    ``root``; returns the ``kdbench run`` arguments of a 4-step ``paper-task-gsm8k`` run on them
+    (objective, store and any other option left to the caller): the world of the tests that
+    run, kill and resume whole ``kdbench`` processes."""
+    import json
+
+    teacher, student = make_tiny_pair(root / "models")
+    data = root / "data" / "gsm8k"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", 40), ("test", 2)):
+        (data / f"{name}.jsonl").write_text("".join(
+            json.dumps({"question": f"What is {i} + {i % 7}?", "answer": f"{i} + {i % 7} = {i + i % 7} #### {i + i % 7}"})
+            + "\n" for i in range(n)))
+    return ["--suite", "paper-task-gsm8k", "--teacher", str(teacher), "--teacher-finetuned", "--student", str(student),
+            "--data-dir", str(root / "data"), "--steps", "4", "--eval-limit", "2", "--no-save", "--no-progress"]
+
+
 def tiny_gsm8k_suite():
     """paper-task-gsm8k cut to the tiny world: short sequences, one sampling seed, 4 new tokens."""
     import dataclasses

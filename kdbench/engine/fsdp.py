@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +53,8 @@ from pathlib import Path
 import torch
 
 from kdbench.engine.state import (READS as _SINGLE_READS, BestWeights, TrainState, _py_random_state,
-                                  _restore_cuda_rng, _rng_state, _set_py_random_state, write_safetensors)
+                                  _restore_cuda_rng, _rng_state, _set_py_random_state, replace_folder,
+                                  write_safetensors)
 from kdbench.modeling import StudentLoss, unwrap
 
 SHARDED_FORMAT = "fsdp2-1"  # state.json's "format" of a sharded train state (load() reads only this)
@@ -237,11 +237,7 @@ def save(folder: Path, state: TrainState, model: ShardedStudent, optimizer: torc
                 "optim_scalars": {k: {n: v for n, v in s.items() if not isinstance(v, torch.Tensor)}
                                   for k, s in optim_sd["state"].items()}, **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(meta))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     dist.barrier()  # no rank goes on (or loads) before the state is in place
     return folder
 

@@ -251,15 +251,21 @@ def save(folder: Path, state: TrainState, model: torch.nn.Module, optimizer: tor
         if state.best:
             state.best.save_into(tmp / "best.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Put the complete ``tmp`` in ``folder``'s place: the old state renamed aside first, so a kill
+    between the two renames leaves one whole state (``<folder>.old``, which :func:`load` reads)."""
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
