@@ -45,7 +45,7 @@ from kdbench.engine import state as train_state
 from kdbench.engine.batches import PackedBatches
 from kdbench.engine.check import startup_check
 from kdbench.engine.samplers import SAMPLERS, SampledBatches, get_sampler
-from kdbench.engine.teacher import LiveTeacher
+from kdbench.engine.teacher import LiveTeacher, TimedTeacher
 from kdbench.engine.trainer import (ACTIVATION_CHECKPOINTING, TrainHooks, TrainingDiverged, TrainResult,
                                     make_optimizer, train)
 from kdbench.errors import RunFailed
@@ -242,6 +242,8 @@ class DistillRun:
             self.teacher, self.teacher_desc, self.cost["teacher_cache_build_s"] = self._teacher_source(source, examples)
         if self.teacher is None or self.teacher.kind == "cache":
             prep.release_teacher()  # training needs no teacher model; evaluation loads it again
+        if self.sampler.on_policy and self.teacher is not None:  # the run's cost says what scoring took
+            self.teacher = TimedTeacher(self.teacher)
         torch.manual_seed(rc.seed)
         self.student = prep.new_student()
         self.batches = PackedBatches(examples, suite.train.batch_size, rc.seed, prep.tokenizer.pad_token_id)
@@ -435,8 +437,11 @@ class DistillRun:
         finally:
             GRACEFUL.armed = False
         self.cost["train_s"] = self.result.train_time_s
-        if isinstance(self.batches, SampledBatches):  # generation is inside train_s; said apart here
+        if isinstance(self.batches, SampledBatches):  # generation and scoring are inside train_s; said apart here
             self.cost.update(self.batches.cost())
+            self.cost["teacher_scoring_s"] = self.teacher.seconds
+            self.cost["student_step_s"] = max(0.0, self.cost["train_s"] - self.teacher.seconds - sum(
+                self.cost.get(k, 0.0) for k in ("sampler_generation_s", "sampler_validation_s")))
         self.cost["validation_s"] = max(0.0, time.perf_counter() - t - self.result.train_time_s)
         # what only training needed goes before evaluation loads its models
         self.teacher = self.state = self.optimizer = None

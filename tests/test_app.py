@@ -164,7 +164,7 @@ def test_on_policy_rows_can_be_shown_by_sampler(store_path, tmp_path, monkeypatc
         for run_id in ids:  # what an on-policy run's cost artifact holds of its sampling
             c.execute(insert(Artifact).values(run_id=run_id, name="cost", data={
                 "sampler_student_steps": 50, "sampler_generation_s": 80.0,
-                "sampler_generated_tokens_per_s": 60.0}))
+                "sampler_generated_tokens_per_s": 60.0, "teacher_scoring_s": 12.0}))
     engine.dispose()
     monkeypatch.setenv("KDBENCH_DB", str(path))
     at = start()
@@ -173,7 +173,7 @@ def test_on_policy_rows_can_be_shown_by_sampler(store_path, tmp_path, monkeypatc
     assert KL + "+imitkd" in set(df.Setting)
     # the cost columns say what sampling the student cost (the mean of the row's runs), blank elsewhere
     row = df[df.Setting == KL + "+imitkd"].iloc[0]
-    assert ids and row["Generation (s)"] == 80.0 and row["Gen tok/s"] == 60.0
+    assert ids and row["Generation (s)"] == 80.0 and row["Gen tok/s"] == 60.0 and row["Scoring (s)"] == 12.0
     assert df[df.Setting == CSD_SS]["Generation (s)"].isna().all()
     at.selectbox(key="lb_sampler").select("imitkd").run()
     shown = set(table(at, "Setting", "Rank").Setting)

@@ -182,6 +182,9 @@ def test_on_policy_training_is_not_off_policy_training(runs):
     assert off.curve != imitkd.curve  # the losses of training on the student's answers, not the references
     c = imitkd.cost
     assert c["sampler_generated_tokens"] > 0 and c["sampler_generation_s"] > 0
+    # where the training time went: the student's sampling, the teacher's scoring, the student's steps
+    assert c["teacher_scoring_s"] > 0 and c["student_step_s"] > 0
+    assert c["sampler_generation_s"] + c["teacher_scoring_s"] + c["student_step_s"] == pytest.approx(c["train_s"])
     assert 0 <= c["sampler_cut_responses"] <= 3 * 8  # 3 steps of a batch of 8
 
 

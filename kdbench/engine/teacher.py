@@ -16,6 +16,7 @@ and checks the tolerance.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -86,3 +87,24 @@ class CachedTeacher:
             raise RuntimeError(f"teacher cache {self.entry.key}: {rows.shape[0]} cached positions for a batch with "
                                f"{batch.n_counted} counted positions (stale entry?)")
         return rows.to(self.device)
+
+
+class TimedTeacher:
+    """A teacher source that adds up the seconds its :meth:`hidden` takes (``seconds``), the
+    teacher's scoring in a run's cost (an on-policy run's: kdbench/recipe.py). On a GPU each call
+    waits for the device, so the seconds are the teacher's own; everything else is the source's."""
+
+    def __init__(self, source):
+        self.source = source
+        self.seconds = 0.0
+
+    def hidden(self, batch: Batch) -> Tensor:
+        t0 = time.perf_counter()
+        out = self.source.hidden(batch)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def __getattr__(self, name):  # kind, head, model: the source's
+        return getattr(self.source, name)

@@ -28,8 +28,9 @@ from kdbench.store import ROLE_DISTILLED, Artifact, Metric, Run
 
 COST_COLUMNS = ("wall_time_s", "train_tokens_per_s", "peak_memory_mb")
 #: What on-policy sampling cost (each run's ``cost`` artifact, kdbench/engine/samplers.py ``cost()``):
-#: mean seconds of student generation inside training, and its generated tokens per second.
-SAMPLER_COST_COLUMNS = ("generation_s", "generated_tokens_per_s")
+#: mean seconds of student generation inside training, its generated tokens per second, and the
+#: live teacher's scoring seconds.
+SAMPLER_COST_COLUMNS = ("generation_s", "generated_tokens_per_s", "teacher_scoring_s")
 _STATS = ["mean", "ci95", "ci_lo", "ci_hi", "std", "n"]
 
 
@@ -222,8 +223,8 @@ def leaderboard(engine: Engine, suite: str, metric: str, tasks: Sequence[str] | 
     (label of the row's gradient class, '' if none), delta_vs_ce (lo, hi), p_vs_ce, vs_ce ('better',
     'worse', '≈', 'ce' for the ce row itself, '' without a ce row), band_recovered, band_lo, band_hi (%
     of the teacher − student-init band recovered, paired CI), and the cost means wall_time_s,
-    train_tokens_per_s, peak_memory_mb, and of on-policy rows generation_s and generated_tokens_per_s
-    (the student's sampling inside training; NaN elsewhere).
+    train_tokens_per_s, peak_memory_mb, and of on-policy rows generation_s, generated_tokens_per_s
+    (the student's sampling inside training) and teacher_scoring_s (NaN elsewhere).
     ``df.attrs`` holds suite, suite_version, metric, tasks, rank_by, lower_is_better, score (the
     per-sample score of the paired tests, None without one), classes (present classes: label, members,
     reason, shared_rank, tests) and ce (the ce setting compared against, or None).
@@ -283,7 +284,8 @@ def _sampler_cost(engine: Engine, suite: str, version: str) -> pd.DataFrame:
     rows = frame(engine, select(g, Run.role, Artifact.data).join(Artifact, Artifact.run_id == Run.id)
                  .where(finished_in(suite, version), Artifact.name == "cost"), ["setting", "role", "data"])
     out = pd.DataFrame({"setting": rows.setting, "role": rows.role})
-    for col, key in zip(SAMPLER_COST_COLUMNS, ("sampler_generation_s", "sampler_generated_tokens_per_s")):
+    for col, key in zip(SAMPLER_COST_COLUMNS, ("sampler_generation_s", "sampler_generated_tokens_per_s",
+                                               "teacher_scoring_s")):
         out[col] = [d.get(key) if isinstance(d, dict) and d.get("sampler_student_steps") else math.nan
                     for d in rows.data]
     return out.groupby(["setting", "role"], as_index=False)[list(SAMPLER_COST_COLUMNS)].mean()

@@ -48,6 +48,7 @@ def display_table(lb: pd.DataFrame) -> pd.DataFrame:
     if lb.generation_s.notna().any():  # on-policy rows: what sampling the student cost inside training
         out["Generation (s)"] = lb.generation_s.astype("float64")
         out["Gen tok/s"] = lb.generated_tokens_per_s.astype("float64")
+        out["Scoring (s)"] = lb.teacher_scoring_s.astype("float64")
     return out
 
 
@@ -65,7 +66,7 @@ def _vs_ce(r) -> str:
     return f"{r.vs_ce} ({r.delta_vs_ce:+.2f})" if not pd.isna(r.delta_vs_ce) else r.vs_ce
 
 
-_COUNT_COLUMNS = ("Wall time (s)", "Train tok/s", "Peak mem (MB)", "Generation (s)", "Gen tok/s")
+_COUNT_COLUMNS = ("Wall time (s)", "Train tok/s", "Peak mem (MB)", "Generation (s)", "Gen tok/s", "Scoring (s)")
 _TEXT_COLUMNS = ("Setting", "Role", "Rank", "vs best", "Δ CI", "Class", "Band CI", "Seeds", "Repeats")
 
 
