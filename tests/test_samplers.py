@@ -259,3 +259,15 @@ def test_the_seqkd_sets_are_listed_and_cleared_with_the_caches(runs, capsys, mon
     assert f"{greedy}" in out and "responses, greedy" in out and "responses, sampled" in out
     assert main(["cache", "clear", sampled]) == 0
     assert [p.name for p in (runs["cache"] / "seqkd").iterdir() if (p / "meta.json").is_file()] == [greedy]
+
+
+def test_kdbench_list_shows_every_sampler_with_its_parameters_and_paper(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("Samplers (--sampler"):].splitlines()[1:]
+    for name, spec in SAMPLERS.items():
+        (at,) = [i for i, ln in enumerate(lines) if ln.startswith(f"  {name}")]
+        text = lines[at] if spec.summary in lines[at] else lines[at + 1]  # a long parameter list: its own line
+        assert spec.summary in text and (spec.paper == "-" or spec.paper in text)
+        assert text.index(spec.summary) == 33  # one column of summaries
+        assert all(f"{k}={v:g}" in lines[at] for k, v in spec.defaults.items())

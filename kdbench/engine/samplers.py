@@ -106,8 +106,10 @@ def format_samplers() -> str:
     for spec in SAMPLERS.values():
         params = ", ".join(f"{k}={v:g} in [{spec.ranges[k][0]:g}, {spec.ranges[k][1]:g}]"
                            for k, v in spec.defaults.items())
-        lines.append(f"  {spec.name + (f'({params})' if params else ''):<30} {spec.summary}"
-                     + (f" [{spec.paper}]" if spec.paper != "-" else ""))
+        name = spec.name + (f"({params})" if params else "")
+        text = spec.summary + (f" [{spec.paper}]" if spec.paper != "-" else "")
+        # a long parameter list gets a line of its own, so the summaries stay in one column
+        lines.append(f"  {name:<30} {text}" if len(name) <= 30 else f"  {name}\n  {'':<30} {text}")
     return "\n".join(lines)
 
 
