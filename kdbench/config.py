@@ -350,12 +350,14 @@ def resolve(config: RunConfig):
         raise UserError(f"sampler {sampler.setting} {what}; objective {objective.setting} uses no teacher "
                         f"(use --sampler off, or an objective that uses the teacher)")
     suite, label = resolve_suite(config)
-    if config.fsdp and config.num_processes < 2 and not from_env().launched:
+    world = from_env()
+    if config.fsdp and config.num_processes < 2 and not world.launched:
         raise UserError("--fsdp shards the student across processes: give --num-processes N (N >= 2), or start "
                         "kdbench run under torchrun / accelerate launch")
-    shares = config.accumulation * max(config.num_processes, from_env().size)
+    processes = max(config.num_processes, world.size)
+    shares = config.accumulation * processes
     if shares > suite.train.batch_size:
-        raise UserError(f"{max(config.num_processes, from_env().size)} process(es) x --accumulation "
+        raise UserError(f"{processes} process(es) x --accumulation "
                         f"{config.accumulation} = {shares} parts of a step; suite {suite.name}'s batch has only "
                         f"{suite.train.batch_size} examples")
     check_deterministic(resolve_device(config.device), config.deterministic)

@@ -389,14 +389,14 @@ class DistillRun:
             run.config = {**claim.run.config}
             run.store, run.heartbeat = claim.engine, claim.heartbeat
             run.shared_state_folder = claim.folder
-            if run.run_config.fsdp:  # every rank reads its own shards into the sharded student
+            if run.run_config.fsdp:  # sharded before the optimiser is made: it holds the shards
                 from kdbench.engine import fsdp
 
                 run.model = fsdp.shard_student(run.student, run.device)
-                run.optimizer = make_optimizer(run.student, run.prep.suite.train, run.device)
+            run.optimizer = make_optimizer(run.student, run.prep.suite.train, run.device)
+            if run.run_config.fsdp:  # every rank reads its own shards into the sharded student
                 run.state, _ = fsdp.load(claim.folder, run.model, run.optimizer, run.batches, device=run.device)
             else:  # every rank reads the one state rank 0 wrote (the cursor is the step's, whatever the world)
-                run.optimizer = make_optimizer(run.student, run.prep.suite.train, run.device)
                 best = best_weights(claim.engine.url, claim.run.id) if run.world.main else train_state.BestWeights()
                 run.state, _ = train_state.load(claim.folder, run.student, run.optimizer, run.batches, best,
                                                 device=run.device)

@@ -85,17 +85,19 @@ def assert_same_steps(ours: dict, want: dict, start: dict, what, rtol: float = S
         assert diff[k] <= 10 * rtol * moved[k], (what, k)
 
 
+
 def run_on_ranks(target, tmp, args: tuple, *, tag: str = "rank", world: int = 2, timeout: float = 180) -> list:
-    """``target(rank, init_file, *args, out)`` in ``world`` fresh interpreters (spawned, as torchrun
-    gives), each writing its result to ``out`` with pickle; returns the results in rank order.
-    A rank still running after ``timeout`` seconds is killed (a failed rank leaves the others in
-    a collective: their own process-group timeout ends them)."""
+    """``target(rank, *args)`` in ``world`` fresh interpreters (spawned, as torchrun gives), each in
+    a gloo process group (:func:`join_gloo`); returns what each returned, in rank order. A rank
+    still running after ``timeout`` seconds is killed (a failed rank leaves the others in a
+    collective: their own process-group timeout ends them)."""
     import multiprocessing
     import pickle
 
     ctx = multiprocessing.get_context("spawn")
     outs = [tmp / f"{tag}{r}.pkl" for r in range(world)]
-    procs = [ctx.Process(target=target, args=(r, str(tmp / f"init-{tag}"), *args, str(outs[r]))) for r in range(world)]
+    procs = [ctx.Process(target=_on_rank, args=(target, r, world, str(tmp / f"init-{tag}"), args, str(outs[r])))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -104,6 +106,21 @@ def run_on_ranks(target, tmp, args: tuple, *, tag: str = "rank", world: int = 2,
             p.kill()
     assert [p.exitcode for p in procs] == [0] * world, f"a rank failed ({tag}); its traceback is above"
     return [pickle.loads(o.read_bytes()) for o in outs]
+
+
+def _on_rank(target, rank: int, world: int, init_file: str, args: tuple, out: str) -> None:
+    """One spawned rank of :func:`run_on_ranks`: join, run, write the result, leave."""
+    import pickle
+
+    import torch.distributed as dist
+
+    join_gloo(rank, init_file, world)
+    try:
+        result = target(rank, *args)
+        with open(out, "wb") as f:
+            pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
 
 
 def join_gloo(rank: int, init_file: str, world: int = 2) -> None:

@@ -94,3 +94,26 @@ def store_location(folder: Path, name: str = "runs.db") -> str:
         admin.dispose()
     atexit.register(drop)
     return server.set(database=db).render_as_string(hide_password=False)
+
+
+def distilled_run(db: Path) -> dict:
+    """The store's one distilled run, as the tests that run whole ``kdbench`` processes compare
+    them: status, error, id, config, selected step, sorted metrics and samples, curve points
+    ``(split, step, loss)`` in the order written."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from kdbench.store import CurvePoint, Metric, Run, Sample
+
+    engine = open_engine(str(db), readonly=True)
+    with Session(engine) as s:
+        runs = s.scalars(select(Run).where(Run.role == "distilled")).all()
+        assert len(runs) == 1, [(r.id, r.status) for r in runs]
+        run = runs[0]
+        metrics = sorted((m.task, m.metric, m.seed, m.value) for m in s.scalars(select(Metric).where(Metric.run_id == run.id)))
+        samples = sorted((x.prompt_id, x.seed, x.output) for x in s.scalars(select(Sample).where(Sample.run_id == run.id)))
+        curve = [(c.split, c.step, c.loss) for c in s.scalars(select(CurvePoint).where(CurvePoint.run_id == run.id))]
+        out = {"status": run.status, "error": run.error, "id": run.id, "config": run.config, "metrics": metrics,
+               "samples": samples, "curve": curve, "selected_step": run.selected_step}
+    engine.dispose()
+    return out

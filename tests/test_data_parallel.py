@@ -14,7 +14,6 @@ calls its forward, so no all-reduce would run; refused with a message).
 from __future__ import annotations
 
 import dataclasses
-import pickle
 
 import pytest
 import torch
@@ -45,35 +44,29 @@ def sgd(lm):
     return torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=SPEC_DP.lr)
 
 
-def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, out: str) -> None:
+def _rank(rank: int, paths: dict, enc, pad_id: int) -> dict:
     """One rank: DDP(StudentBody) training, bare-LM training, and the DDP(LM) refusal."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from kdbench.modeling import StudentBody
     from kdbench.models import load_causal_lm
 
-    join_gloo(rank, init_file, WORLD)
+    teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
+    result = {}
+    for arm, accumulation in (("ddp", 1), ("ddp x2", 2), ("bare", 1)):
+        lm = load_causal_lm(paths["student"])
+        model = lm if arm == "bare" else DDP(StudentBody(lm))
+        losses = []
+        train(model=model, objective=get_objective("kl"), teacher=teacher, spec=SPEC_DP, device=CPU,
+              batches=PackedBatches(enc, BATCH, 0, pad_id), optimizer=sgd(lm), accumulation=accumulation,
+              hooks=LogHooks(lambda s, p: losses.append(p["loss"])), progress=False)
+        result[arm] = {"weights": {k: v.clone() for k, v in lm.state_dict().items()}, "losses": losses}
     try:
-        teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
-        result = {}
-        for arm, accumulation in (("ddp", 1), ("ddp x2", 2), ("bare", 1)):
-            lm = load_causal_lm(paths["student"])
-            model = lm if arm == "bare" else DDP(StudentBody(lm))
-            losses = []
-            train(model=model, objective=get_objective("kl"), teacher=teacher, spec=SPEC_DP, device=CPU,
-                  batches=PackedBatches(enc, BATCH, 0, pad_id), optimizer=sgd(lm), accumulation=accumulation,
-                  hooks=LogHooks(lambda s, p: losses.append(p["loss"])), progress=False)
-            result[arm] = {"weights": {k: v.clone() for k, v in lm.state_dict().items()}, "losses": losses}
-        try:
-            final_hidden(DDP(load_causal_lm(paths["student"])), next(PackedBatches(enc, BATCH, 0, pad_id)))
-            result["ddp_of_lm"] = "no error"
-        except TypeError as exc:
-            result["ddp_of_lm"] = str(exc)
-        with open(out, "wb") as f:
-            pickle.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+        final_hidden(DDP(load_causal_lm(paths["student"])), next(PackedBatches(enc, BATCH, 0, pad_id)))
+        result["ddp_of_lm"] = "no error"
+    except TypeError as exc:
+        result["ddp_of_lm"] = str(exc)
+    return result
 
 
 @pytest.fixture(scope="module")

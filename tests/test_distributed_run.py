@@ -21,14 +21,16 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from kdbench.store import CurvePoint, Run, Sample, open_engine
+from kdbench.store import Run, open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
     from tests.fault_points import fault_env
+    from tests.store_helpers import distilled_run
     from tests.tiny_models import gsm8k_run_world
 except ImportError:  # run from inside tests/
     from fault_points import fault_env
+    from store_helpers import distilled_run
     from tiny_models import gsm8k_run_world
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -42,17 +44,13 @@ def kdbench(*args, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def result_of(db: Path) -> dict:
-    engine = open_engine(str(db), readonly=True)
-    with Session(engine) as s:
-        runs = s.scalars(select(Run).where(Run.role == "distilled")).all()
-        assert len(runs) == 1, [(r.id, r.status) for r in runs]
-        run = runs[0]
-        curve = [(c.step, c.loss) for c in s.scalars(select(CurvePoint).where(
-            CurvePoint.run_id == run.id, CurvePoint.split == "train").order_by(CurvePoint.step))]
-        n_samples = len(s.scalars(select(Sample).where(Sample.run_id == run.id)).all())
-        out = {"status": run.status, "error": run.error, "config": run.config, "curve": curve, "samples": n_samples}
-    engine.dispose()
-    return out
+    """The run's status, error and config, its logged training losses ``(step, loss)`` and its
+    number of samples (across processes the weights agree within float rounding, so the
+    samples' texts may differ; their number may not)."""
+    run = distilled_run(db)
+    curve = sorted((step, loss) for split, step, loss in run["curve"] if split == "train")
+    return {"status": run["status"], "error": run["error"], "config": run["config"], "curve": curve,
+            "samples": len(run["samples"])}
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 
 import pytest
 import torch
@@ -114,31 +113,22 @@ def _sharded_run(paths: dict, enc, pad_id: int, teacher, *, accumulation: int, v
             "param_types": sorted({type(p).__name__ for p in lm.parameters()})}
 
 
-def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, tmp: str, phase: str, out: str) -> None:
+def _rank(rank: int, paths: dict, enc, pad_id: int, tmp: str, phase: str) -> dict:
     """One of two processes. Phase "train": the sharded run (saving at step 2) and the run with
     accumulation 2; phase "resume": new shards restored from the step-2 state, trained to the end."""
-    import torch.distributed as dist
-
     from kdbench.models import load_causal_lm
 
-    join_gloo(rank, init_file, WORLD)
-    try:
-        teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
-        state = os.path.join(tmp, "state")
-        if phase == "train":
-            result = {"fsdp": _sharded_run(paths, enc, pad_id, teacher, accumulation=1, valid_every=2, rank=rank,
-                                           save_to=state),
-                      "fsdp x2": _sharded_run(paths, enc, pad_id, teacher, accumulation=2, valid_every=0, rank=rank),
-                      "fsdp ce": _sharded_run(paths, enc, pad_id, None, accumulation=1, valid_every=0, rank=rank,
-                                              objective="ce"),
-                      "files": sorted(os.listdir(state))}
-        else:
-            result = {"resumed": _sharded_run(paths, enc, pad_id, teacher, accumulation=1, valid_every=2, rank=rank,
-                                              resume_from=state)}
-        with open(out, "wb") as f:
-            pickle.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
+    state = os.path.join(tmp, "state")
+    if phase == "train":
+        return {"fsdp": _sharded_run(paths, enc, pad_id, teacher, accumulation=1, valid_every=2, rank=rank,
+                                     save_to=state),
+                "fsdp x2": _sharded_run(paths, enc, pad_id, teacher, accumulation=2, valid_every=0, rank=rank),
+                "fsdp ce": _sharded_run(paths, enc, pad_id, None, accumulation=1, valid_every=0, rank=rank,
+                                        objective="ce"),
+                "files": sorted(os.listdir(state))}
+    return {"resumed": _sharded_run(paths, enc, pad_id, teacher, accumulation=1, valid_every=2, rank=rank,
+                                    resume_from=state)}
 
 
 def _spawn(tiny, tmp, phase: str) -> list[dict]:

@@ -18,14 +18,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kdbench.cli import main
-from kdbench.store import CurvePoint, Metric, Run, Sample, open_engine
+from kdbench.store import Run, open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
     from tests.fault_points import fault_env
+    from tests.store_helpers import distilled_run
     from tests.tiny_models import gsm8k_run_world
 except ImportError:  # run from inside tests/
     from fault_points import fault_env
+    from store_helpers import distilled_run
     from tiny_models import gsm8k_run_world
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -40,22 +42,7 @@ def world(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "kdbench", *args, "--db", str(ref_db)], env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return {"tmp": tmp, "args": args, "reference": result_of(ref_db)}
-
-
-def result_of(db: Path) -> dict:
-    engine = open_engine(str(db), readonly=True)
-    with Session(engine) as s:
-        runs = s.scalars(select(Run).where(Run.role == "distilled")).all()
-        assert len(runs) == 1, [(r.id, r.status) for r in runs]
-        run = runs[0]
-        metrics = sorted((m.task, m.metric, m.seed, m.value) for m in s.scalars(select(Metric).where(Metric.run_id == run.id)))
-        samples = sorted((x.prompt_id, x.seed, x.output) for x in s.scalars(select(Sample).where(Sample.run_id == run.id)))
-        curve = [(c.split, c.step, c.loss) for c in s.scalars(select(CurvePoint).where(CurvePoint.run_id == run.id))]
-        out = {"status": run.status, "id": run.id, "metrics": metrics, "samples": samples, "curve": curve,
-               "selected_step": run.selected_step}
-    engine.dispose()
-    return out
+    return {"tmp": tmp, "args": args, "reference": distilled_run(ref_db)}
 
 
 def start_and_stop_at(world, db: Path, point: str, sig=signal.SIGKILL) -> int:
@@ -103,7 +90,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(world, point, capsys
     assert "interrupted" in capsys.readouterr().out
     proc = resume(db, killed.id)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = result_of(db)
+    got = distilled_run(db)
     ref = world["reference"]
     assert got["status"] == "finished" and got["id"] == killed.id  # the same row, one run
     assert got["metrics"] == ref["metrics"] and got["samples"] == ref["samples"]  # bit-identical
@@ -123,7 +110,7 @@ def test_sigterm_checkpoints_and_records_interrupted(world, capsys):
     assert json.loads((Path(run.state_path) / "state" / "state.json").read_text())["train"]["step"] == 2
     proc = resume(db, run.id)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = result_of(db)
+    got = distilled_run(db)
     assert got["metrics"] == world["reference"]["metrics"]
     assert not Path(run.state_path).exists()  # a finished run keeps no train state
 
@@ -150,7 +137,7 @@ def test_resume_after_an_intermediate_best_was_kept(world):
     proc = subprocess.run([sys.executable, "-m", "kdbench", *args, "--db", str(straight)], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ref = result_of(straight)
+    ref = distilled_run(straight)
     first, last = sorted(step for split, step, _ in ref["curve"] if split == "valid")
     assert first < last == 8
     db = world["tmp"] / "best-killed.db"
@@ -161,7 +148,7 @@ def test_resume_after_an_intermediate_best_was_kept(world):
     assert kept, "no best weights were kept before the kill"
     proc = resume(db, killed.id)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = result_of(db)
+    got = distilled_run(db)
     assert got["status"] == "finished" and got["id"] == killed.id
     assert got["metrics"] == ref["metrics"] and got["samples"] == ref["samples"]  # bit-identical
     assert got["selected_step"] == ref["selected_step"]
@@ -243,7 +230,7 @@ def test_two_resumes_started_together_one_proceeds(world, killed_base):
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("kdbench: error: run ") and "is running" in lines[0], err
         assert waited < 5.0, f"trial {trial}: the refused resume took {waited:.1f} s"
-        got = result_of(db)
+        got = distilled_run(db)
         ref = world["reference"]
         assert got["status"] == "finished" and got["id"] == run_id
         assert got["metrics"] == ref["metrics"] and got["samples"] == ref["samples"]

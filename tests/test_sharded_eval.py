@@ -8,10 +8,6 @@ process's on every rank."""
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
-import os
-import pickle
 
 import pytest
 import torch
@@ -19,8 +15,10 @@ import torch
 from kdbench.distributed import SINGLE
 
 try:
+    from tests.engine_helpers import run_on_ranks
     from tests.tiny_models import EVAL_PROMPTS, EVAL_REFERENCES, make_tiny_pair
 except ImportError:  # run from inside tests/
+    from engine_helpers import run_on_ranks
     from tiny_models import EVAL_PROMPTS, EVAL_REFERENCES, make_tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,42 +57,17 @@ def _evaluate(t_path, s_path, world):
                           for g in (False, True)]}
 
 
-def _rank(rank: int, init_file: str, t_path, s_path, out: str) -> None:
-    import torch.distributed as dist
-
+def _rank(rank: int, t_path, s_path) -> dict:
     from kdbench.distributed import World
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        res = _evaluate(t_path, s_path, World(rank, WORLD, rank))
-        with open(f"{out}.{rank}", "wb") as f:
-            pickle.dump({k: v if k == "valid" or v is None else (v.metrics, v.samples) for k, v in res.items()}, f)
-    finally:
-        dist.destroy_process_group()
+    res = _evaluate(t_path, s_path, World(rank, WORLD, rank))
+    return {k: v if k == "valid" or v is None else (v.metrics, v.samples) for k, v in res.items()}
 
 
 @pytest.mark.slow
 def test_two_ranks_evaluate_what_one_process_evaluates(tmp_path):
     t_path, s_path = make_tiny_pair(tmp_path / "models")
-    out = tmp_path / "two.pkl"
-    ctx = multiprocessing.get_context("spawn")
-    env = {"OMP_NUM_THREADS": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "init"), t_path, s_path, str(out)))
-                 for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=300)
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    assert [p.exitcode for p in procs] == [0, 0]
-    two, other = (pickle.loads(out.with_name(f"{out.name}.{r}").read_bytes()) for r in range(WORLD))
+    two, other = run_on_ranks(_rank, tmp_path, (t_path, s_path), world=WORLD, timeout=300)
     one = {k: v if k == "valid" else (v.metrics, v.samples) for k, v in _evaluate(t_path, s_path, SINGLE).items()}
     assert other["student"] is None and other["teacher"] is None  # only rank 0 holds the result
     assert two["valid"] == other["valid"] == one["valid"]  # every rank the one process's score

@@ -13,7 +13,6 @@ resuming under another.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 
 import pytest
 import torch
@@ -70,26 +69,19 @@ def run(lm, model, objective: str, teacher, enc, pad_id: int, accumulation: int,
             "weights": {k: v.clone() for k, v in lm.state_dict().items()}}
 
 
-def _rank(rank: int, init_file: str, paths: dict, enc, pad_id: int, out: str) -> None:
+def _rank(rank: int, paths: dict, enc, pad_id: int) -> dict:
     """One of two processes: DDP(Recorded(lm)) trained with accumulation 1 and 2, per objective."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from kdbench.models import load_causal_lm
 
-    join_gloo(rank, init_file, WORLD)
-    try:
-        teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
-        result = {}
-        for objective in OBJECTIVES:
-            for accumulation in (1, 2):
-                lm = load_causal_lm(paths["student"])
-                result[objective, accumulation] = run(lm, DDP(Recorded(lm)), objective, teacher, enc, pad_id,
-                                                      accumulation)
-        with open(out, "wb") as f:
-            pickle.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    teacher = LiveTeacher(load_causal_lm(paths["teacher"]).eval().requires_grad_(False))
+    result = {}
+    for objective in OBJECTIVES:
+        for accumulation in (1, 2):
+            lm = load_causal_lm(paths["student"])
+            result[objective, accumulation] = run(lm, DDP(Recorded(lm)), objective, teacher, enc, pad_id, accumulation)
+    return result
 
 
 @pytest.fixture(scope="module")
